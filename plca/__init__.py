@@ -1,0 +1,1 @@
+"""plca: domain adaptive semantic segmentation with Pixel-Level Cycle Association."""
