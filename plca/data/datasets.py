@@ -1,0 +1,285 @@
+"""Readers of the real on-disk layouts of GTA5, Cityscapes and SYNTHIA RAND-CITYSCAPES.
+
+A reader lists its files once, checks that every image has its label, and reads one (image, label) pair at a
+time: the image as HxWx3 uint8 RGB, the label mapped to Cityscapes train ids (255 = ignore). The embedded domain
+pair is written in the GTA5 and Cityscapes layouts, so the same readers serve it.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import cv2
+import numpy as np
+
+from plca.data.labels import cityscapes_ids_to_train_ids, synthia_ids_to_train_ids
+
+log = logging.getLogger(__name__)
+
+SizeMismatch = Literal["error", "resize_label"]
+
+GTA5_LAYOUT = "images/NNNNN.png and labels/NNNNN.png"
+CITYSCAPES_LAYOUT = (
+    "leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png and "
+    "gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png"
+)
+SYNTHIA_LAYOUT = "RGB/NNNNNNN.png and GT/LABELS/NNNNNNN.png"
+CS_IMAGE_SUFFIX = "_leftImg8bit.png"
+CS_LABEL_SUFFIX = "_gtFine_labelIds.png"
+# How many missing files an error lists before it only counts them.
+MAX_LISTED = 5
+
+
+class DataError(ValueError):
+    """A dataset file cannot be used: corrupt, wrong format, or not matching its partner file."""
+
+
+@dataclass
+class Sample:
+    """One image with its label: image [H, W, 3] uint8 RGB, label [H, W] uint8 train ids (or None)."""
+
+    image: np.ndarray
+    label: np.ndarray | None
+    name: str
+
+
+def _need_dir(path: Path, dataset: str, layout: str) -> None:
+    if not path.is_dir():
+        raise FileNotFoundError(f"{dataset}: folder {path} not found; expected the layout {layout}")
+
+
+def _listing(paths: list[Path], what: str) -> str:
+    shown = ", ".join(str(p) for p in paths[:MAX_LISTED])
+    more = f" and {len(paths) - MAX_LISTED} more" if len(paths) > MAX_LISTED else ""
+    return f"{len(paths)} {what}: {shown}{more}"
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """Read an image file as [H, W, 3] uint8 RGB; a missing, corrupt or truncated file raises naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: image file not found")
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise DataError(f"{path}: cannot decode the image (corrupt or truncated file?)")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def read_label_png(path: Path) -> np.ndarray:
+    """Read a label PNG without any colour conversion: palette PNGs give their indices, others their raw values.
+
+    cv2 expands palette PNGs to colours, so this goes through Pillow (installed with matplotlib, scikit-image and
+    cityscapesscripts); 16-bit and multi-channel PNGs keep their dtype and channels in RGB order.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: label file not found")
+    try:
+        with Image.open(path) as img:
+            if img.mode in ("P", "L", "I;16", "I"):
+                return np.array(img)
+            mode = img.mode
+    except (UnidentifiedImageError, OSError, SyntaxError, zlib.error) as exc:
+        raise DataError(f"{path}: cannot decode the label PNG (corrupt or truncated file?): {exc}") from None
+    # Multi-channel (e.g. SYNTHIA's 16-bit RGB): Pillow cannot hold 16-bit RGB, cv2 can.
+    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if raw is None:
+        raise DataError(f"{path}: cannot decode the label PNG (mode {mode})")
+    if raw.ndim == 3:
+        raw = raw[..., 2::-1] if raw.shape[2] >= 3 else raw
+    return raw
+
+
+def _read_list_file(path: Path) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"split list file {path} not found")
+    names = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            names.append(line[:-4] if line.endswith(".png") else line)
+    if not names:
+        raise DataError(f"{path}: split list file is empty")
+    return names
+
+
+def _select(all_names: list[str], ids: Sequence[str] | Path | str | None, dataset: str) -> list[str]:
+    """Apply an optional subset (a sequence of names, or the path of a list file with one name a line)."""
+    if ids is None:
+        return all_names
+    if isinstance(ids, str | Path):
+        source = f"list file {ids}"
+        wanted = _read_list_file(Path(ids))
+    else:
+        source = "the ids given"
+        wanted = [str(i) for i in ids]
+    present = set(all_names)
+    missing = [n for n in wanted if n not in present]
+    if missing:
+        raise FileNotFoundError(f"{dataset}: {len(missing)} ids in {source} have no image, e.g. {missing[:MAX_LISTED]}")
+    return wanted
+
+
+class PairReader:
+    """Shared logic: a list of (image, label) paths, size checks and label decoding per dataset."""
+
+    dataset = "dataset"
+
+    def __init__(
+        self,
+        names: list[str],
+        image_paths: list[Path],
+        label_paths: list[Path] | None,
+        size_mismatch: SizeMismatch = "error",
+    ) -> None:
+        if size_mismatch not in ("error", "resize_label"):
+            raise ValueError(f"size_mismatch must be 'error' or 'resize_label', got {size_mismatch!r}")
+        self.names = names
+        self.image_paths = image_paths
+        self.label_paths = label_paths
+        self.size_mismatch = size_mismatch
+        if label_paths is not None:
+            missing = [img for img, lab in zip(image_paths, label_paths, strict=True) if not lab.is_file()]
+            if missing:
+                raise FileNotFoundError(
+                    f"{self.dataset}: {_listing(missing, 'images without their label file')} "
+                    f"(e.g. {label_paths[image_paths.index(missing[0])]} is missing)"
+                )
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def _train_ids(self, path: Path) -> np.ndarray:
+        raise NotImplementedError
+
+    def read_image(self, index: int) -> np.ndarray:
+        return read_rgb(self.image_paths[index])
+
+    def read(self, index: int) -> Sample:
+        image = self.read_image(index)
+        if self.label_paths is None:
+            return Sample(image=image, label=None, name=self.names[index])
+        label_path = self.label_paths[index]
+        label = self._train_ids(label_path)
+        if label.shape != image.shape[:2]:
+            image_path = self.image_paths[index]
+            what = (
+                f"{self.dataset}: image {image_path} is {image.shape[1]}x{image.shape[0]} (WxH) but label "
+                f"{label_path} is {label.shape[1]}x{label.shape[0]}"
+            )
+            if self.size_mismatch == "error":
+                raise DataError(f"{what}; use size_mismatch='resize_label' to resize the label (nearest)")
+            log.warning("%s; resizing the label (nearest)", what)
+            h, w = image.shape[:2]
+            label = cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST_EXACT)
+        return Sample(image=image, label=label, name=self.names[index])
+
+
+class GTA5Reader(PairReader):
+    """GTA5: `root/images/NNNNN.png`, `root/labels/NNNNN.png` (palette PNGs whose indices are label ids).
+
+    ids: None for every image, a sequence of names ("00001"), or the path of a list file (one name a line,
+    with or without ".png"), e.g. the embedded source's `split/train.txt`.
+    """
+
+    dataset = "GTA5"
+
+    def __init__(
+        self, root: Path | str, ids: Sequence[str] | Path | str | None = None, size_mismatch: SizeMismatch = "error"
+    ) -> None:
+        root = Path(root)
+        _need_dir(root, self.dataset, GTA5_LAYOUT)
+        _need_dir(root / "images", self.dataset, GTA5_LAYOUT)
+        _need_dir(root / "labels", self.dataset, GTA5_LAYOUT)
+        all_names = sorted(p.stem for p in (root / "images").glob("*.png"))
+        if not all_names:
+            raise FileNotFoundError(f"{self.dataset}: no PNG images in {root / 'images'}; expected {GTA5_LAYOUT}")
+        names = _select(all_names, ids, self.dataset)
+        self.root = root
+        super().__init__(
+            names,
+            [root / "images" / f"{n}.png" for n in names],
+            [root / "labels" / f"{n}.png" for n in names],
+            size_mismatch,
+        )
+
+    def _train_ids(self, path: Path) -> np.ndarray:
+        ids = read_label_png(path)
+        if ids.ndim != 2:
+            raise DataError(f"{path}: expected a palette or single-channel label PNG, got shape {ids.shape}")
+        return cityscapes_ids_to_train_ids(ids, path)
+
+
+class CityscapesReader(PairReader):
+    """Cityscapes: `leftImg8bit/<split>/<city>/*_leftImg8bit.png` with `gtFine/<split>/<city>/*_gtFine_labelIds.png`.
+
+    with_labels=False never looks at gtFine (adaptation never uses target labels; the test split has none).
+    """
+
+    dataset = "Cityscapes"
+
+    def __init__(
+        self, root: Path | str, split: str, with_labels: bool = True, size_mismatch: SizeMismatch = "error"
+    ) -> None:
+        root = Path(root)
+        _need_dir(root, self.dataset, CITYSCAPES_LAYOUT)
+        image_dir = root / "leftImg8bit" / split
+        _need_dir(image_dir, self.dataset, CITYSCAPES_LAYOUT)
+        image_paths = sorted(image_dir.glob(f"*/*{CS_IMAGE_SUFFIX}"))
+        if not image_paths:
+            raise FileNotFoundError(
+                f"{self.dataset}: no *{CS_IMAGE_SUFFIX} images in {image_dir}/<city>/; expected {CITYSCAPES_LAYOUT}"
+            )
+        names = [p.name[: -len(CS_IMAGE_SUFFIX)] for p in image_paths]
+        label_paths = None
+        if with_labels:
+            label_dir = root / "gtFine" / split
+            _need_dir(label_dir, self.dataset, CITYSCAPES_LAYOUT)
+            label_paths = [
+                label_dir / p.parent.name / f"{n}{CS_LABEL_SUFFIX}" for p, n in zip(image_paths, names, strict=True)
+            ]
+        self.root = root
+        self.split = split
+        super().__init__(names, image_paths, label_paths, size_mismatch)
+
+    def _train_ids(self, path: Path) -> np.ndarray:
+        ids = read_label_png(path)
+        if ids.ndim != 2 or ids.dtype != np.uint8:
+            raise DataError(f"{path}: expected a single-channel 8-bit labelIds PNG, got {ids.dtype} {ids.shape}")
+        return cityscapes_ids_to_train_ids(ids, path)
+
+
+class SynthiaReader(PairReader):
+    """SYNTHIA RAND-CITYSCAPES: `RGB/NNNNNNN.png`, `GT/LABELS/NNNNNNN.png` (16-bit, class id in the R channel)."""
+
+    dataset = "SYNTHIA"
+
+    def __init__(
+        self, root: Path | str, ids: Sequence[str] | Path | str | None = None, size_mismatch: SizeMismatch = "error"
+    ) -> None:
+        root = Path(root)
+        _need_dir(root, self.dataset, SYNTHIA_LAYOUT)
+        _need_dir(root / "RGB", self.dataset, SYNTHIA_LAYOUT)
+        _need_dir(root / "GT" / "LABELS", self.dataset, SYNTHIA_LAYOUT)
+        all_names = sorted(p.stem for p in (root / "RGB").glob("*.png"))
+        if not all_names:
+            raise FileNotFoundError(f"{self.dataset}: no PNG images in {root / 'RGB'}; expected {SYNTHIA_LAYOUT}")
+        names = _select(all_names, ids, self.dataset)
+        self.root = root
+        super().__init__(
+            names,
+            [root / "RGB" / f"{n}.png" for n in names],
+            [root / "GT" / "LABELS" / f"{n}.png" for n in names],
+            size_mismatch,
+        )
+
+    def _train_ids(self, path: Path) -> np.ndarray:
+        raw = read_label_png(path)
+        if raw.ndim != 3 or raw.shape[2] < 2:
+            raise DataError(f"{path}: expected a multi-channel SYNTHIA label PNG (class id first), got {raw.shape}")
+        return synthia_ids_to_train_ids(raw[..., 0], path)

@@ -1,0 +1,200 @@
+"""Readers of the real layouts, on tiny fixtures written in exactly those formats."""
+
+from __future__ import annotations
+
+import logging
+
+import cv2
+import numpy as np
+import pytest
+from real_formats import (
+    cityscapes_paths,
+    truncate_file,
+    write_cityscapes,
+    write_grey_png,
+    write_gta5,
+    write_palette_png,
+    write_rgb_png,
+    write_synthia,
+)
+
+from plca.data.datasets import CityscapesReader, DataError, GTA5Reader, SynthiaReader, read_label_png
+from plca.data.labels import CITYSCAPES_ID_TO_TRAINID, SYNTHIA_ID_TO_TRAINID, LabelError
+
+
+def test_gta5_reads_palette_indices_as_ids(tmp_path):
+    truth = write_gta5(tmp_path, 3, size=(12, 20), palette=True)
+    # cv2 would expand the palette to colours: the reader must return the indices themselves
+    assert cv2.imread(str(tmp_path / "labels" / "00001.png"), cv2.IMREAD_UNCHANGED).ndim == 3
+    reader = GTA5Reader(tmp_path)
+    assert len(reader) == 3 and reader.names == ["00001", "00002", "00003"]
+    for i, name in enumerate(reader.names):
+        s = reader.read(i)
+        assert s.name == name
+        assert s.image.shape == (12, 20, 3) and s.image.dtype == np.uint8
+        assert s.label.dtype == np.uint8
+        np.testing.assert_array_equal(s.label, CITYSCAPES_ID_TO_TRAINID[truth[name]])
+    # ids that are not train classes (0 unlabeled, 4 static ...) must come out as ignore
+    assert 255 in np.concatenate([reader.read(i).label.ravel() for i in range(3)])
+
+
+def test_gta5_image_is_rgb(tmp_path):
+    write_gta5(tmp_path, 1)
+    rgb = np.zeros((12, 20, 3), np.uint8)
+    rgb[..., 0] = 200  # pure red
+    write_rgb_png(tmp_path / "images" / "00001.png", rgb)
+    image = GTA5Reader(tmp_path).read(0).image
+    assert (image[..., 0] == 200).all() and (image[..., 1:] == 0).all()
+
+
+def test_gta5_grey_labels_and_split_list(tmp_path):
+    truth = write_gta5(tmp_path, 4, palette=False)
+    (tmp_path / "split").mkdir()
+    (tmp_path / "split" / "val.txt").write_text("00004\n00002.png\n\n")
+    reader = GTA5Reader(tmp_path, ids=tmp_path / "split" / "val.txt")
+    assert reader.names == ["00004", "00002"]
+    np.testing.assert_array_equal(reader.read(0).label, CITYSCAPES_ID_TO_TRAINID[truth["00004"]])
+    assert GTA5Reader(tmp_path, ids=["00003"]).names == ["00003"]
+
+
+def test_gta5_split_id_without_image(tmp_path):
+    write_gta5(tmp_path, 2)
+    with pytest.raises(FileNotFoundError, match="00009"):
+        GTA5Reader(tmp_path, ids=["00001", "00009"])
+
+
+def test_missing_dataset_folder_names_it_and_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nowhere.*images/NNNNN\.png"):
+        GTA5Reader(tmp_path / "nowhere")
+    write_gta5(tmp_path / "g", 1)
+    (tmp_path / "g" / "labels" / "00001.png").unlink()
+    (tmp_path / "g" / "labels").rmdir()
+    with pytest.raises(FileNotFoundError, match=r"g/labels"):
+        GTA5Reader(tmp_path / "g")
+    with pytest.raises(FileNotFoundError, match=r"leftImg8bit/train.*gtFine"):
+        CityscapesReader(tmp_path / "g", "train")
+    with pytest.raises(FileNotFoundError, match=r"RGB.*GT/LABELS"):
+        SynthiaReader(tmp_path / "g")
+
+
+def test_empty_image_folder(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    with pytest.raises(FileNotFoundError, match="no PNG images"):
+        GTA5Reader(tmp_path)
+
+
+def test_truncated_image_names_file(tmp_path):
+    write_gta5(tmp_path, 2, size=(40, 60))
+    truncate_file(tmp_path / "images" / "00002.png", 0.5)
+    reader = GTA5Reader(tmp_path)
+    reader.read(0)
+    with pytest.raises(DataError, match=r"images/00002\.png.*corrupt or truncated"):
+        reader.read(1)
+
+
+def test_corrupt_and_truncated_label_names_file(tmp_path):
+    write_gta5(tmp_path, 2, size=(40, 60))
+    (tmp_path / "labels" / "00001.png").write_bytes(b"not a png at all")
+    truncate_file(tmp_path / "labels" / "00002.png", 0.6)
+    reader = GTA5Reader(tmp_path)
+    with pytest.raises(DataError, match=r"labels/00001\.png"):
+        reader.read(0)
+    with pytest.raises(DataError, match=r"labels/00002\.png"):
+        reader.read(1)
+
+
+def test_label_ids_outside_table(tmp_path):
+    write_gta5(tmp_path, 1, size=(8, 8))
+    ids = np.full((8, 8), 7, np.uint8)
+    ids[0, 0] = 77
+    write_palette_png(tmp_path / "labels" / "00001.png", ids, np.zeros((256, 3), np.uint8))
+    with pytest.raises(LabelError, match=r"labels/00001\.png.*\[77\]"):
+        GTA5Reader(tmp_path).read(0)
+
+
+def test_size_mismatch_error_and_resize(tmp_path, caplog):
+    write_gta5(tmp_path, 1, size=(12, 20))
+    ids = np.zeros((6, 10), np.uint8)
+    ids[:, 5:] = 7  # right half road
+    write_grey_png(tmp_path / "labels" / "00001.png", ids)
+    with pytest.raises(DataError, match=r"images/00001\.png is 20x12.*labels/00001\.png is 10x6"):
+        GTA5Reader(tmp_path).read(0)
+    with caplog.at_level(logging.WARNING, logger="plca.data.datasets"):
+        s = GTA5Reader(tmp_path, size_mismatch="resize_label").read(0)
+    assert s.label.shape == (12, 20)
+    assert (s.label[:, 10:] == 0).all() and (s.label[:, :10] == 255).all()
+    assert "labels/00001.png" in caplog.text
+    with pytest.raises(ValueError, match="size_mismatch"):
+        GTA5Reader(tmp_path, size_mismatch="crop")
+
+
+def test_image_without_label(tmp_path):
+    write_gta5(tmp_path, 3)
+    (tmp_path / "labels" / "00002.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 images without their label.*images/00002\.png.*labels/00002"):
+        GTA5Reader(tmp_path)
+    write_cityscapes(tmp_path / "cs", splits={"val": 2})
+    _, lab = cityscapes_paths(tmp_path / "cs", "val", "frankfurt", 0, 19)
+    lab.unlink()
+    with pytest.raises(FileNotFoundError, match="frankfurt_000000_000019"):
+        CityscapesReader(tmp_path / "cs", "val")
+    assert len(CityscapesReader(tmp_path / "cs", "val", with_labels=False)) == 2
+
+
+def test_cityscapes_reader(tmp_path):
+    truth = write_cityscapes(tmp_path, splits={"train": 4, "val": 2}, size=(16, 32), extras=True)
+    reader = CityscapesReader(tmp_path, "train")
+    assert reader.names == sorted(n for n in truth if not n.startswith(("frankfurt", "lindau")))
+    assert reader.names[0] == "aachen_000000_000019"
+    for i, name in enumerate(reader.names):
+        s = reader.read(i)
+        assert s.image.shape == (16, 32, 3) and s.name == name
+        np.testing.assert_array_equal(s.label, CITYSCAPES_ID_TO_TRAINID[truth[name]])
+    assert len(CityscapesReader(tmp_path, "val")) == 2
+
+
+def test_cityscapes_without_labels_never_opens_gtfine(tmp_path):
+    write_cityscapes(tmp_path, splits={"train": 2})
+    # no gtFine at all, as for an images-only download: must still work and return no label
+    for p in sorted((tmp_path / "gtFine").rglob("*"), reverse=True):
+        p.unlink() if p.is_file() else p.rmdir()
+    (tmp_path / "gtFine").rmdir()
+    reader = CityscapesReader(tmp_path, "train", with_labels=False)
+    s = reader.read(1)
+    assert s.label is None and s.image.shape == (16, 32, 3)
+    assert reader.label_paths is None
+    with pytest.raises(FileNotFoundError, match="gtFine/train"):
+        CityscapesReader(tmp_path, "train")
+
+
+def test_cityscapes_rejects_colour_label(tmp_path):
+    write_cityscapes(tmp_path, splits={"val": 1}, size=(8, 8))
+    _, lab = cityscapes_paths(tmp_path, "val", "frankfurt", 0, 19)
+    write_rgb_png(lab, np.full((8, 8, 3), 7, np.uint8))
+    with pytest.raises(DataError, match=r"gtFine_labelIds\.png.*single-channel"):
+        CityscapesReader(tmp_path, "val").read(0)
+
+
+def test_synthia_reader_uses_first_rgb_channel(tmp_path):
+    truth = write_synthia(tmp_path, 3, size=(12, 20))
+    raw = read_label_png(tmp_path / "GT" / "LABELS" / "0000001.png")
+    assert raw.dtype == np.uint16 and raw.shape == (12, 20, 3)
+    reader = SynthiaReader(tmp_path)
+    assert reader.names == ["0000000", "0000001", "0000002"]
+    for i, name in enumerate(reader.names):
+        s = reader.read(i)
+        np.testing.assert_array_equal(s.label, SYNTHIA_ID_TO_TRAINID[truth[name]])
+    # SYNTHIA road is class 3 -> train id 0; terrain (16) is ignored in the 16-class protocol
+    assert SYNTHIA_ID_TO_TRAINID[3] == 0 and SYNTHIA_ID_TO_TRAINID[16] == 255
+    assert SynthiaReader(tmp_path, ids=["0000002"]).names == ["0000002"]
+
+
+def test_synthia_id_outside_table(tmp_path):
+    write_synthia(tmp_path, 1, size=(6, 6))
+    gt = np.zeros((6, 6, 3), np.uint16)
+    gt[..., 0] = 3
+    gt[2, 2, 0] = 300
+    write_rgb_png(tmp_path / "GT" / "LABELS" / "0000000.png", gt)
+    with pytest.raises(LabelError, match=r"0000000\.png.*300"):
+        SynthiaReader(tmp_path).read(0)
