@@ -1,0 +1,100 @@
+"""DeepLab-v2 (Chen et al. 2017): dilated ResNet at output stride 8 plus the ASPP classifier.
+
+The ASPP of DeepLab-v2 is one 3x3 conv per rate, each mapping the last backbone features straight to class
+scores; the branches are summed. `forward` returns both the features and the logits (both at 1/8 of the input)
+because PLCA associates features, and `classify` runs the head alone for test-time feature aggregation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from plca.models.resnet import Norm, ResNet, load_imagenet_weights
+
+HEAD_INIT_STD = 0.01  # DeepLab-v2's Gaussian init of the classifier weights (biases start at 0)
+
+
+@dataclass
+class DeepLabV2Config:
+    """Options of the segmentation network (the `model` section of params.yaml)."""
+
+    num_classes: int = 19
+    depth: int = 101
+    width: float = 1.0
+    norm: Norm = "batch"
+    groups: int = 32  # GroupNorm groups; must divide every channel count (e.g. 8 at width 0.25)
+    aspp_rates: tuple[int, ...] = (6, 12, 18, 24)
+    pretrained: Path | None = None  # torchvision ImageNet state_dict for the backbone
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if not self.aspp_rates or any(r < 1 for r in self.aspp_rates):
+            raise ValueError(f"aspp_rates must be a non-empty list of positive dilations, got {self.aspp_rates}")
+        if self.groups < 1:
+            raise ValueError(f"groups must be >= 1, got {self.groups}")
+        self.aspp_rates = tuple(self.aspp_rates)
+        if self.pretrained is not None:
+            self.pretrained = Path(self.pretrained)
+
+
+class ASPPClassifier(nn.Module):
+    """Sum of parallel dilated 3x3 convs, features -> class logits."""
+
+    def __init__(self, in_channels: int, num_classes: int, rates: tuple[int, ...]) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(
+            nn.Conv2d(in_channels, num_classes, 3, padding=r, dilation=r, bias=True) for r in rates
+        )
+        for conv in self.branches:
+            nn.init.normal_(conv.weight, std=HEAD_INIT_STD)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.branches[0](x)
+        for branch in self.branches[1:]:
+            out = out + branch(x)
+        return out
+
+
+class DeepLabV2(nn.Module):
+    """Backbone + ASPP. `forward(x) -> (features, logits)`, both at output stride 8."""
+
+    def __init__(self, cfg: DeepLabV2Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = ResNet(cfg.depth, cfg.width, cfg.norm, cfg.groups)
+        self.classifier = ASPPClassifier(self.backbone.out_channels, cfg.num_classes, cfg.aspp_rates)
+        self.feature_channels = self.backbone.out_channels
+        self.output_stride = self.backbone.output_stride
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        features = self.backbone(x)
+        return features, self.classifier(features)
+
+    def classify(self, features: Tensor) -> Tensor:
+        """The ASPP head alone: logits from (possibly aggregated) features."""
+        return self.classifier(features)
+
+    def param_groups(self, lr: float, head_lr_mult: float = 1.0) -> list[dict[str, Any]]:
+        """Optimiser groups: backbone at `lr`, head at `lr * head_lr_mult` (PLCA uses one lr: mult 1.0)."""
+        return [
+            {"name": "backbone", "params": [p for p in self.backbone.parameters() if p.requires_grad], "lr": lr},
+            {
+                "name": "head",
+                "params": [p for p in self.classifier.parameters() if p.requires_grad],
+                "lr": lr * head_lr_mult,
+            },
+        ]
+
+
+def build_model(cfg: DeepLabV2Config) -> DeepLabV2:
+    """Build DeepLab-v2; with `cfg.pretrained` set, the backbone starts from those ImageNet weights."""
+    model = DeepLabV2(cfg)
+    if cfg.pretrained is not None:
+        load_imagenet_weights(model.backbone, cfg.pretrained)
+    return model
