@@ -1,0 +1,285 @@
+"""Report figures as PNGs: the qualitative grid of the paper's Fig. 3, training curves of every logged term,
+and per-class IoU bars.
+
+Figures are drawn on matplotlib's Agg canvas directly (no pyplot), so nothing here touches global backend
+state and every call is independent.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from plca.data.labels import CLASS_NAMES, NUM_CLASSES, PALETTE, colorize
+from plca.report import atomic_write
+from plca.report.paper import CLASS_ABBREV
+from plca.report.tables import VARIANT_LABELS, VARIANTS, check_results, order_variants
+
+#: Columns of a training log that index it rather than hold a logged term.
+LOG_INDEX = ("variant", "seed", "step")
+
+# matplotlib's "tab10" colours: one fixed colour per known variant, the same in every figure
+_TAB10 = (
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+)  # fmt: skip
+
+
+class FigureError(ValueError):
+    """Figure inputs are malformed (mismatched shapes, missing columns, nothing to plot)."""
+
+
+@dataclass(frozen=True)
+class FigureConfig:
+    """Look of the report figures."""
+
+    dpi: int = 100
+    #: width of one image panel of the qualitative grid, inches
+    panel_width: float = 2.4
+    #: size of one subplot of the training curves, inches (width, height)
+    curve_size: tuple[float, float] = (4.0, 2.6)
+    #: rolling-mean window over logged steps for the training curves (1 = raw)
+    curve_smooth: int = 1
+    #: classes per row of the qualitative grid's legend
+    legend_columns: int = 7
+
+
+def variant_color(variant: str) -> str:
+    """Fixed colour of a variant (unknown names share the two spare colours, picked by a stable hash)."""
+    if variant in VARIANTS:
+        return _TAB10[VARIANTS.index(variant)]
+    return _TAB10[len(VARIANTS) + sum(variant.encode()) % (len(_TAB10) - len(VARIANTS))]
+
+
+def _save(fig: Figure, path: Path | str, dpi: int) -> Path:
+    FigureCanvasAgg(fig)
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+
+
+# ---------------------------------------------------------------------------------------------- Fig. 3
+
+
+def qualitative_grid(
+    path: Path | str,
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    predictions: Mapping[str, Sequence[np.ndarray]],
+    *,
+    row_names: Sequence[str] | None = None,
+    title: str | None = None,
+    config: FigureConfig = FigureConfig(),
+) -> Path:
+    """Grid like the paper's Fig. 3: one row per image; columns target image | ground truth | one column per
+    entry of predictions (e.g. {"source-only": [...], "PLCA": [...]}), in the Cityscapes palette, with a legend
+    of the classes shown.
+
+    images: [H, W, 3] uint8 RGB; labels and predictions: [H, W] train ids (255 = ignore, drawn black).
+    """
+    n = len(images)
+    if n == 0:
+        raise FigureError(f"{path}: no images for the qualitative grid")
+    columns = {"ground truth": labels, **predictions}
+    for name, maps in columns.items():
+        if len(maps) != n:
+            raise FigureError(f"{path}: column {name!r} has {len(maps)} maps for {n} images")
+    if row_names is not None and len(row_names) != n:
+        raise FigureError(f"{path}: {len(row_names)} row names for {n} images")
+    present: set[int] = set()
+    for r, image in enumerate(images):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise FigureError(f"{path}: image {r} must be [H, W, 3] uint8, got {image.dtype} {image.shape}")
+        for name, maps in columns.items():
+            m = maps[r]
+            if m.shape != image.shape[:2] or not np.issubdtype(m.dtype, np.integer):
+                raise FigureError(
+                    f"{path}: {name!r} map {r} must be integer {image.shape[:2]}, got {m.dtype} {m.shape}"
+                )
+            present.update(int(c) for c in np.unique(m) if c < NUM_CLASSES)
+
+    aspect = max(im.shape[0] / im.shape[1] for im in images)
+    ncols = 1 + len(columns)
+    panel_w, panel_h = config.panel_width, config.panel_width * aspect
+    head, legend_rows = 0.35 + (0.3 if title else 0.0), math.ceil(len(present) / config.legend_columns)
+    foot = 0.25 * legend_rows + 0.15
+    side = 0.35 if row_names is not None else 0.05
+    width, height = side + ncols * panel_w * 1.03, head + n * panel_h * 1.04 + foot
+    fig = Figure(figsize=(width, height))
+    axes = fig.subplots(
+        n,
+        ncols,
+        squeeze=False,
+        gridspec_kw={
+            "left": side / width,
+            "right": 1 - 0.02 / width,
+            "top": 1 - head / height,
+            "bottom": foot / height,
+            "wspace": 0.03,
+            "hspace": 0.04,
+        },
+    )
+    titles = ["target image", *columns]
+    for r in range(n):
+        panels = [images[r], *(colorize(np.asarray(maps[r])) for maps in columns.values())]
+        for c, panel in enumerate(panels):
+            ax = axes[r, c]
+            ax.imshow(panel, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(titles[c], fontsize=9)
+        if row_names is not None:
+            axes[r, 0].set_ylabel(row_names[r], fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    handles = [Patch(facecolor=PALETTE[c] / 255.0, label=CLASS_NAMES[c]) for c in sorted(present)]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=config.legend_columns, fontsize=7, frameon=False)
+    return _save(fig, path, config.dpi)
+
+
+# ---------------------------------------------------------------------------------------------- curves
+
+
+def load_training_logs(paths: Mapping[tuple[str, int], Path | str]) -> pd.DataFrame:
+    """Read per-run training logs ({(variant, seed): csv path}, columns step, then any logged terms) into one
+    long DataFrame with columns variant, seed, step and the union of the terms (NaN where a run lacks one)."""
+    frames = []
+    for (variant, seed), path in paths.items():
+        try:
+            frame = pd.read_csv(path)
+        except (pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
+            raise FigureError(f"{path}: not a training log CSV ({exc})") from exc
+        if "step" not in frame.columns:
+            raise FigureError(f"{path}: training log has no 'step' column (columns: {list(frame.columns)})")
+        clash = [c for c in ("variant", "seed") if c in frame.columns]
+        if clash:
+            raise FigureError(f"{path}: training log may not hold columns {clash}")
+        bad = [c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
+        if bad:
+            raise FigureError(f"{path}: non-numeric columns {bad}")
+        frames.append(frame.assign(variant=variant, seed=seed))
+    if not frames:
+        raise FigureError("no training logs given")
+    logs = pd.concat(frames, ignore_index=True, sort=False)
+    terms = [c for c in logs.columns if c not in LOG_INDEX]
+    return logs[[*LOG_INDEX, *terms]]
+
+
+def training_curves(
+    path: Path | str,
+    logs: pd.DataFrame,
+    *,
+    terms: Sequence[str] | None = None,
+    title: str | None = None,
+    config: FigureConfig = FigureConfig(),
+) -> Path:
+    """One subplot per logged term (every column but variant/seed/step unless terms says otherwise), one line per
+    variant: the mean over seeds at each step, with the seeds' min-max as a band."""
+    missing = [c for c in LOG_INDEX if c not in logs.columns]
+    if missing:
+        raise FigureError(f"{path}: training logs lack columns {missing}")
+    terms = list(terms) if terms is not None else [c for c in logs.columns if c not in LOG_INDEX]
+    unknown = [t for t in terms if t not in logs.columns]
+    if unknown:
+        raise FigureError(f"{path}: no logged term {unknown} (have {[c for c in logs.columns if c not in LOG_INDEX]})")
+    terms = [t for t in terms if logs[t].notna().any()]
+    if not terms:
+        raise FigureError(f"{path}: nothing logged to plot")
+    variants = order_variants(logs["variant"].unique())
+    ncols = min(3, len(terms))
+    nrows = math.ceil(len(terms) / ncols)
+    w, h = config.curve_size
+    fig = Figure(figsize=(w * ncols, h * nrows + 0.6), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    drawn: dict[str, object] = {}
+    for ax, term in zip(axes.flat, terms, strict=False):
+        for variant in variants:
+            rows = logs[(logs["variant"] == variant) & logs[term].notna()]
+            if rows.empty:
+                continue
+            per_seed = rows.pivot_table(index="step", columns="seed", values=term, aggfunc="mean").sort_index()
+            if config.curve_smooth > 1:
+                per_seed = per_seed.rolling(config.curve_smooth, min_periods=1).mean()
+            steps = per_seed.index.to_numpy(dtype=float)
+            color = variant_color(variant)
+            (line,) = ax.plot(steps, per_seed.mean(axis=1).to_numpy(), color=color, linewidth=1.2)
+            if per_seed.shape[1] > 1:
+                ax.fill_between(steps, per_seed.min(axis=1), per_seed.max(axis=1), color=color, alpha=0.2, lw=0)
+            drawn.setdefault(variant, line)
+        ax.set_title(term, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(terms) :]:
+        ax.set_visible(False)
+    fig.legend(
+        [drawn[v] for v in drawn],
+        [VARIANT_LABELS.get(v, v) for v in drawn],
+        loc="outside lower center",
+        ncol=min(4, len(drawn)),
+        fontsize=8,
+        frameon=False,
+    )
+    lo, hi = logs.groupby("variant")["seed"].nunique().agg(["min", "max"])
+    n_seeds = f"{lo}" if lo == hi else f"{lo}-{hi}"
+    fig.suptitle(
+        (title + "\n" if title else "")
+        + f"training curves: mean over seeds (n = {n_seeds}), band = min-max over seeds",
+        fontsize=9,
+    )
+    return _save(fig, path, config.dpi)
+
+
+# ---------------------------------------------------------------------------------------------- bars
+
+
+def class_iou_bars(
+    path: Path | str,
+    results: pd.DataFrame,
+    *,
+    dataset_label: str,
+    variants: Sequence[str] = ("source_only", "plca", "oracle"),
+    config: FigureConfig = FigureConfig(),
+) -> Path:
+    """Grouped bars of per-class IoU, mean over seeds with std (ddof=1) error bars, one group per class; classes
+    absent from the evaluation set (NaN in every run) are left out and named in the axis label."""
+    results = check_results(results, str(path))
+    have = [v for v in variants if (results["variant"] == v).any()]
+    if not have:
+        raise FigureError(f"{path}: none of the variants {list(variants)} in the results")
+    chosen = results[results["variant"].isin(have)]
+    classes = [c for c in CLASS_NAMES if chosen[c].notna().any()]
+    absent = [c for c in CLASS_NAMES if c not in classes]
+    x = np.arange(len(classes))
+    width = 0.8 / len(have)
+    fig = Figure(figsize=(max(6.0, 0.55 * len(classes) + 1.5), 3.6), layout="constrained")
+    ax = fig.subplots()
+    for k, variant in enumerate(have):
+        rows = chosen[chosen["variant"] == variant]
+        mean = rows[classes].mean().to_numpy(dtype=float)
+        std = rows[classes].std(ddof=1).fillna(0.0).to_numpy(dtype=float) if len(rows) > 1 else np.zeros(len(x))
+        ax.bar(
+            x + (k - (len(have) - 1) / 2) * width,
+            np.nan_to_num(mean),
+            width,
+            yerr=std,
+            color=variant_color(variant),
+            label=f"{VARIANT_LABELS.get(variant, variant)} (n={len(rows)})",
+            error_kw={"elinewidth": 0.8, "capsize": 1.5},
+        )
+    ax.set_xticks(x, [CLASS_ABBREV[c] for c in classes], rotation=45, ha="right", fontsize=8)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("IoU (%)")
+    ax.grid(axis="y", alpha=0.3)
+    fig.legend(fontsize=8, ncol=len(have), loc="outside lower center", frameon=False)
+    if absent:
+        ax.set_xlabel(f"absent from the evaluation set, not shown: {', '.join(absent)}", fontsize=7)
+    ax.set_title(f"Per-class IoU, {dataset_label}: mean ± std over seeds", fontsize=9)
+    return _save(fig, path, config.dpi)

@@ -1,0 +1,538 @@
+"""Per-run metrics -> reports/results.csv, and results -> Table 1 (ablation) and Tables 2/3 (per class), in
+markdown and LaTeX (booktabs).
+
+Our figures are mean +- std over seeds (std with ddof=1); gains over the baseline are paired by seed. The
+paper's published figures sit in separate columns / rows whose labels start with "paper", and our numbers are
+labelled only with the caller's dataset_label, never with a benchmark name.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from plca.data.labels import CLASS_NAMES, PROTOCOLS
+from plca.report import atomic_write, atomic_write_text
+from plca.report.paper import CLASS_ABBREV, GTAV, SYNTHIA, TABLE1, TABLE1_LABELS, TABLE1_PROTOCOL, TABLE2, TABLE3
+
+#: Table 1's variants in the paper's column order, then our upper bound.
+VARIANTS: tuple[str, ...] = (
+    "ce_only", "source_only", "fass", "fass_cass", "plca", "sim_plca", "plca_no_sagg", "oracle",
+)  # fmt: skip
+
+#: How our rows are named in the tables.
+VARIANT_LABELS: Mapping[str, str] = {
+    "ce_only": "source-only (CE)",
+    "source_only": "source-only (CE + Lovász)",
+    "fass": "+ L_fass",
+    "fass_cass": "+ L_fass + L_cass",
+    "plca": "PLCA (+ L_lsr)",
+    "sim_plca": "Sim-PLCA",
+    "plca_no_sagg": "PLCA w/o SAGG",
+    "oracle": "oracle (target labels)",
+}
+
+#: The variant every gain is measured against: Table 2's "Source Only" is CE + Lovász.
+BASELINE = "source_only"
+
+#: results.csv columns, fixed by the report contract.
+RESULT_COLUMNS: tuple[str, ...] = ("variant", "seed", "miou", *CLASS_NAMES)
+
+#: Optional per-run column: mIoU on the source domain's val set (shows the domain gap).
+SOURCE_VAL = "source_val_miou"
+
+#: Shown for a missing or undefined number.
+NA = "–"
+
+#: Decimals in the tables: the paper reports one.
+DIGITS = 1
+
+
+class ResultsError(ValueError):
+    """Per-run results are malformed (missing key, wrong type, duplicate run, value out of range)."""
+
+
+# ---------------------------------------------------------------------------------------------- results.csv
+
+
+def _number(value: Any, what: str, where: str, allow_nan: bool) -> float:
+    if value is None and allow_nan:
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise ResultsError(f"{where}: {what} must be a number, got {value!r}")
+    value = float(value)
+    if math.isnan(value):
+        if allow_nan:
+            return value
+        raise ResultsError(f"{where}: {what} is NaN")
+    if not 0.0 <= value <= 100.0:
+        raise ResultsError(f"{where}: {what} = {value} is not a percentage in [0, 100]")
+    return value
+
+
+def order_variants(names: Iterable[str]) -> list[str]:
+    """Known variants in Table 1's order, then any others alphabetically."""
+    names = set(names)
+    return [v for v in VARIANTS if v in names] + sorted(names - set(VARIANTS))
+
+
+def _sorted(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame.reset_index(drop=True)
+    rank = {v: i for i, v in enumerate(order_variants(frame["variant"]))}
+    order = frame.assign(_rank=frame["variant"].map(rank)).sort_values(["_rank", "seed"], kind="stable").index
+    return frame.loc[order].reset_index(drop=True)
+
+
+def results_frame(records: Iterable[Mapping[str, Any]], where: str = "results") -> pd.DataFrame:
+    """Per-run records -> the results DataFrame: columns RESULT_COLUMNS (+ SOURCE_VAL when any record has it).
+
+    A record is {"variant": str, "seed": int, "miou": percent, "iou": {class name: percent or None}, ...};
+    "iou" must name exactly the 19 classes (None/NaN for classes absent from the evaluation set). Other keys
+    (e.g. miou16, miou13: derivable from "iou") are ignored. Rows come ordered by variant, then seed.
+    """
+    rows = []
+    seen: set[tuple[str, int]] = set()
+    for k, rec in enumerate(records):
+        at = f"{where}: record {k}"
+        for key in ("variant", "seed", "miou", "iou"):
+            if key not in rec:
+                raise ResultsError(f"{at}: missing key {key!r} (has {sorted(rec)})")
+        variant, seed = rec["variant"], rec["seed"]
+        if not isinstance(variant, str) or not variant:
+            raise ResultsError(f"{at}: variant must be a non-empty string, got {variant!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+            raise ResultsError(f"{at}: seed must be an integer, got {seed!r}")
+        at = f"{where}: run {variant} seed {seed}"
+        if (variant, int(seed)) in seen:
+            raise ResultsError(f"{at}: appears twice")
+        seen.add((variant, int(seed)))
+        iou = rec["iou"]
+        if not isinstance(iou, Mapping):
+            raise ResultsError(f"{at}: 'iou' must map class names to IoU, got {type(iou).__name__}")
+        unknown = sorted(set(iou) - set(CLASS_NAMES))
+        missing = [c for c in CLASS_NAMES if c not in iou]
+        if unknown or missing:
+            raise ResultsError(f"{at}: 'iou' class names wrong: unknown {unknown}, missing {missing}")
+        row: dict[str, Any] = {"variant": variant, "seed": int(seed), "miou": _number(rec["miou"], "miou", at, False)}
+        row.update({c: _number(iou[c], f"IoU of {c!r}", at, True) for c in CLASS_NAMES})
+        if rec.get(SOURCE_VAL) is not None:
+            row[SOURCE_VAL] = _number(rec[SOURCE_VAL], SOURCE_VAL, at, True)
+        rows.append(row)
+    if not rows:
+        raise ResultsError(f"{where}: no runs")
+    frame = pd.DataFrame(rows)
+    columns = list(RESULT_COLUMNS) + ([SOURCE_VAL] if SOURCE_VAL in frame else [])
+    frame = frame.reindex(columns=columns)
+    frame["seed"] = frame["seed"].astype(np.int64)
+    return _sorted(frame)
+
+
+def check_results(frame: pd.DataFrame, where: str = "results") -> pd.DataFrame:
+    """Validate a results DataFrame (columns, types, ranges, unique runs); returns it ordered by variant, seed."""
+    missing = [c for c in RESULT_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ResultsError(f"{where}: missing columns {missing}")
+    if frame.empty:
+        raise ResultsError(f"{where}: no runs")
+    if frame["variant"].isna().any() or not all(isinstance(v, str) and v for v in frame["variant"]):
+        raise ResultsError(f"{where}: every row needs a non-empty variant name")
+    if not pd.api.types.is_integer_dtype(frame["seed"]):
+        raise ResultsError(f"{where}: seed column must hold integers, got dtype {frame['seed'].dtype}")
+    numeric = ["miou", *CLASS_NAMES] + ([SOURCE_VAL] if SOURCE_VAL in frame else [])
+    for col in numeric:
+        if not pd.api.types.is_numeric_dtype(frame[col]):
+            raise ResultsError(f"{where}: column {col!r} must be numeric, got dtype {frame[col].dtype}")
+        values = frame[col].to_numpy(dtype=float)
+        bad = ~np.isnan(values) & ((values < 0) | (values > 100))
+        if bad.any():
+            raise ResultsError(f"{where}: column {col!r} holds values outside [0, 100]: {values[bad][:5].tolist()}")
+    if frame["miou"].isna().any():
+        raise ResultsError(f"{where}: miou is missing for runs {frame.loc[frame['miou'].isna(), 'variant'].tolist()}")
+    dup = frame.duplicated(["variant", "seed"])
+    if dup.any():
+        raise ResultsError(f"{where}: duplicate runs {frame.loc[dup, ['variant', 'seed']].values.tolist()}")
+    return _sorted(frame)
+
+
+def _as_frame(results: pd.DataFrame | Iterable[Mapping[str, Any]], where: str) -> pd.DataFrame:
+    if isinstance(results, pd.DataFrame):
+        return check_results(results, where)
+    return results_frame(results, where)
+
+
+def write_results_csv(results: pd.DataFrame | Iterable[Mapping[str, Any]], path: Path | str) -> Path:
+    """Write results.csv atomically: columns variant, seed, miou, then the 19 classes in train-id order; rows
+    ordered by Table 1's variant order, then seed; an empty cell is a class absent from the evaluation set."""
+    frame = _as_frame(results, str(path))[list(RESULT_COLUMNS)]
+    return atomic_write(path, lambda f: frame.to_csv(f, index=False, lineterminator="\n"))
+
+
+def read_results_csv(path: Path | str) -> pd.DataFrame:
+    """Read and validate results.csv; a wrong header or value raises ResultsError naming the file."""
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path, dtype={"variant": str})
+    except (pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
+        raise ResultsError(f"{path}: not a results CSV ({exc})") from exc
+    if tuple(frame.columns) != RESULT_COLUMNS:
+        raise ResultsError(f"{path}: header must be {list(RESULT_COLUMNS)}, got {list(frame.columns)}")
+    return check_results(frame, str(path))
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+
+
+def protocol_miou(results: pd.DataFrame, n_classes: int) -> pd.Series:
+    """Per run, mean IoU over the classes of the 16- or 19-class (or 13) protocol, skipping absent classes."""
+    if n_classes not in PROTOCOLS:
+        raise ValueError(f"no {n_classes}-class protocol; known: {sorted(PROTOCOLS)}")
+    cols = [CLASS_NAMES[i] for i in PROTOCOLS[n_classes]]
+    return results[cols].mean(axis=1, skipna=True)
+
+
+def _std(values: np.ndarray) -> float:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+
+
+@dataclass(frozen=True)
+class VariantSummary:
+    """One variant's mIoU over seeds, and its gain over the baseline paired by seed."""
+
+    variant: str
+    seeds: tuple[int, ...]
+    miou: tuple[float, ...]
+    mean: float
+    std: float
+    gain_mean: float = math.nan
+    gain_std: float = math.nan
+    gain_seeds: tuple[int, ...] = ()
+    source_val_mean: float = math.nan
+    source_val_std: float = math.nan
+    #: IoU per class name, mean over seeds (NaN for a class absent from the evaluation set)
+    per_class: Mapping[str, float] = field(default_factory=dict)
+    #: mean over seeds of each run's mIoU over the 16- and 13-class protocols
+    miou16: float = math.nan
+    miou13: float = math.nan
+
+
+def summarize(results: pd.DataFrame, baseline: str = BASELINE) -> dict[str, VariantSummary]:
+    """Mean and std (ddof=1) of mIoU over seeds per variant, per-class means over seeds, and the gain over
+    baseline: mean and std of the per-seed differences over the seeds both variants ran."""
+    results = check_results(results)
+    base = results[results["variant"] == baseline].set_index("seed")["miou"]
+    out = {}
+    for variant in order_variants(results["variant"]):
+        rows = results[results["variant"] == variant]
+        miou = rows["miou"].to_numpy(dtype=float)
+        gain: dict[str, Any] = {}
+        if variant != baseline and not base.empty:
+            paired = rows.set_index("seed")["miou"]
+            common = sorted(set(paired.index) & set(base.index))
+            if common:
+                diffs = (paired[common] - base[common]).to_numpy(dtype=float)
+                gain = {"gain_mean": float(diffs.mean()), "gain_std": _std(diffs), "gain_seeds": tuple(common)}
+        if SOURCE_VAL in rows and rows[SOURCE_VAL].notna().any():
+            sv = rows[SOURCE_VAL].dropna().to_numpy(dtype=float)
+            gain.update(source_val_mean=float(sv.mean()), source_val_std=_std(sv))
+        out[variant] = VariantSummary(
+            variant=variant,
+            seeds=tuple(int(s) for s in rows["seed"]),
+            miou=tuple(float(m) for m in miou),
+            mean=float(miou.mean()),
+            std=_std(miou),
+            per_class={c: float(rows[c].mean()) for c in CLASS_NAMES},
+            miou16=float(protocol_miou(rows, 16).mean()),
+            miou13=float(protocol_miou(rows, 13).mean()),
+            **gain,
+        )
+    return out
+
+
+def headline(results: pd.DataFrame, variant: str = "plca", baseline: str = BASELINE) -> str:
+    """One sentence: variant vs baseline, mean +- std over seeds and the paired gain (for READMEs and notes)."""
+    summary = summarize(results, baseline)
+    for name in (variant, baseline):
+        if name not in summary:
+            raise ResultsError(f"results: no runs of {name!r} (have {list(summary)})")
+    v, b = summary[variant], summary[baseline]
+    return (
+        f"{_label(variant)}: {_mean_std(v.mean, v.std)} mIoU vs {_label(baseline)}: {_mean_std(b.mean, b.std)} "
+        f"(mean ± std over seeds); paired gain {_mean_std(v.gain_mean, v.gain_std, signed=True)} "
+        f"over {len(v.gain_seeds)} seeds."
+    )
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+
+def _num(x: float | None, signed: bool = False) -> str:
+    if x is None or not math.isfinite(x):
+        return NA
+    return f"{x:+.{DIGITS}f}" if signed else f"{x:.{DIGITS}f}"
+
+
+def _mean_std(mean: float, std: float, signed: bool = False) -> str:
+    if not math.isfinite(mean):
+        return NA
+    return f"{_num(mean, signed)} ± {_num(std)}"
+
+
+def _label(variant: str) -> str:
+    return VARIANT_LABELS.get(variant, variant)
+
+
+@dataclass
+class _Table:
+    """A rendered-agnostic table: title, explanatory lines, header and rows of plain (unicode) strings."""
+
+    title: str
+    notes: list[str]
+    header: list[str]
+    rows: list[list[str]]
+    #: LaTeX column alignment, one letter per column
+    align: str = ""
+    #: row indices before which a rule separates groups (ours / paper)
+    rules: list[int] = field(default_factory=list)
+
+
+def _md_cell(text: str) -> str:
+    # '|' splits cells and '*' may start emphasis; escape both
+    return text.replace("|", "\\|").replace("*", "\\*")
+
+
+def _markdown(tables: Sequence[_Table], heading: str, intro: Sequence[str]) -> str:
+    lines = [f"# {heading}", ""]
+    lines += [*(f"- {line}" for line in intro), ""] if intro else []
+    for t in tables:
+        lines += [f"## {t.title}", ""] if t.title else []
+        lines += [*(f"- {n}" for n in t.notes), ""] if t.notes else []
+        lines.append("| " + " | ".join(_md_cell(h) for h in t.header) + " |")
+        lines.append("|" + "|".join("---" if a == "l" else "---:" for a in t.align) + "|")
+        lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in t.rows]
+        lines.append("")
+    return "\n".join(lines)
+
+
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "±": r"$\pm$",
+    "→": r"$\rightarrow$",
+    "–": "--",
+    "Δ": r"$\Delta$",
+    "á": r"\'{a}",
+}
+
+
+def latex_escape(text: str) -> str:
+    """Escape LaTeX's special characters and spell the few unicode symbols the tables use as LaTeX."""
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
+
+
+def _latex(tables: Sequence[_Table], caption: str, label: str) -> str:
+    lines = [
+        "% Generated by plca.report.tables; needs \\usepackage{booktabs}.",
+        "\\begin{table}[t]",
+        "\\centering",
+        "\\scriptsize",
+        f"\\caption{{{latex_escape(caption)}}}",
+        f"\\label{{{label}}}",
+    ]
+    for k, t in enumerate(tables):
+        if k:
+            lines.append("\\medskip")
+        if t.title:
+            lines.append(f"\\par\\textbf{{{latex_escape(t.title)}}}\\par\\smallskip")
+        lines += [f"\\begin{{tabular}}{{{t.align}}}", "\\toprule"]
+        lines.append(" & ".join(latex_escape(h) for h in t.header) + " \\\\")
+        lines.append("\\midrule")
+        for i, row in enumerate(t.rows):
+            if i in t.rules:
+                lines.append("\\midrule")
+            lines.append(" & ".join(latex_escape(c) for c in row) + " \\\\")
+        lines += ["\\bottomrule", "\\end{tabular}"]
+        lines += [f"\\par\\smallskip {latex_escape(n)}" for n in t.notes]
+    lines.append("\\end{table}")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- Table 1
+
+
+def _table1(results: pd.DataFrame, dataset_label: str, baseline: str) -> tuple[_Table, list[str]]:
+    summary = summarize(results, baseline)
+    with_source_val = any(math.isfinite(s.source_val_mean) for s in summary.values())
+    header = ["variant", "paper column", "n seeds", "ours: mIoU", "ours: per seed", f"ours: Δ vs {_label(baseline)}"]
+    header += ["ours: source val mIoU"] if with_source_val else []
+    header += [f"paper {b} ({TABLE1_PROTOCOL[b]} classes)" for b in (GTAV, SYNTHIA)]
+    rows = []
+    for v, s in summary.items():
+        row = [
+            _label(v),
+            TABLE1_LABELS.get(v, NA),
+            str(len(s.seeds)),
+            _mean_std(s.mean, s.std),
+            " / ".join(_num(m) for m in s.miou),
+            "reference" if v == baseline else _mean_std(s.gain_mean, s.gain_std, signed=True),
+        ]
+        row += [_mean_std(s.source_val_mean, s.source_val_std)] if with_source_val else []
+        row += [_num(TABLE1[b].get(v)) for b in (GTAV, SYNTHIA)]
+        rows.append(row)
+    seeds = sorted({seed for s in summary.values() for seed in s.seeds})
+    intro = [
+        f"Our numbers: **{dataset_label}**, target val set, the `miou` column of results.csv (19-class protocol), "
+        f"mean ± std over seeds {', '.join(map(str, seeds))} (std with ddof=1; per-seed values listed).",
+        f"Δ: gain over {_label(baseline)} paired by seed (each seed against the baseline run of the same seed): "
+        "mean ± std of the per-seed differences.",
+        "Columns `paper ...`: single runs published in Kang et al., NeurIPS 2020 (Table 1; DeepLab-v2 ResNet-101 "
+        "on the real benchmarks), for reference only: they are not our numbers. The oracle (trained on target "
+        "labels) has no paper figure.",
+    ]
+    align = "lllrlr" + ("r" if with_source_val else "") + "rr"
+    return _Table("", [], header, rows, align), intro
+
+
+def table1_markdown(results: pd.DataFrame, *, dataset_label: str, baseline: str = BASELINE) -> str:
+    """Table 1 (ablation) as markdown: one row per variant, ours (mean ± std, n, paired gain) and the paper's."""
+    table, intro = _table1(results, dataset_label, baseline)
+    return _markdown([table], "Table 1: ablation, mIoU (%)", intro)
+
+
+def table1_latex(results: pd.DataFrame, *, dataset_label: str, baseline: str = BASELINE) -> str:
+    """Table 1 as a LaTeX (booktabs) table; the caption names the domain pair of our numbers."""
+    table, _ = _table1(results, dataset_label, baseline)
+    caption = (
+        f"Ablation, mIoU (%). Ours: {dataset_label}, mean ± std over seeds (ddof=1), Δ paired by seed against "
+        f"{_label(baseline)}. Paper columns: published single runs (Kang et al., NeurIPS 2020), not our numbers."
+    )
+    return _latex([table], caption, "tab:ablation")
+
+
+def write_table1(
+    results: pd.DataFrame, md_path: Path | str, tex_path: Path | str, *, dataset_label: str, baseline: str = BASELINE
+) -> tuple[Path, Path]:
+    """Write table1.md and table1.tex atomically."""
+    md = table1_markdown(results, dataset_label=dataset_label, baseline=baseline)
+    tex = table1_latex(results, dataset_label=dataset_label, baseline=baseline)
+    return atomic_write_text(md_path, md), atomic_write_text(tex_path, tex)
+
+
+# ---------------------------------------------------------------------------------------------- Tables 2 / 3
+
+
+def _table2(results: pd.DataFrame, dataset_label: str, protocols: Sequence[int]) -> tuple[list[_Table], list[str]]:
+    unknown = [p for p in protocols if p not in PROTOCOLS]
+    if unknown:
+        raise ValueError(f"unknown protocols {unknown}; known: {sorted(PROTOCOLS)}")
+    summary = summarize(results)
+    tables = []
+
+    ids19 = PROTOCOLS[19]
+    header = ["method", *(CLASS_ABBREV[CLASS_NAMES[i]] for i in ids19), "mIoU"]
+    rows = []
+    if 19 in protocols:
+        for v, s in summary.items():
+            cells = [_num(s.per_class[CLASS_NAMES[i]]) for i in ids19]
+            rows.append([f"ours: {_label(v)} (n={len(s.seeds)})", *cells, _num(s.mean)])
+    first_paper = len(rows)
+    for paper in TABLE2.values():
+        cells = [_num(paper.iou.get(CLASS_NAMES[i])) for i in ids19]
+        rows.append([f"paper {paper.benchmark}: {paper.method}", *cells, _num(paper.miou)])
+    tables.append(
+        _Table(
+            "19 classes (layout of the paper's Table 2)",
+            [],
+            header,
+            rows,
+            "l" + "r" * (len(header) - 1),
+            [first_paper] if first_paper else [],
+        )
+    )
+
+    ids16 = PROTOCOLS[16]
+    starred = set(ids16) - set(PROTOCOLS[13])
+    header = ["method"]
+    header += [CLASS_ABBREV[CLASS_NAMES[i]] + ("*" if i in starred else "") for i in ids16]
+    header += ["mIoU (16)", "mIoU* (13)"]
+    rows = []
+    if 16 in protocols or 13 in protocols:
+        for v, s in summary.items():
+            cells = [_num(s.per_class[CLASS_NAMES[i]]) if 16 in protocols or i not in starred else NA for i in ids16]
+            miou16 = _num(s.miou16) if 16 in protocols else NA
+            miou13 = _num(s.miou13) if 13 in protocols else NA
+            rows.append([f"ours: {_label(v)} (n={len(s.seeds)})", *cells, miou16, miou13])
+    first_paper = len(rows)
+    for paper in TABLE3.values():
+        cells = [_num(paper.iou.get(CLASS_NAMES[i])) for i in ids16]
+        rows.append([f"paper {paper.benchmark}: {paper.method}", *cells, _num(paper.miou), _num(paper.miou13)])
+    notes = ["Classes marked * are not in the 13-class protocol; mIoU* (13) averages the other 13."]
+    if 16 in protocols or 13 in protocols:
+        notes.append(
+            "Our 16/13-class figures are our 19-class model's IoUs averaged over those classes, not a model "
+            "trained in the SYNTHIA 16-class protocol."
+        )
+    tables.append(
+        _Table(
+            "16 and 13 classes (layout of the paper's Table 3)",
+            notes,
+            header,
+            rows,
+            "l" + "r" * (len(header) - 1),
+            [first_paper] if first_paper else [],
+        )
+    )
+    intro = [
+        f"Rows `ours: ...`: **{dataset_label}**, target val set, IoU (%) per class, mean over seeds (n given); "
+        f"{NA} marks a class absent from the evaluation set. The mIoU column is the mean of the runs' recorded "
+        "`miou`.",
+        "Rows `paper ...`: published in Kang et al., NeurIPS 2020 (Tables 2 and 3, single runs on the real "
+        "benchmarks), for reference only: they are not our numbers. Source Only there is CE + Lovász.",
+    ]
+    return tables, intro
+
+
+def table2_markdown(results: pd.DataFrame, *, dataset_label: str, protocols: Sequence[int] = (19, 16, 13)) -> str:
+    """Per-class IoU in the layout of the paper's Tables 2 and 3, our variants plus the paper's reference rows.
+
+    protocols: which class protocols apply to our runs; our rows appear only in the blocks listed.
+    """
+    tables, intro = _table2(results, dataset_label, protocols)
+    return _markdown(tables, "Table 2: per-class IoU (%)", intro)
+
+
+def table2_latex(results: pd.DataFrame, *, dataset_label: str, protocols: Sequence[int] = (19, 16, 13)) -> str:
+    """Tables 2/3 layout as LaTeX (booktabs), both blocks in one table."""
+    tables, _ = _table2(results, dataset_label, protocols)
+    caption = (
+        f"Per-class IoU (%). Ours: {dataset_label}, mean over seeds. Paper rows: published single runs "
+        "(Kang et al., NeurIPS 2020), not our numbers."
+    )
+    return _latex(tables, caption, "tab:per-class")
+
+
+def write_table2(
+    results: pd.DataFrame,
+    md_path: Path | str,
+    tex_path: Path | str,
+    *,
+    dataset_label: str,
+    protocols: Sequence[int] = (19, 16, 13),
+) -> tuple[Path, Path]:
+    """Write table2.md and table2.tex atomically."""
+    md = table2_markdown(results, dataset_label=dataset_label, protocols=protocols)
+    tex = table2_latex(results, dataset_label=dataset_label, protocols=protocols)
+    return atomic_write_text(md_path, md), atomic_write_text(tex_path, tex)
