@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from plca.data.labels import CLASS_NAMES, IGNORE_INDEX, PROTOCOLS
-from plca.evaluation.metrics import ConfusionMatrix, iou, miou, summarize
+from plca.evaluation.metrics import ConfusionMatrix, _bincount_numpy, _bincount_torch, iou, miou, summarize
 
 ROAD, SIDEWALK, WALL, TERRAIN = 0, 1, 3, 9
 OTHER = 255  # a prediction with no train id
@@ -56,6 +56,27 @@ def test_torch_and_numpy_agree_and_accumulate():
     b.update(torch.from_numpy(pred[:1]), gt[:1])  # mixed inputs work too
     np.testing.assert_array_equal(a.counts, b.counts)
     assert a.pixels == 3 * 6 * 16
+
+
+def test_device_path_matches_numpy_path():
+    # the torch path serves tensors on an accelerator; here it runs on CPU tensors to check it counts the same
+    rng = np.random.default_rng(2)
+    gt = rng.integers(0, 19, size=(4, 8, 16))
+    gt[:, :3] = IGNORE_INDEX
+    pred = rng.integers(-2, 30, size=(4, 8, 16))
+    expected = _bincount_numpy(pred, gt, 19)
+    np.testing.assert_array_equal(_bincount_torch(torch.from_numpy(pred), torch.from_numpy(gt), 19), expected)
+    assert expected[:, 19].sum() == np.sum(((pred < 0) | (pred >= 19)) & (gt != IGNORE_INDEX))
+    with pytest.raises(ValueError, match="outside 0..18"):
+        _bincount_torch(torch.tensor([0, 1]), torch.tensor([0, 19]), 19)
+
+
+def test_update_leaves_inputs_untouched():
+    gt = np.array([0, 255, 3, 1], dtype=np.int64)
+    pred = np.array([-1, 300, 3, 1], dtype=np.int64)
+    ConfusionMatrix().update(pred, gt)
+    np.testing.assert_array_equal(gt, [0, 255, 3, 1])
+    np.testing.assert_array_equal(pred, [-1, 300, 3, 1])
 
 
 @pytest.mark.parametrize(

@@ -67,10 +67,11 @@ class ConfusionMatrix:
         if tuple(pred.shape) != tuple(gt.shape):
             raise ValueError(f"prediction shape {tuple(pred.shape)} differs from ground truth {tuple(gt.shape)}")
         c = self.num_classes
-        if isinstance(pred, torch.Tensor) or isinstance(gt, torch.Tensor):
+        on_device = any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in (pred, gt))
+        if on_device:
             self.counts += _bincount_torch(torch.as_tensor(pred), torch.as_tensor(gt), c)
-        else:
-            self.counts += _bincount_numpy(np.asarray(pred), np.asarray(gt), c)
+        else:  # numpy's bincount is several times faster than torch's on CPU
+            self.counts += _bincount_numpy(_to_numpy(pred), _to_numpy(gt), c)
 
     def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
         """A new matrix holding the counts of both (e.g. from two data-loader workers or processes)."""
@@ -133,40 +134,46 @@ class ConfusionMatrix:
             raise ValueError(f"{path}: {exc}") from exc
 
 
-def _check_gt(bad: bool, num_classes: int) -> None:
-    if bad:
-        raise ValueError(
-            f"ground truth holds values outside 0..{num_classes - 1} and {IGNORE_INDEX} (ignore): "
-            "map label ids to train ids first"
-        )
+def _to_numpy(a: ArrayLike) -> np.ndarray:
+    return a.detach().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
 
 
+def _bad_gt(num_classes: int) -> ValueError:
+    return ValueError(
+        f"ground truth holds values outside 0..{num_classes - 1} and {IGNORE_INDEX} (ignore): "
+        "map label ids to train ids first"
+    )
+
+
+# Both versions avoid boolean masking (slow at 1024x2048): ignored gt goes to an extra row C that is dropped.
 def _bincount_numpy(pred: np.ndarray, gt: np.ndarray, c: int) -> np.ndarray:
     for name, a in (("prediction", pred), ("ground truth", gt)):
         if not np.issubdtype(a.dtype, np.integer):
             raise TypeError(f"{name} must hold integer ids, got dtype {a.dtype}")
-    gt = gt.reshape(-1).astype(np.int64)
-    pred = pred.reshape(-1).astype(np.int64)
-    keep = gt != IGNORE_INDEX
-    gt, pred = gt[keep], pred[keep]
-    _check_gt(bool(gt.size) and bool((gt < 0).any() or (gt >= c).any()), c)
-    pred = np.where((pred >= 0) & (pred < c), pred, c)
-    flat = np.bincount(gt * (c + 1) + pred, minlength=c * (c + 1))
-    return flat.reshape(c, c + 1)
+    g = gt.reshape(-1).astype(np.int64)  # astype copies: the caller's arrays are not touched
+    p = pred.reshape(-1).astype(np.int64)
+    # seen as unsigned, negatives are huge, so one minimum sends every value outside 0..C-1 to C
+    np.minimum(g.view(np.uint64), c, out=g.view(np.uint64))
+    np.minimum(p.view(np.uint64), c, out=p.view(np.uint64))
+    flat = np.bincount(g * (c + 1) + p, minlength=(c + 1) * (c + 1))
+    if flat[c * (c + 1) :].sum() != np.count_nonzero(gt == IGNORE_INDEX):
+        raise _bad_gt(c)
+    return flat[: c * (c + 1)].reshape(c, c + 1)
 
 
 def _bincount_torch(pred: torch.Tensor, gt: torch.Tensor, c: int) -> np.ndarray:
     for name, t in (("prediction", pred), ("ground truth", gt)):
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise TypeError(f"{name} must hold integer ids, got dtype {t.dtype}")
-    gt = gt.reshape(-1).long()
-    pred = pred.reshape(-1).long().to(gt.device)
-    keep = gt != IGNORE_INDEX
-    gt, pred = gt[keep], pred[keep]
-    _check_gt(bool(((gt < 0) | (gt >= c)).any()), c)
-    pred = torch.where((pred >= 0) & (pred < c), pred, torch.full_like(pred, c))
-    flat = torch.bincount(gt * (c + 1) + pred, minlength=c * (c + 1))
-    return flat.reshape(c, c + 1).cpu().numpy().astype(np.int64)
+    g = gt.reshape(-1).long()
+    p = pred.reshape(-1).long().to(g.device)
+    ignored = g == IGNORE_INDEX
+    if (((g < 0) | (g >= c)) & ~ignored).any():
+        raise _bad_gt(c)
+    g = torch.where(ignored, c, g)
+    p = torch.where((p < 0) | (p >= c), c, p)
+    flat = torch.bincount(g * (c + 1) + p, minlength=(c + 1) * (c + 1))
+    return flat[: c * (c + 1)].reshape(c, c + 1).cpu().numpy().astype(np.int64)
 
 
 def _counts(matrix: ConfusionMatrix | np.ndarray) -> np.ndarray:
