@@ -77,6 +77,24 @@ def test_results_csv_columns_order_and_round_trip(tmp_path):
     assert not list(path.parent.glob(".*.tmp"))
 
 
+def test_record_from_evaluation_summary(tmp_path):
+    from plca.evaluation.metrics import ConfusionMatrix, summarize
+
+    gt = np.array([[0, 0, 13, 13], [0, 0, 13, 255]])
+    pred = np.array([[0, 1, 13, 13], [0, 0, 0, 13]])
+    matrix = ConfusionMatrix()
+    matrix.update(pred, gt)
+    frame = T.results_frame([T.record_from_summary("plca", 3, summarize(matrix), source_val_miou=70.0)])
+    # road: tp 3, fn 1 (-> sidewalk), fp 1 (car -> road): 3/5; car: tp 2, fn 1: 2/3; sidewalk: fp only: 0
+    assert frame.loc[0, "road"] == pytest.approx(60.0) and frame.loc[0, "car"] == pytest.approx(200 / 3)
+    assert frame.loc[0, "miou"] == pytest.approx((60 + 200 / 3 + 0) / 3)
+    assert math.isnan(frame.loc[0, "wall"]) and frame.loc[0, T.SOURCE_VAL] == 70.0
+    path = T.write_results_csv(frame, tmp_path / "results.csv")  # the source-val column stays out of the CSV
+    assert path.read_text().splitlines()[0] == ",".join(["variant", "seed", "miou", *CLASS_NAMES])
+    with pytest.raises(T.ResultsError, match="plca seed 3: summary lacks"):
+        T.record_from_summary("plca", 3, {"mIoU": {"16": 1.0}})
+
+
 def test_results_reject_bad_records(tmp_path):
     good = _records()[0]
     bad_iou = {**good, "iou": {k: v for k, v in good["iou"].items() if k != "road"}}

@@ -133,6 +133,19 @@ def results_frame(records: Iterable[Mapping[str, Any]], where: str = "results") 
     return _sorted(frame)
 
 
+def record_from_summary(
+    variant: str, seed: int, summary: Mapping[str, Any], source_val_miou: float | None = None
+) -> dict[str, Any]:
+    """A results record from `plca.evaluation.metrics.summarize` output (its 19-class mIoU and per-class IoU)."""
+    try:
+        record = {"variant": variant, "seed": seed, "miou": summary["mIoU"]["19"], "iou": summary["IoU"]["19"]}
+    except (KeyError, TypeError) as exc:
+        raise ResultsError(f"run {variant} seed {seed}: summary lacks 19-class mIoU / IoU ({exc!r})") from exc
+    if source_val_miou is not None:
+        record[SOURCE_VAL] = source_val_miou
+    return record
+
+
 def check_results(frame: pd.DataFrame, where: str = "results") -> pd.DataFrame:
     """Validate a results DataFrame (columns, types, ranges, unique runs); returns it ordered by variant, seed."""
     missing = [c for c in RESULT_COLUMNS if c not in frame.columns]
@@ -482,8 +495,9 @@ def _table2(results: pd.DataFrame, dataset_label: str, protocols: Sequence[int])
     notes = ["Classes marked * are not in the 13-class protocol; mIoU* (13) averages the other 13."]
     if 16 in protocols or 13 in protocols:
         notes.append(
-            "Our 16/13-class figures are our 19-class model's IoUs averaged over those classes, not a model "
-            "trained in the SYNTHIA 16-class protocol."
+            "Our 16/13-class figures average the per-class IoUs of the 19-class evaluation (results.csv) over "
+            "those classes; the SYNTHIA protocol would also train a 16-class model and ignore terrain, truck "
+            "and train ground truth."
         )
     tables.append(
         _Table(
