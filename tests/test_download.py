@@ -385,6 +385,18 @@ def test_wrong_cityscapes_password_is_a_clear_error_without_secrets(tmp_path: Pa
         assert secret not in str(err.value) and secret not in caplog.text
 
 
+def test_cityscapes_offline_login_names_the_url_and_the_manual_folder(tmp_path: Path,
+                                                                      cs_zips: dict[str, bytes]) -> None:
+    with LoopbackServer(cs_behaviour(cs_zips)) as srv:
+        spec = cs_spec(srv, cs_zips)
+    spec["auth"]["login_url"] = closed_port_url("/login")
+    with pytest.raises(OfflineError) as err:
+        fetch_archives(from_dict_source(spec), fetch_cfg(tmp_path, retries=0), Credentials(USER, PASSWORD))
+    msg = str(err.value)
+    assert spec["auth"]["login_url"] in msg and str(tmp_path / "manual") in msg
+    assert "gtFine_trainvaltest.zip, leftImg8bit_trainvaltest.zip" in msg and USER not in msg
+
+
 def test_cityscapes_archives_in_the_manual_folder_need_no_account(tmp_path: Path, cs_zips: dict[str, bytes]) -> None:
     with LoopbackServer(cs_behaviour(cs_zips)) as srv:
         spec = cs_spec(srv, cs_zips)

@@ -20,6 +20,7 @@ import logging
 import netrc
 import os
 import re
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -220,6 +221,8 @@ def _classify(exc: BaseException, url: str) -> BaseException:
             return _Transient(f"HTTP {exc.code} {exc.reason} from {url}")
         return DownloadError(f"{url}: HTTP {exc.code} {exc.reason}")
     if isinstance(exc, urllib.error.URLError):
+        if isinstance(exc.reason, ssl.SSLError):  # a certificate problem does not go away by retrying
+            return DownloadError(f"{url}: TLS failed: {exc.reason}")
         return _Transient(f"cannot reach {url}: {exc.reason}", offline=True)
     if isinstance(exc, TimeoutError):
         return _Transient(f"timed out reading {url}")

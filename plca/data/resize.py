@@ -108,6 +108,11 @@ def _write_label(path: Path, data: np.ndarray, palette: list[int] | None, compre
         raise ResizeError(f"{path}: cannot write")
 
 
+
+def _one_thread() -> None:
+    """Worker start: one OpenCV thread per process, as the processes already use every core."""
+    cv2.setNumThreads(1)
+
 def _resize_pair(job: tuple[Pair, Path, Path, str, ResizeConfig]) -> tuple[str, bool]:
     """Resize one pair into the output tree (runs in a worker); returns (name, label size was fixed)."""
     pair, src_root, dst_root, layout, cfg = job
@@ -165,7 +170,7 @@ def resize_dataset(
         if workers == 1:
             results = [_resize_pair(j) for j in tqdm(jobs, **bar)]
         else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            with ProcessPoolExecutor(max_workers=workers, initializer=_one_thread) as pool:
                 results = list(tqdm(pool.map(_resize_pair, jobs, chunksize=_CHUNKSIZE), **bar))
         report.pairs = len(results)
         report.label_size_fixed = sorted(name for name, fixed in results if fixed)

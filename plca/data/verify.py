@@ -261,13 +261,18 @@ def _check_pair(job: tuple[Pair, str, bool]) -> _PairResult:
     return result
 
 
+
+def _one_thread() -> None:
+    """Worker start: one OpenCV thread per process, as the processes already use every core."""
+    cv2.setNumThreads(1)
+
 def _run_checks(pairs: list[Pair], layout: str, cfg: VerifyConfig) -> list[_PairResult]:
     jobs = [(p, layout, cfg.check_pixels) for p in pairs]
     workers = cfg.workers or os.cpu_count() or 1
     bar = dict(total=len(jobs), desc=f"verify {layout}", unit="pair", disable=not cfg.progress)
     if workers == 1 or len(jobs) < 2:
         return [_check_pair(j) for j in tqdm(jobs, **bar)]
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), initializer=_one_thread) as pool:
         return list(tqdm(pool.map(_check_pair, jobs, chunksize=_CHUNKSIZE), **bar))
 
 
