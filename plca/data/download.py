@@ -280,11 +280,13 @@ def _download_once(opener: urllib.request.OpenerDirector, archive: ArchiveSource
         raise
     with resp:
         mode = "wb"
-        if start and resp.status == 206:
+        if resp.status == 206:
             match = _CONTENT_RANGE.match(resp.headers.get("Content-Range", "") or "")
-            if match and int(match.group(1)) == start:
-                mode = "ab"
-        if mode == "wb" and start:
+            if not (start and match and int(match.group(1)) == start):
+                part.unlink(missing_ok=True)
+                raise _Transient(f"{archive.url} answered another range than asked for; starting over")
+            mode = "ab"
+        elif start:
             log.info("%s: the server sent the whole file; restarting %s", archive.url, part.name)
             start = 0
         length = resp.headers.get("Content-Length")
