@@ -1,0 +1,1 @@
+"""The one training engine every method plugs into: loop, schedule, checkpoints, tracking."""

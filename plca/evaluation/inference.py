@@ -1,0 +1,93 @@
+"""Prediction, optionally with PLCA's test-time aggregation (Sec. 3.5), and evaluation over a reader."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from plca.data.transforms import TransformConfig, eval_transform
+from plca.evaluation.metrics import ConfusionMatrix
+from plca.losses import spatial_aggregate
+
+
+@dataclass
+class InferenceConfig:
+    #: Aggregate features (cosine, CN-softmax) before the classifier and probabilities (KL weights) after it.
+    test_time_aggregation: bool = False
+    alpha: float = 0.5
+    #: Network input size (w, h) the image is resized to; None = as stored. Predictions go back to label size.
+    input_size: tuple[int, int] | None = None
+    batch_size: int = 8
+
+
+@torch.no_grad()
+def predict_probs(model: Any, images: torch.Tensor, out_size: tuple[int, int], cfg: InferenceConfig) -> torch.Tensor:
+    """[N, 3, h, w] normalised images -> [N, C, H, W] class probabilities at `out_size` (bilinear)."""
+    features, logits = model(images)
+    if cfg.test_time_aggregation:
+        features = spatial_aggregate(features.float(), similarity="cosine", alpha=cfg.alpha)
+        probs = model.classify(features).float().softmax(1)
+        probs = spatial_aggregate(probs, similarity="kl", alpha=cfg.alpha)
+    else:
+        probs = logits.float().softmax(1)
+    return F.interpolate(probs, size=out_size, mode="bilinear", align_corners=False)
+
+
+@dataclass
+class EvalResult:
+    matrix: ConfusionMatrix
+    #: index -> (name, [H, W] uint8 train-id prediction) for the indices asked to keep.
+    kept: dict[int, tuple[str, np.ndarray]] = field(default_factory=dict)
+
+
+def _batches(reader: Any, tcfg: TransformConfig, cfg: InferenceConfig) -> Iterator[list[tuple[int, Any, Any, str]]]:
+    """Consecutive samples whose network input and label shapes agree, up to batch_size at a time."""
+    batch: list[tuple[int, Any, Any, str]] = []
+    for i in range(len(reader)):
+        sample = reader.read(i)
+        if sample.label is None:
+            raise ValueError(f"{reader.root}: evaluation needs labels, but item {sample.name} has none")
+        image, label = eval_transform(sample, tcfg, cfg.input_size)
+        if batch and (image.shape != batch[0][1].shape or label.shape != batch[0][2].shape
+                      or len(batch) == cfg.batch_size):
+            yield batch
+            batch = []
+        batch.append((i, image, label, sample.name))
+    if batch:
+        yield batch
+
+
+def evaluate(
+    model: torch.nn.Module,
+    reader: Any,
+    tcfg: TransformConfig,
+    cfg: InferenceConfig,
+    device: torch.device,
+    keep: tuple[int, ...] = (),
+    progress: bool = True,
+    desc: str = "evaluate",
+    on_batch: Callable[[int], None] | None = None,
+) -> EvalResult:
+    """Confusion matrix of `model` over every labelled item of `reader`; keeps the predictions of `keep`."""
+    model.eval()
+    matrix = ConfusionMatrix()
+    result = EvalResult(matrix)
+    with tqdm(total=len(reader), desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+        for batch in _batches(reader, tcfg, cfg):
+            images = torch.from_numpy(np.stack([b[1] for b in batch])).to(device)
+            labels = torch.from_numpy(np.stack([b[2] for b in batch])).to(device)
+            pred = predict_probs(model, images, tuple(labels.shape[-2:]), cfg).argmax(1)
+            matrix.update(pred, labels)
+            for (i, _, _, name), p in zip(batch, pred, strict=True):
+                if i in keep:
+                    result.kept[i] = (name, p.to(torch.uint8).cpu().numpy())
+            bar.update(len(batch))
+            if on_batch is not None:
+                on_batch(len(batch))
+    return result

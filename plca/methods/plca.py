@@ -1,0 +1,84 @@
+"""PLCA (Kang et al., NeurIPS 2020): source supervision + pixel-level cycle association on features and
+predictions + adaptive label smoothing, the full objective of Eq. 14. Each term has a switch for the ablations
+of Table 1 (see params.yaml `variants`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from plca.losses import adaptive_lsr, associate, cross_entropy, lovasz_softmax
+from plca.methods.base import Method, StepOutput, downsample_labels, upsample
+
+
+@dataclass
+class PLCAConfig:
+    #: Eq. 14 weights; the paper: 0.75, 0.1, 0.01.
+    w_lov: float = 0.75
+    w_ass: float = 0.1
+    w_lsr: float = 0.01
+    #: Spatial aggregation weight on the target (Eq. 7-8).
+    alpha: float = 0.5
+    #: Adaptive label smoothing threshold (Eq. 13).
+    tau: float = 10.0
+    lovasz: bool = True
+    #: Feature-level association L_fass (Eq. 4).
+    fass: bool = True
+    #: Prediction-level association L_cass (Eq. 10).
+    cass: bool = True
+    #: Adaptive label smoothing on both domains (Eq. 13).
+    lsr: bool = True
+    #: Aggregate target features/predictions before associating ("SAGG"; off = "PLCA w/o SAGG").
+    aggregate_target: bool = True
+    #: Contrastive association (PLCA); off = Sim-PLCA, which raises raw similarities of associated pairs.
+    contrastive: bool = True
+    ignore_index: int = 255
+
+
+class PLCA(Method):
+    name: ClassVar[str] = "plca"
+    streams: ClassVar[tuple[str, ...]] = ("source", "target")
+
+    def __init__(self, model: nn.Module, cfg: PLCAConfig) -> None:
+        super().__init__(model)
+        self.cfg = cfg
+
+    def training_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
+        cfg = self.cfg
+        xs, ys, xt = batch["source_image"], batch["source_label"], batch["target_image"]
+        # Source and target pass through the network separately, as in the released code.
+        fs, ls = self.model(xs)
+        ft, lt = self.model(xt)
+
+        up = upsample(ls, tuple(ys.shape[-2:]))
+        ce = cross_entropy(up, ys, ignore_index=cfg.ignore_index)
+        loss, terms = ce, {"ce": float(ce.detach())}
+        if cfg.lovasz:
+            lov = lovasz_softmax(up.float().softmax(1), ys, ignore_index=cfg.ignore_index)
+            loss = loss + cfg.w_lov * lov
+            terms["lovasz"] = float(lov.detach())
+
+        ys_grid = downsample_labels(ys, tuple(fs.shape[-2:]))
+        common = dict(aggregate_target=cfg.aggregate_target, alpha=cfg.alpha, ignore_index=cfg.ignore_index,
+                      contrastive=cfg.contrastive)
+        for on, key, src, tgt, sim in (
+            (cfg.fass, "fass", fs, ft, "cosine"),
+            (cfg.cass, "cass", ls, lt, "kl"),
+        ):
+            if not on:
+                continue
+            if sim == "kl":
+                src, tgt = src.float().softmax(1), tgt.float().softmax(1)
+            res = associate(src.float(), tgt.float(), ys_grid, similarity=sim, **common)
+            loss = loss + cfg.w_ass * res.loss
+            terms[key] = float(res.loss.detach())
+            # Share of labelled source pixels whose cycle returns to their own class: is association doing anything?
+            terms[f"{key}_pos_rate"] = res.num_positive / max(res.num_valid_source, 1)
+        if cfg.lsr:
+            lsr_s, lsr_t = adaptive_lsr(ls.float(), tau=cfg.tau), adaptive_lsr(lt.float(), tau=cfg.tau)
+            loss = loss + cfg.w_lsr * (lsr_s + lsr_t)
+            terms["lsr_s"], terms["lsr_t"] = float(lsr_s.detach()), float(lsr_t.detach())
+        return StepOutput(loss=loss, terms=terms)

@@ -1,0 +1,181 @@
+"""The typed form of params.yaml: one dataclass per section, validated at stage start.
+
+An unknown key, a missing key or a wrong type stops the stage with an error that names the key
+(see `plca.config.from_dict`). Cross-section checks (every Table 1 variant defined, methods known) live here too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from plca.config import ConfigError, from_dict, load_yaml
+from plca.data.embedded import EmbeddedConfig
+from plca.data.transforms import TransformConfig
+from plca.engine.optim import OptimConfig
+from plca.engine.tracking import TrackingConfig
+from plca.models.deeplabv2 import DeepLabV2Config
+
+
+@dataclass
+class DomainConfig:
+    """Where one domain's images live and in which on-disk format."""
+
+    format: Literal["gta5", "cityscapes", "synthia"]
+    root: Path
+    #: gta5/synthia: list files (one id per line, relative to root) choosing the train and val items;
+    #: cityscapes: the split folder names.
+    train: str = "train"
+    val: str | None = "val"
+
+
+@dataclass
+class DataConfig:
+    #: Names the domain pair in every report, so toy numbers are never read as paper numbers.
+    label: str
+    #: The prepared data folder (the prepare stage's output; every training stage depends on it).
+    root: Path
+    source: DomainConfig
+    target: DomainConfig
+    #: Training augmentation; its normalisation also applies at evaluation.
+    train_transform: TransformConfig
+    #: Evaluation input size (w, h) the image is resized to (paper: 1460 x 730); None = as stored.
+    eval_size: tuple[int, int] | None = None
+    #: Classes in the evaluation protocol: 19 (GTA5 -> Cityscapes) or 16 (SYNTHIA -> Cityscapes; 13 also reported).
+    protocol: Literal[19, 16] = 19
+    #: Generator settings of the embedded pair; None for real datasets.
+    embedded: EmbeddedConfig | None = None
+
+
+@dataclass
+class EngineConfig:
+    """Engine settings shared by every training stage."""
+
+    batch_size: int = 8
+    grad_accum: int = 1
+    device: str = "auto"
+    amp: bool = False
+    num_workers: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    #: Torch intra-op threads on CPU (0 = torch's default).
+    threads: int = 0
+
+
+@dataclass
+class PhaseConfig:
+    """One training phase: how long and with which optimiser."""
+
+    steps: int
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class PretrainConfig(PhaseConfig):
+    """Source-only pretraining that every variant starts from (same seed): its method and options."""
+
+    method: str = "source_only"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class VariantConfig:
+    """One row of Table 1."""
+
+    method: str
+    #: Which labelled stream trains it: the source domain, or the target's own labels (the oracle).
+    labelled: Literal["source", "target"] = "source"
+    #: Start from the source-only pretrained model of the same seed, or from the model's initialisation.
+    init: Literal["pretrain", "scratch"] = "pretrain"
+    #: Test-time aggregation of features then probabilities (Sec. 3.5); on for PLCA models.
+    test_time_aggregation: bool = False
+    #: Method options; the method's shared section (e.g. `plca`) supplies the rest.
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Table1Config:
+    #: Every variant in report order (evaluated and reported); it must be exactly the three groups below.
+    variants: list[str]
+    #: Variants trained by the source-only stage, by the adaptation stage, and the oracle.
+    source_variants: list[str]
+    adapt_variants: list[str]
+    oracle_variant: str = "oracle"
+
+
+@dataclass
+class EvaluateConfig:
+    batch_size: int = 8
+    #: Target-val images shown in the qualitative figure, by position in the val list.
+    samples: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    #: Also score every model on source val (shows the domain gap).
+    source_val: bool = True
+
+
+@dataclass
+class Params:
+    data: DataConfig
+    model: DeepLabV2Config
+    engine: EngineConfig
+    pretrain: PretrainConfig
+    adapt: PhaseConfig
+    oracle: PhaseConfig
+    source_only: dict[str, Any]
+    plca: dict[str, Any]
+    variants: dict[str, VariantConfig]
+    table1: Table1Config
+    seeds: list[int]
+    evaluate: EvaluateConfig
+    tracking: TrackingConfig
+    #: Which setup this is: `embedded` (the default toy pair), `gta5` or `synthia` (the paper).
+    profile: str = "embedded"
+
+    def variant(self, name: str) -> VariantConfig:
+        if name not in self.variants:
+            raise ConfigError(f"params.variants: no variant '{name}'; defined: {sorted(self.variants)}")
+        return self.variants[name]
+
+    def method_options(self, name: str) -> dict[str, Any]:
+        """A variant's method options: the method's shared section, overridden by the variant's own options."""
+        v = self.variant(name)
+        shared = {"source_only": self.source_only, "plca": self.plca}.get(v.method, {})
+        return {**shared, **v.options}
+
+    @property
+    def all_variants(self) -> list[str]:
+        return list(self.table1.variants)
+
+
+def _check(p: Params) -> None:
+    from plca.methods import METHODS
+
+    t = p.table1
+    groups = [*t.source_variants, *t.adapt_variants, t.oracle_variant]
+    if sorted(groups) != sorted(t.variants) or len(set(t.variants)) != len(t.variants):
+        raise ConfigError(f"params.table1.variants {t.variants} must list each of source_variants, adapt_variants "
+                          f"and oracle_variant exactly once ({groups})")
+    for name in p.all_variants:
+        v = p.variant(name)
+        if v.method not in METHODS:
+            raise ConfigError(f"params.variants.{name}.method: unknown method '{v.method}'; known: {sorted(METHODS)}")
+    for name in p.table1.source_variants:
+        if p.variant(name).method != "source_only":
+            raise ConfigError(f"params.table1.source_variants: '{name}' is not a source_only variant")
+    if p.variant(p.table1.oracle_variant).labelled != "target":
+        raise ConfigError(f"params.variants.{p.table1.oracle_variant}.labelled must be 'target' for the oracle")
+    if len(set(p.seeds)) != len(p.seeds) or not p.seeds:
+        raise ConfigError(f"params.seeds: expected distinct seeds, got {p.seeds}")
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    """Read and validate params.yaml; errors name the file and the key."""
+    raw = load_yaml(path)
+    try:
+        params = from_dict(Params, raw, "params")
+        _check(params)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except (TypeError, ValueError) as exc:  # __post_init__ checks of a section's dataclass
+        raise ConfigError(f"{path}: {exc}") from None
+    return params

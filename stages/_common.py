@@ -1,0 +1,81 @@
+"""What every stage script shares: logging, params, the repository root and the run's tags.
+
+This is the one place that reads the environment (DVC's experiment variables, git); `plca/` never does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from plca.config import ConfigError
+from plca.engine.tracking import TrackingConfig
+from plca.params import Params, load_params
+
+# Queued `dvc exp run` stages run in a temporary copy below the repository: <root>/.dvc/tmp/exps/<tmp>/...
+_EXPS_DIR = (".dvc", "tmp", "exps")
+
+
+def repo_root(cwd: Path | None = None) -> Path:
+    """The user's repository, also from inside a queued experiment's temporary workspace."""
+    cwd = (cwd or Path.cwd()).resolve()
+    parts = cwd.parts
+    for i in range(len(parts) - len(_EXPS_DIR)):
+        if parts[i : i + len(_EXPS_DIR)] == _EXPS_DIR:
+            return Path(*parts[:i])
+    return cwd
+
+
+def setup(description: str) -> argparse.ArgumentParser:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def params_or_exit(path: str) -> Params:
+    try:
+        return load_params(path)
+    except ConfigError as exc:
+        sys.exit(f"error: {exc}")
+
+
+def tracking_config(params: Params) -> TrackingConfig:
+    """Tracking store and artefacts at the repository root, so queued experiments record there too."""
+    cfg = params.tracking
+    root = repo_root()
+    uri = cfg.uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        uri = prefix + str(root / uri[len(prefix):])
+    artifact_root = str(root / cfg.artifact_root) if not Path(cfg.artifact_root).is_absolute() else cfg.artifact_root
+    if "MLFLOW_TRACKING_URI" in os.environ:  # the user's own server wins
+        uri = os.environ["MLFLOW_TRACKING_URI"]
+    return replace(cfg, uri=uri, artifact_root=artifact_root)
+
+
+def git_rev() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def tags(params: Params, stage: str, variant: str, seed: int) -> dict[str, str]:
+    return {
+        "git_rev": git_rev(),
+        "dvc_exp": os.environ.get("DVC_EXP_NAME", "workspace"),
+        "dvc_baseline": os.environ.get("DVC_EXP_BASELINE_REV", ""),
+        "stage": stage,
+        "variant": variant,
+        "seed": str(seed),
+        "profile": params.profile,
+        "domain_pair": params.data.label,
+    }
