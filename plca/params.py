@@ -159,6 +159,10 @@ def _check(p: Params) -> None:
         v = p.variant(name)
         if v.method not in METHODS:
             raise ConfigError(f"params.variants.{name}.method: unknown method '{v.method}'; known: {sorted(METHODS)}")
+        # the method's options now, not at training time: a typo in `plca:` stops every stage at once
+        from_dict(METHODS[v.method][1], p.method_options(name), f"params.{v.method} + params.variants.{name}.options")
+    if p.pretrain.method not in METHODS:
+        raise ConfigError(f"params.pretrain.method: unknown method '{p.pretrain.method}'")
     for name in p.table1.source_variants:
         if p.variant(name).method != "source_only":
             raise ConfigError(f"params.table1.source_variants: '{name}' is not a source_only variant")

@@ -1,0 +1,132 @@
+"""End to end: `dvc repro` of the whole pipeline at tiny sizes in a temporary copy of the repository, then
+the caching a user relies on (one param changes, only what depends on it reruns) and an experiment."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from plca.data.labels import CLASS_NAMES
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def tiny_params(params: dict) -> dict:
+    p = params
+    p["data"]["embedded"].update(height=32, width=64, n_source_train=12, n_source_val=4, n_target_train=12,
+                                 n_target_val=4, n_cities=2, workers=1)
+    p["data"]["train_transform"].update(short_edge=[32, 36], crop=[32, 64])
+    p["model"].update(width=0.125, groups=4, aspp_rates=[1, 2])
+    p["engine"].update(batch_size=2, log_every=2, checkpoint_every=2)
+    for phase in ("pretrain", "adapt", "oracle"):
+        p[phase]["steps"] = 4
+    p["seeds"] = [0]
+    p["evaluate"]["samples"] = [0, 1]
+    return p
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+    return res.stdout + res.stderr
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    ws = tmp_path_factory.mktemp("repo")
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for rel in files:
+        src = REPO / rel
+        if src.is_file() and not rel.startswith(("reports/", "metrics/", "logs/")) and rel != "dvc.lock":
+            (ws / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, ws / rel)
+    params = tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()))
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # benchmarks.md is written by plca.bench, not by the pipeline; the reports index links it
+    (ws / "reports").mkdir(exist_ok=True)
+    (ws / "reports" / "benchmarks.md").write_text("# Benchmarks\n")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "GIT_AUTHOR_NAME": "t",
+           "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
+           "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    run(["git", "init", "-q"], ws, env)
+    run(["git", "add", "-A"], ws, env)
+    run(["git", "commit", "-qm", "tiny"], ws, env)
+    run([str(BIN / "dvc"), "repro"], ws, env)
+    return ws, env
+
+
+def test_repro_writes_every_report(workspace: tuple[Path, dict[str, str]]) -> None:
+    ws, _ = workspace
+    variants = yaml.safe_load((ws / "params.yaml").read_text())["table1"]["variants"]
+    results = pd.read_csv(ws / "reports" / "results.csv")
+    assert list(results.columns) == ["variant", "seed", "miou", *CLASS_NAMES]
+    assert list(results["variant"]) == variants
+    assert results["miou"].between(0, 100).all()
+    table1 = (ws / "reports" / "table1.md").read_text()
+    assert "NOT GTA5/SYNTHIA" in table1 and "paper" in table1.lower()
+    for f in ("table1.tex", "table2.md", "table2.tex", "README.md", "summary.json",
+              "figures/qualitative.png", "figures/training_curves.png", "figures/class_iou.png"):
+        assert (ws / "reports" / f).is_file(), f
+    summary = json.loads((ws / "reports" / "summary.json").read_text())
+    assert set(summary) == set(variants)
+    # every run kept its model, log and metrics; the source and target data are in the real formats
+    for v in variants:
+        assert (ws / "models" / v / "s0" / "model.pt").is_file()
+        assert (ws / "logs" / v / "s0.csv").is_file()
+        m = json.loads((ws / "metrics" / v / "s0.json").read_text())
+        assert m["variant"] == v and 0 <= m["miou"] <= 100
+    assert next((ws / "data/embedded/target/gtFine/val").rglob("*_gtFine_labelIds.png"))
+    assert next((ws / "data/embedded/source/labels").glob("*.png"))
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())
+    assert {"prepare", "pretrain@0", "adapt@plca-0", "evaluate@oracle-0", "report"} <= set(lock["stages"])
+
+
+def test_mlflow_recorded_training_and_evaluation_runs(workspace: tuple[Path, dict[str, str]]) -> None:
+    ws, _ = workspace
+    con = sqlite3.connect(ws / "mlruns.db")
+    runs = dict(con.execute("select name, status from runs").fetchall())
+    tags = con.execute("select key, value from tags where run_uuid in (select run_uuid from runs where name='plca-s0')")
+    tags = dict(tags.fetchall())
+    metrics = {k for (k,) in con.execute("select distinct key from metrics")}
+    con.close()
+    assert runs["pretrain-s0"] == "FINISHED" and runs["plca-s0"] == "FINISHED" and runs["eval-plca-s0"] == "FINISHED"
+    assert tags["stage"] == "adapt" and tags["variant"] == "plca" and tags["seed"] == "0"
+    assert tags["dvc_exp"] == "workspace" and len(tags["git_rev"]) == 40
+    assert {"train/loss", "train/fass", "train/lr", "target/mIoU19", "target/IoU/road"} <= metrics
+    assert any((ws / "mlruns").rglob("confusion.png"))
+
+
+def test_one_param_reruns_only_what_depends_on_it(workspace: tuple[Path, dict[str, str]]) -> None:
+    ws, env = workspace
+    assert "up to date" in run([str(BIN / "dvc"), "status"], ws, env).lower()
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["variants"]["fass"]["options"]["w_ass"] = 0.2
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run([str(BIN / "dvc"), "repro"], ws, env)
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    # the report reruns only if the new metrics differ, which four tiny steps need not produce
+    assert {"adapt@fass-0", "evaluate@fass-0"} <= ran <= {"adapt@fass-0", "evaluate@fass-0", "report"}
+
+
+def test_bad_param_stops_with_its_name(workspace: tuple[Path, dict[str, str]]) -> None:
+    ws, env = workspace
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["plca"]["alpah"] = 0.3
+    bad = ws / "bad.yaml"
+    bad.write_text(yaml.safe_dump(params))
+    res = subprocess.run([sys.executable, "stages/train.py", "--params", str(bad), "--run", "plca", "--seed", "0"],
+                         cwd=ws, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert "alpah" in res.stderr and "bad.yaml" in res.stderr
