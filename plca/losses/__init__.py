@@ -1,0 +1,23 @@
+"""PLCA's losses: association (Eq 1-10), adaptive label smoothing (Eq 13), Lovasz-softmax and cross-entropy."""
+
+from plca.losses.association import (
+    AssociationConfig,
+    AssociationResult,
+    associate,
+    association_loss,
+    spatial_aggregate,
+)
+from plca.losses.cross_entropy import cross_entropy
+from plca.losses.lovasz import lovasz_softmax
+from plca.losses.lsr import adaptive_lsr
+
+__all__ = [
+    "AssociationConfig",
+    "AssociationResult",
+    "adaptive_lsr",
+    "associate",
+    "association_loss",
+    "cross_entropy",
+    "lovasz_softmax",
+    "spatial_aggregate",
+]

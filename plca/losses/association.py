@@ -1,0 +1,267 @@
+"""Pixel-level cycle association (PLCA, Kang et al. NeurIPS 2020): spatial aggregation, the cycle and its loss.
+
+Equations as restored in /work/shared/spec/plca.md: contrast normalisation (Eq 5-6), spatial aggregation
+"SAGG" (Eq 7-8), similarities (Eq 1, 9), the cycle (Eq 2-3) and the association loss (Eq 4 features, Eq 10
+predictions), plus the Sim-PLCA ablation. Nothing here holds an L x L matrix: see `chunked.py`. The plain
+dense version of the same formulas is `dense_reference.py`.
+
+Two identities keep it cheap. (1) With the CN statistics detached, softmax(CN(d)) = softmax(inv * d) with
+inv = 1 / (std(d) + 1e-10): the mean is a constant shift. (2) For the same reason a per-row constant of d does
+not change the softmax, so -KL(p || q) enters as p . log(q + 1e-10); the entropy term only matters for the
+raw similarities of Sim-PLCA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from plca.losses.chunked import (
+    CN_EPS,
+    NORM_EPS,
+    Pick,
+    aggregate,
+    picked_log_softmax,
+    row_statistics,
+    self_aggregate,
+    unit_rows,
+)
+
+Similarity = Literal["cosine", "kl"]
+SIMILARITIES: tuple[str, ...] = ("cosine", "kl")
+
+__all__ = [
+    "CN_EPS",
+    "KL_EPS",
+    "LOG_CLAMP",
+    "NORM_EPS",
+    "AssociationConfig",
+    "AssociationResult",
+    "Similarity",
+    "associate",
+    "association_loss",
+    "spatial_aggregate",
+]
+
+#: Inside the logs of KL(a || b) (spec).
+KL_EPS = 1e-10
+#: The released code takes -log(P_st * P_ts) through BCE, which clamps the log at -100.
+LOG_CLAMP = -100.0
+
+
+@dataclass
+class AssociationConfig:
+    """Options of `association_loss` / `associate` (keyword arguments of the same names)."""
+
+    similarity: Similarity = "cosine"
+    #: Aggregate the target before associating (SAGG, Eq 7-8); off = "PLCA w/o SAGG".
+    aggregate_target: bool = True
+    alpha: float = 0.5
+    ignore_index: int = 255
+    #: True: PLCA's contrastive loss (Eq 4/10); False: Sim-PLCA.
+    contrastive: bool = True
+    #: Rows of the similarity matrix processed at once; None = about 2^21 entries per block.
+    block_rows: int | None = None
+
+
+@dataclass
+class AssociationResult:
+    """The association loss of a batch and what the cycle found (all pairs together)."""
+
+    loss: Tensor
+    #: Source pixels whose cycle returned to a pixel of their own class.
+    num_positive: int
+    #: Source pixels with a label (!= ignore_index): those that start a cycle.
+    num_valid_source: int
+    #: [N, hs, ws] bool: the positives.
+    positive: Tensor
+    #: [N, hs, ws] int64: j*(i), flat index of the target pixel each source pixel associates with (-1 if ignored).
+    target_index: Tensor
+    #: [N, hs, ws] int64: i*(i), flat index of the source pixel the cycle returns to (-1 if ignored).
+    return_index: Tensor
+
+    @property
+    def positive_rate(self) -> float:
+        """Share of labelled source pixels that form label-consistent cycles."""
+        return self.num_positive / max(self.num_valid_source, 1)
+
+
+def _check_similarity(similarity: str) -> None:
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {list(SIMILARITIES)}, got {similarity!r}")
+
+
+def _check_alpha(alpha: float) -> None:
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+
+
+def _pixel_rows(x: Tensor) -> Tensor:
+    """[C, h, w] -> [h*w, C]: one row per pixel, a view (the kernels take strided operands)."""
+    return x.flatten(1).T
+
+
+def spatial_aggregate(
+    x: Tensor, similarity: Similarity = "cosine", alpha: float = 0.5, *, block_rows: int | None = None
+) -> Tensor:
+    """SAGG (Eq 7-8): x~_j = (1 - alpha) x_j + alpha sum_k w_jk x_k over the pixels k of the same image.
+
+    cosine: w_jk = softmax_k CN(cos(x_j, x_k)); kl: w_jk = softmax_k(-KL(x_j || x_k)), no CN (x are
+    probabilities). The diagonal k = j is included; gradients flow through w. x: [N, C, h, w].
+    """
+    _check_similarity(similarity)
+    _check_alpha(alpha)
+    if x.dim() != 4:
+        raise ValueError(f"spatial_aggregate expects [N, C, h, w], got shape {tuple(x.shape)}")
+    if alpha == 0.0:
+        return x
+    n, c, h, w = x.shape
+    rows = x.flatten(2).transpose(1, 2)  # [N, L, C] view: one row per pixel
+    if similarity == "cosine":
+        out = self_aggregate(unit_rows(rows, keep_input=True), rows, None, alpha=alpha, block_rows=block_rows)
+    else:
+        # -KL(x_j || x_k) = x_j . log(x_k + eps) - (a constant per row j, which the softmax ignores)
+        out = aggregate(rows, torch.log(rows + KL_EPS), rows, rows.new_ones(n, h * w), alpha=alpha,
+                        block_rows=block_rows)
+    return out.transpose(1, 2).reshape(n, c, h, w)
+
+
+def _check_inputs(source: Tensor, target: Tensor, labels: Tensor) -> None:
+    if source.dim() != 4 or target.dim() != 4:
+        raise ValueError(f"source and target must be [N, C, h, w], got {tuple(source.shape)} and {tuple(target.shape)}")
+    if source.shape[:2] != target.shape[:2]:
+        raise ValueError(f"source and target must share N and C, got {tuple(source.shape)} and {tuple(target.shape)}")
+    expected = (source.shape[0], *source.shape[2:])
+    if tuple(labels.shape) != expected:
+        raise ValueError(f"source_labels must be [N, h, w] = {list(expected)} like source, got {tuple(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"source_labels must be an integer tensor, got {labels.dtype}")
+
+
+def associate(
+    source: Tensor,
+    target: Tensor,
+    source_labels: Tensor,
+    *,
+    similarity: Similarity = "cosine",
+    aggregate_target: bool = True,
+    alpha: float = 0.5,
+    ignore_index: int = 255,
+    contrastive: bool = True,
+    block_rows: int | None = None,
+) -> AssociationResult:
+    """Cycle association of each source image n with target image n, and the loss over all positives.
+
+    source, target: [N, C, h, w] features (cosine) or probabilities (kl); source_labels [N, hs, ws] int.
+    Contrastive (PLCA, Eq 4/10): -(1/|Pos|) sum_i [log P_st[i, j*] + log P_ts[j*, i*]], the sum clamped at
+    -100 as the released code's BCE. Sim-PLCA: -(1/|Pos|) sum_i [D_st[i, j*] + D_ts[j*, i*]]. |Pos| counts the
+    positives of all pairs; with none the loss is a zero that still backpropagates (zero gradients).
+    """
+    _check_similarity(similarity)
+    _check_alpha(alpha)
+    _check_inputs(source, target, source_labels)
+    if aggregate_target:
+        target = spatial_aggregate(target, similarity, alpha, block_rows=block_rows)
+
+    num_pairs, shape = source.shape[0], source.shape[2:]
+    labels = source_labels.reshape(num_pairs, -1)
+    valid = labels != ignore_index
+    target_index = torch.full_like(labels, -1, dtype=torch.long)
+    return_index = torch.full_like(labels, -1, dtype=torch.long)
+    positive = torch.zeros_like(valid)
+    terms: list[Tensor] = []
+    for n in range(num_pairs):
+        s_rows, t_rows = _pixel_rows(source[n]), _pixel_rows(target[n])
+        # D_st = a_st @ b_st.T (+ a per-row constant for kl); D_ts = a_ts @ b_ts.T likewise.
+        if similarity == "cosine":
+            # the source features outlive the loss, the aggregated target does not
+            a_st, b_st = unit_rows(s_rows, keep_input=True), unit_rows(t_rows)
+            a_ts, b_ts = b_st, a_st
+        else:
+            a_st, b_st = s_rows, torch.log(t_rows + KL_EPS)
+            a_ts, b_ts = t_rows, torch.log(s_rows + KL_EPS)
+
+        # The cycle, without gradient. Only labelled source pixels start one; D_ts rows only where they land.
+        starts = valid[n].nonzero().squeeze(1)
+        st = row_statistics(a_st.detach(), b_st.detach(), normalise=True, rows=starts, block_rows=block_rows)
+        landed, landed_slot = torch.unique(st.argmax, return_inverse=True)
+        ts = row_statistics(a_ts.detach(), b_ts.detach(), normalise=True, rows=landed, block_rows=block_rows)
+        back = ts.argmax[landed_slot]
+        target_index[n, starts] = st.argmax
+        return_index[n, starts] = back
+        keep = labels[n, back] == labels[n, starts]
+        positive[n, starts[keep]] = True
+
+        i_pos, j_pos = starts[keep], st.argmax[keep]
+        if i_pos.numel() == 0:
+            continue
+        # Each distinct j* gets one D_ts row term; the positives that share it gather it.
+        j_rows, j_slot = torch.unique(j_pos, return_inverse=True)
+        st_pos, ts_pos = st.take(keep), ts.take(torch.searchsorted(landed, j_rows))
+        if contrastive:
+            # log softmax(CN(d)) at the pick = log softmax(inv * d): the mean of CN cancels, the scale is detached
+            tensors = [a_st, b_st] if similarity == "cosine" else [a_st, b_st, a_ts, b_ts]
+            ts_a, ts_b = (1, 0) if similarity == "cosine" else (2, 3)
+            log_p_st, log_p_ts = picked_log_softmax(
+                tensors,
+                [
+                    Pick(0, 1, i_pos, j_pos, st_pos.inv_scale, st_pos.row_max, st_pos.log_sum),
+                    Pick(ts_a, ts_b, j_rows, ts_pos.argmax, ts_pos.inv_scale, ts_pos.row_max, ts_pos.log_sum),
+                ],
+                block_rows=block_rows,
+            )
+            terms.append(-(log_p_st + log_p_ts[j_slot]).clamp(min=LOG_CLAMP))
+        else:
+            d_st = (a_st[i_pos] * b_st[j_pos]).sum(dim=1)  # D_st[i, j*]
+            d_ts = (a_ts[j_rows] * b_ts[ts_pos.argmax]).sum(dim=1)  # D_ts[j*, i*]
+            if similarity == "kl":  # -KL keeps its entropy term here: the raw similarity is raised
+                d_st = d_st - (s_rows[i_pos] * torch.log(s_rows[i_pos] + KL_EPS)).sum(dim=1)
+                d_ts = d_ts - (t_rows[j_rows] * torch.log(t_rows[j_rows] + KL_EPS)).sum(dim=1)
+            terms.append(-(d_st + d_ts[j_slot]))
+
+    num_positive = int(positive.sum())
+    if terms:
+        loss = torch.cat(terms).sum() / num_positive
+    else:
+        # a zero attached to the graph: backward works and every gradient is 0, even for non-finite inputs
+        loss = source.flatten()[:0].sum() + target.flatten()[:0].sum()
+    return AssociationResult(
+        loss=loss,
+        num_positive=num_positive,
+        num_valid_source=int(valid.sum()),
+        positive=positive.reshape(num_pairs, *shape),
+        target_index=target_index.reshape(num_pairs, *shape),
+        return_index=return_index.reshape(num_pairs, *shape),
+    )
+
+
+def association_loss(
+    source: Tensor,
+    target: Tensor,
+    source_labels: Tensor,
+    *,
+    similarity: Similarity = "cosine",
+    aggregate_target: bool = True,
+    alpha: float = 0.5,
+    ignore_index: int = 255,
+    contrastive: bool = True,
+    block_rows: int | None = None,
+) -> Tensor:
+    """L_fass (Eq 4, similarity="cosine") or L_cass (Eq 10, "kl"); contrastive=False is Sim-PLCA.
+
+    A scalar; see `associate` for the formula and for diagnostics.
+    """
+    return associate(
+        source,
+        target,
+        source_labels,
+        similarity=similarity,
+        aggregate_target=aggregate_target,
+        alpha=alpha,
+        ignore_index=ignore_index,
+        contrastive=contrastive,
+        block_rows=block_rows,
+    ).loss

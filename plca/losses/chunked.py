@@ -1,0 +1,396 @@
+"""Block-wise kernels for softmaxes over bilinear similarity rows: the memory-saving core of PLCA's association.
+
+A similarity row is d_r = (a_r . b_k)_k over all pixels k of the other image, scaled by a per-row constant
+`inv_r` (1 / (std + 1e-10) under contrast normalisation, Eq 5-6; 1 for a plain softmax). No L x L matrix is
+ever held: each kernel walks over blocks of rows, keeps its inputs and a few numbers per row, and recomputes a
+block in backward. Peak extra memory is one block of about 2^21 entries instead of several L x L matrices.
+The per-row scale is a constant to autograd: the spec detaches the CN statistics.
+
+Rows are exponentiated as exp((d - rowmax) * inv - log_sum), with log_sum = log sum_k exp((d_k - rowmax) * inv),
+and the argument is floored just above the log of the smallest normal float: terms below 1e-38 of the row
+maximum change nothing, and denormal numbers would make exp tens of times slower on CPUs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+#: Added to the row std before dividing (spec, Eq 5-6).
+CN_EPS = 1e-10
+#: Norm floor of a unit vector, as torch.nn.functional.normalize (the released code's cosine).
+NORM_EPS = 1e-12
+#: Default number of similarity entries one block holds (rows x columns): 2^21 floats are 8 MiB in float32,
+#: big enough for efficient matrix products, small enough to keep the peak low.
+DEFAULT_BLOCK_ELEMENTS = 2**21
+
+
+def rows_per_block(num_columns: int, block_rows: int | None = None) -> int:
+    """Rows per block: `block_rows` if given, else as many as fit DEFAULT_BLOCK_ELEMENTS (at least 1)."""
+    if block_rows is not None:
+        if block_rows < 1:
+            raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+        return block_rows
+    return max(1, DEFAULT_BLOCK_ELEMENTS // max(num_columns, 1))
+
+
+def _blocks(num_rows: int, step: int) -> Iterator[slice]:
+    for start in range(0, num_rows, step):
+        yield slice(start, min(start + step, num_rows))
+
+
+def _exp_floor(dtype: torch.dtype) -> float:
+    return math.log(torch.finfo(dtype).tiny) + 1.0
+
+
+def _inverse_std_(d: Tensor) -> Tensor:
+    """Centre each row of d in place and return 1 / (unbiased std + CN_EPS) per row (two-pass variance)."""
+    d.sub_(d.mean(dim=1, keepdim=True))
+    var = torch.linalg.vector_norm(d, dim=1).square_().div_(d.shape[1] - 1)
+    return var.sqrt_().add_(CN_EPS).reciprocal_()
+
+
+def _exp_rows_(d: Tensor, inv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """d <- exp((d - rowmax) * inv) in place; returns (rowmax, argmax, rowsum)."""
+    peak, arg = d.max(dim=1)
+    d.sub_(peak[:, None]).mul_(inv[:, None]).clamp_(min=_exp_floor(d.dtype)).exp_()
+    return peak, arg, d.sum(dim=1)
+
+
+def _probs_(d: Tensor, row_max: Tensor, inv: Tensor, log_sum: Tensor) -> Tensor:
+    """d <- softmax probabilities in place, from the row statistics of a forward pass."""
+    d.sub_(row_max[:, None]).mul_(inv[:, None]).sub_(log_sum[:, None])
+    return d.clamp_(min=_exp_floor(d.dtype)).exp_()
+
+
+class _UnitRows(torch.autograd.Function):
+    """x / max(||x||, NORM_EPS) along the last dim.
+
+    Saves the norms and either the output or the input: the input when the caller keeps it alive anyway
+    (its own features), so that the unit vectors are freed as soon as their consumers are done. Backward works
+    in blocks of rows, so recomputing unit vectors from the input never takes a full copy.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, keep_input: bool) -> Tensor:
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_(min=NORM_EPS)
+        unit = x / norm
+        ctx.save_for_backward(x if keep_input else unit, norm)
+        ctx.keep_input = keep_input
+        return unit
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        kept, norm = ctx.saved_tensors
+        width = kept.shape[-1]
+        flat_kept, flat_norm, flat_grad = kept.reshape(-1, width), norm.reshape(-1, 1), grad.reshape(-1, width)
+        out = torch.empty_like(flat_grad)
+        for rows in _blocks(flat_kept.shape[0], rows_per_block(width)):
+            unit = flat_kept[rows] / flat_norm[rows] if ctx.keep_input else flat_kept[rows]
+            g = flat_grad[rows]
+            # d(x/|x|) = (g - u (u . g)) / |x|; where the norm was floored the divisor is a constant: g / eps
+            along = (unit * g).sum(dim=-1, keepdim=True).mul_(flat_norm[rows] > NORM_EPS)
+            out[rows] = torch.addcmul(g, unit, along, value=-1.0).div_(flat_norm[rows])
+        return out.view(grad.shape), None
+
+
+def unit_rows(x: Tensor, *, keep_input: bool = False) -> Tensor:
+    """x scaled to unit length along the last dim, as torch.nn.functional.normalize(x, dim=-1).
+
+    keep_input: save x rather than the result for backward (cheaper when x stays alive anyway).
+    """
+    return _UnitRows.apply(x, keep_input)
+
+
+@dataclass
+class RowStatistics:
+    """What one pass over the rows of d = a @ b.T keeps (no gradient)."""
+
+    #: Column of each row's maximum: argmax of d_r = argmax of softmax(CN(d_r)), as CN's scale is positive.
+    argmax: Tensor
+    #: d_r at the argmax.
+    row_max: Tensor
+    #: The per-row scale applied before the softmax.
+    inv_scale: Tensor
+    #: log sum_k exp((d_rk - row_max_r) * inv_r): minus the log-probability of the argmax.
+    log_sum: Tensor
+
+    def take(self, index: Tensor) -> RowStatistics:
+        """The statistics of a subset of the rows (index or boolean mask)."""
+        return RowStatistics(self.argmax[index], self.row_max[index], self.inv_scale[index], self.log_sum[index])
+
+
+@torch.no_grad()
+def row_statistics(
+    a: Tensor,
+    b: Tensor,
+    *,
+    normalise: bool,
+    rows: Tensor | None = None,
+    inv_scale: Tensor | None = None,
+    block_rows: int | None = None,
+) -> RowStatistics:
+    """Argmax, maximum, scale and log-sum of the rows of d = a @ b.T ([R, C] x [K, C]), block by block.
+
+    normalise: scale by the CN factor 1 / (std + 1e-10); else by `inv_scale` (default 1).
+    rows: only these rows of a, in this order.
+    """
+    num_rows = a.shape[0] if rows is None else rows.shape[0]
+    num_cols = b.shape[0]
+    step = rows_per_block(num_cols, block_rows)
+    argmax = torch.empty(num_rows, dtype=torch.long, device=a.device)
+    row_max, log_sum = a.new_empty(num_rows), a.new_empty(num_rows)
+    inv = a.new_ones(num_rows) if inv_scale is None or normalise else inv_scale.detach().clone()
+    buffer = a.new_empty(min(step, num_rows), num_cols)
+    for blk in _blocks(num_rows, step):
+        a_blk = a[blk] if rows is None else a[rows[blk]]
+        d = torch.mm(a_blk, b.T, out=buffer[: blk.stop - blk.start])
+        mean = d.mean(dim=1) if normalise else None
+        if mean is not None:
+            inv[blk] = _inverse_std_(d)
+        peak, argmax[blk], total = _exp_rows_(d, inv[blk])
+        row_max[blk] = peak if mean is None else peak + mean
+        log_sum[blk] = total.log_()
+    return RowStatistics(argmax=argmax, row_max=row_max, inv_scale=inv, log_sum=log_sum)
+
+
+def _aggregate_forward(
+    q: Tensor, k: Tensor, v: Tensor, inv: Tensor | None, alpha: float, step: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Forward of the aggregation for a batch [N, L, .], block by block.
+
+    Returns (y, agg, inv, row_max, log_sum) with agg = softmax-weighted sums and y = (1 - alpha) v + alpha agg.
+    y and agg are [N, L, Cv] views of [N, Cv, L] buffers, so that they reshape to images without a copy.
+    """
+    n_img, num_rows, _ = q.shape
+    agg = v.new_empty(n_img, v.shape[2], num_rows).transpose(1, 2)
+    inv_all = q.new_empty(n_img, num_rows) if inv is None else inv.detach()
+    row_max, log_sum = q.new_empty(n_img, num_rows), q.new_empty(n_img, num_rows)
+    buffer = q.new_empty(min(step, num_rows), k.shape[1])
+    for n in range(n_img):
+        for rows in _blocks(num_rows, step):
+            d = torch.mm(q[n, rows], k[n].T, out=buffer[: rows.stop - rows.start])
+            mean = d.mean(dim=1) if inv is None else None
+            if mean is not None:
+                inv_all[n, rows] = _inverse_std_(d)
+            peak, _, total = _exp_rows_(d, inv_all[n, rows])
+            row_max[n, rows] = peak if mean is None else peak + mean
+            log_sum[n, rows] = total.log()
+            agg[n, rows] = torch.mm(d, v[n]).div_(total[:, None])
+    y = agg if alpha == 1.0 else torch.lerp(v, agg, alpha)
+    return y, agg, inv_all, row_max, log_sum
+
+
+class _Aggregate(torch.autograd.Function):
+    """y_r = (1 - alpha) v_r + alpha sum_k softmax_k(inv_r * q_r . k_k) v_k, per image of a batch [N, L, .].
+
+    inv [N, L] has no gradient; None computes it as the detached CN scale of each row.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, inv, alpha, block_rows):  # type: ignore[override]
+        step = rows_per_block(k.shape[1], block_rows)
+        y, agg, inv_all, row_max, log_sum = _aggregate_forward(q, k, v, inv, alpha, step)
+        ctx.save_for_backward(q, k, v, inv_all, row_max, log_sum)
+        ctx.step, ctx.alpha = step, alpha
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        q, k, v, inv, row_max, log_sum = ctx.saved_tensors
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        alpha, step = ctx.alpha, ctx.step
+        grad_q = torch.zeros_like(q) if need_q else None
+        grad_k = torch.zeros_like(k) if need_k else None
+        grad_v = grad_y * (1.0 - alpha) if need_v else None
+        buffer = q.new_empty(min(step, q.shape[1]), k.shape[1])
+        grad_w_buffer = q.new_empty(buffer.shape) if need_q or need_k else None
+        for n in range(q.shape[0]):
+            for rows in _blocks(q.shape[1], step):
+                size = rows.stop - rows.start
+                w = _probs_(torch.mm(q[n, rows], k[n].T, out=buffer[:size]), row_max[n, rows], inv[n, rows],
+                            log_sum[n, rows])
+                g = grad_y[n, rows]
+                if need_v:
+                    grad_v[n].addmm_(w.T, g, alpha=alpha)
+                if need_q or need_k:
+                    grad_w = torch.mm(g, v[n].T, out=grad_w_buffer[:size]).mul_(alpha)
+                    # softmax backward: w * (dw - sum_k w dw), times the constant scale of the logits
+                    centre = (w * grad_w).sum(dim=1, keepdim=True)
+                    grad_logits = grad_w.sub_(centre).mul_(w).mul_(inv[n, rows, None])
+                    if need_q:
+                        grad_q[n, rows] = grad_logits @ k[n]
+                    if need_k:
+                        grad_k[n].addmm_(grad_logits.T, q[n, rows])
+        return grad_q, grad_k, grad_v, None, None, None
+
+
+def aggregate(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    inv_scale: Tensor | None = None,
+    *,
+    alpha: float = 1.0,
+    block_rows: int | None = None,
+) -> Tensor:
+    """(1 - alpha) v_r + alpha sum_k softmax_k(inv_r * q_r . k_k) v_k per image: [N, L, C] x2, [N, L, Cv].
+
+    `inv_scale` [N, L] or None for contrast normalisation (Eq 5-6: the detached 1 / (std + 1e-10) per row).
+    """
+    return _Aggregate.apply(q, k, v, inv_scale, alpha, block_rows)
+
+
+def _logit_grad(w: Tensor, grad_rows: Tensor, v_cols: Tensor, centre: Tensor, inv: Tensor, out: Tensor) -> Tensor:
+    """Softmax backward for a block of weights w: inv * w * (dw - centre), with dw = grad_rows @ v_cols.T."""
+    grad_w = torch.mm(grad_rows, v_cols.T, out=out)
+    return grad_w.sub_(centre[:, None]).mul_(w).mul_(inv[:, None])
+
+
+class _SelfAggregate(torch.autograd.Function):
+    """`_Aggregate` with q = k = x: one image against itself (the cosine SAGG weights).
+
+    The backward exploits the symmetric similarity x x^T: it walks over pairs of square blocks (a <= b),
+    recomputes x_a x_b^T once for rows a and rows b, and sums the logit gradients of both directions before
+    multiplying by x: about 3.5 products of L x L x C instead of 5.
+    """
+
+    @staticmethod
+    def forward(ctx, x, v, inv, alpha, block_rows):  # type: ignore[override]
+        step = rows_per_block(x.shape[1], block_rows)
+        y, agg, inv_all, row_max, log_sum = _aggregate_forward(x, x, v, inv, alpha, step)
+        ctx.save_for_backward(x, v, inv_all, row_max, log_sum, agg)
+        ctx.alpha = alpha
+        # square blocks with about as many entries as a row block
+        ctx.side = max(1, min(x.shape[1], math.isqrt(step * x.shape[1])))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        x, v, inv, row_max, log_sum, agg = ctx.saved_tensors
+        need_x, need_v = ctx.needs_input_grad[:2]
+        alpha, side = ctx.alpha, ctx.side
+        grad_x = torch.zeros_like(x) if need_x else None
+        grad_v = grad_y * (1.0 - alpha) if need_v else None
+        logits_buf, w_ba_buf, grad_buf = (x.new_empty(side, side) for _ in range(3))
+        blocks = list(_blocks(x.shape[1], side))
+        for n in range(x.shape[0]):
+            # alpha is applied to each block instead of to a copy of grad_y
+            g_agg = grad_y[n]
+            # the softmax backward needs sum_k w_rk dw_rk over whole rows: it equals g_agg_r . agg_r
+            centre = (g_agg * agg[n]).sum(dim=1)
+            for ia, a in enumerate(blocks):
+                for b in blocks[ia:]:
+                    na, nb = a.stop - a.start, b.stop - b.start
+                    logits = torch.mm(x[n, a], x[n, b].T, out=logits_buf[:na, :nb])
+                    # logits_ab = x_a . x_b is entry b of rows a and entry a of rows b
+                    w_ba = None
+                    if b != a:
+                        w_ba = _probs_(w_ba_buf[:nb, :na].copy_(logits.T), row_max[n, b], inv[n, b], log_sum[n, b])
+                    w_ab = _probs_(logits, row_max[n, a], inv[n, a], log_sum[n, a])
+                    if need_v:
+                        grad_v[n, b].addmm_(w_ab.T, g_agg[a], alpha=alpha)
+                        if w_ba is not None:
+                            grad_v[n, a].addmm_(w_ba.T, g_agg[b], alpha=alpha)
+                    if not need_x:
+                        continue
+                    both = _logit_grad(w_ab, g_agg[a], v[n, b], centre[a], inv[n, a], grad_buf[:na, :nb])
+                    if w_ba is None:
+                        grad_x[n, a].addmm_(both + both.T, x[n, a], alpha=alpha)
+                        continue
+                    # w_ab is used up: its buffer takes the other direction's gradient
+                    both.add_(_logit_grad(w_ba, g_agg[b], v[n, a], centre[b], inv[n, b], logits_buf[:nb, :na]).T)
+                    grad_x[n, a].addmm_(both, x[n, b], alpha=alpha)
+                    grad_x[n, b].addmm_(both.T, x[n, a], alpha=alpha)
+        return grad_x, grad_v, None, None, None
+
+
+def self_aggregate(
+    x: Tensor, v: Tensor, inv_scale: Tensor | None = None, *, alpha: float = 1.0, block_rows: int | None = None
+) -> Tensor:
+    """`aggregate(x, x, v, inv_scale, alpha=alpha)` with a cheaper backward for the symmetric x x^T."""
+    return _SelfAggregate.apply(x, v, inv_scale, alpha, block_rows)
+
+
+@dataclass
+class Pick:
+    """One set of picks for `picked_log_softmax`: rows of d = tensors[a] @ tensors[b].T and a column in each."""
+
+    a: int
+    b: int
+    #: Distinct row indices into tensors[a].
+    rows: Tensor
+    #: Column picked in each row.
+    cols: Tensor
+    inv_scale: Tensor
+    #: `row_statistics` of these rows with this scale (row_max, log_sum); None computes them.
+    row_max: Tensor | None = None
+    log_sum: Tensor | None = None
+
+
+class _PickedLogSoftmax(torch.autograd.Function):
+    """value_r = log softmax_k(inv_r * a_{row_r} . b_k) at k = col_r, for several picks sharing inputs.
+
+    Sharing matters for the cosine cycle: D_st and D_ts = D_st^T use the same two tensors, whose gradients
+    then accumulate in one buffer each instead of two.
+    """
+
+    @staticmethod
+    def forward(ctx, picks: Sequence[Pick], block_rows: int | None, *tensors: Tensor):  # type: ignore[override]
+        values, filled = [], []
+        for p in picks:
+            a, b = tensors[p.a], tensors[p.b]
+            if p.row_max is None:
+                # statistics of a plain softmax of inv * d (this path is for direct use and tests)
+                stats = row_statistics(a[p.rows] * p.inv_scale[:, None], b, normalise=False, block_rows=block_rows)
+                p = Pick(p.a, p.b, p.rows, p.cols, p.inv_scale, stats.row_max / p.inv_scale, stats.log_sum)
+            picked = a.new_empty(p.rows.shape[0])
+            for blk in _blocks(p.rows.shape[0], rows_per_block(b.shape[0], block_rows)):
+                picked[blk] = (a[p.rows[blk]] * b[p.cols[blk]]).sum(dim=1)
+            values.append((picked - p.row_max).mul_(p.inv_scale).sub_(p.log_sum))
+            filled.append(p)
+        ctx.save_for_backward(*tensors)
+        ctx.picks, ctx.block_rows = filled, block_rows
+        return tuple(values)
+
+    @staticmethod
+    def backward(ctx, *grad_values: Tensor):
+        tensors = ctx.saved_tensors
+        need = ctx.needs_input_grad[2:]
+        grads = [torch.zeros_like(t) if needed else None for t, needed in zip(tensors, need, strict=True)]
+        for p, grad_value in zip(ctx.picks, grad_values, strict=True):
+            a, b = tensors[p.a], tensors[p.b]
+            grad_a, grad_b = grads[p.a], grads[p.b]
+            if grad_a is None and grad_b is None:
+                continue
+            coef = grad_value * p.inv_scale  # d value_r / d(a_r . b_k) = inv_r * (onehot_k - softmax_rk)
+            step = rows_per_block(b.shape[0], ctx.block_rows)
+            buffer = a.new_empty(min(step, p.rows.shape[0]), b.shape[0])
+            for blk in _blocks(p.rows.shape[0], step):
+                size = blk.stop - blk.start
+                a_blk = a[p.rows[blk]]
+                g = _probs_(torch.mm(a_blk, b.T, out=buffer[:size]), p.row_max[blk], p.inv_scale[blk],
+                            p.log_sum[blk])
+                g.mul_(-coef[blk, None])
+                g[torch.arange(size, device=g.device), p.cols[blk]] += coef[blk]
+                if grad_a is not None:
+                    grad_a.index_add_(0, p.rows[blk], g @ b)
+                if grad_b is not None:
+                    grad_b.addmm_(g.T, a_blk)
+        return (None, None, *grads)
+
+
+def picked_log_softmax(tensors: Sequence[Tensor], picks: Sequence[Pick], *, block_rows: int | None = None
+                       ) -> tuple[Tensor, ...]:
+    """For each pick: log softmax_k(inv_r * a_{rows_r} . b_k) at k = cols_r, a = tensors[pick.a], b = tensors[pick.b].
+
+    Differentiable in the tensors ([L, C] each), recomputing the picked rows block by block in backward.
+    """
+    for p in picks:
+        if (p.row_max is None) != (p.log_sum is None):
+            raise ValueError("picked_log_softmax: give both row_max and log_sum of a pick, or neither")
+    return _PickedLogSoftmax.apply(picks, block_rows, *tensors)

@@ -1,0 +1,82 @@
+"""The plain dense baseline of the PLCA association formulas (spec: /work/shared/spec/plca.md, Eq 1-10).
+
+Every L x L matrix is materialised and autograd does the rest, as in the authors' released code. It exists as
+the reference that the memory-efficient version in `association.py` is tested and benchmarked against; training
+code should call `plca.losses.association_loss` instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from plca.losses.association import CN_EPS, KL_EPS, LOG_CLAMP, NORM_EPS, Similarity
+
+
+def _flat(x: Tensor) -> Tensor:
+    """[N, C, h, w] -> [N, h*w, C]: one row per pixel."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def dense_contrast_normalise(d: Tensor) -> Tensor:
+    """CN over the last dim (Eq 5-6): mean and unbiased std of each row, both detached."""
+    mean = d.mean(dim=-1, keepdim=True).detach()
+    std = d.std(dim=-1, keepdim=True).detach()
+    return (d - mean) / (std + CN_EPS)
+
+
+def dense_similarity(x: Tensor, y: Tensor, similarity: Similarity) -> Tensor:
+    """[N, Lx, C], [N, Ly, C] -> [N, Lx, Ly]: cos(x_i, y_j) or -KL(x_i || y_j)."""
+    if similarity == "cosine":
+        return F.normalize(x, dim=-1, eps=NORM_EPS) @ F.normalize(y, dim=-1, eps=NORM_EPS).transpose(1, 2)
+    neg_entropy = (x * torch.log(x + KL_EPS)).sum(dim=-1, keepdim=True)
+    return x @ torch.log(y + KL_EPS).transpose(1, 2) - neg_entropy
+
+
+def dense_spatial_aggregate(x: Tensor, similarity: Similarity = "cosine", alpha: float = 0.5) -> Tensor:
+    """SAGG (Eq 7-8) with the full L x L weight matrix."""
+    n, c, h, w = x.shape
+    rows = _flat(x)
+    sim = dense_similarity(rows, rows, similarity)
+    weights = torch.softmax(dense_contrast_normalise(sim) if similarity == "cosine" else sim, dim=-1)
+    aggregated = (weights @ rows).transpose(1, 2).reshape(n, c, h, w)
+    return (1.0 - alpha) * x + alpha * aggregated
+
+
+def dense_association_loss(
+    source: Tensor,
+    target: Tensor,
+    source_labels: Tensor,
+    *,
+    similarity: Similarity = "cosine",
+    aggregate_target: bool = True,
+    alpha: float = 0.5,
+    ignore_index: int = 255,
+    contrastive: bool = True,
+) -> Tensor:
+    """L_fass / L_cass (Eq 4, 10) or Sim-PLCA, every matrix dense."""
+    if aggregate_target:
+        target = dense_spatial_aggregate(target, similarity, alpha)
+    s, t = _flat(source), _flat(target)
+    d_st = dense_similarity(s, t, similarity)
+    d_ts = d_st.transpose(1, 2) if similarity == "cosine" else dense_similarity(t, s, similarity)
+    p_st = torch.softmax(dense_contrast_normalise(d_st), dim=-1)
+    p_ts = torch.softmax(dense_contrast_normalise(d_ts), dim=-1)
+
+    p_st_max, j_star = p_st.max(dim=-1)  # [N, Ls]
+    p_ts_max, i_star_of_j = p_ts.max(dim=-1)  # [N, Lt]
+    i_star = torch.gather(i_star_of_j, 1, j_star)
+    labels = source_labels.flatten(1)
+    positive = (labels != ignore_index) & (torch.gather(labels, 1, i_star) == labels)
+
+    if contrastive:
+        # as the released code: -log(P_st * P_ts), log clamped at -100 like BCE
+        product = p_st_max * torch.gather(p_ts_max, 1, j_star)
+        per_pixel = -torch.log(product).clamp(min=LOG_CLAMP)
+    else:
+        d_st_at = torch.gather(d_st, 2, j_star.unsqueeze(-1)).squeeze(-1)
+        d_ts_at = torch.gather(d_ts, 2, i_star_of_j.unsqueeze(-1)).squeeze(-1)
+        per_pixel = -(d_st_at + torch.gather(d_ts_at, 1, j_star))
+    count = positive.sum()
+    return (per_pixel * positive).sum() / count.clamp(min=1)

@@ -1,0 +1,52 @@
+"""Lovasz-softmax loss (Berman, Rannen Triki and Blaschko, CVPR 2018): a convex surrogate of 1 - IoU per class.
+
+PLCA applies it to the source only, on the softmax of the logits upsampled to the crop size, over the classes
+present in the batch with the whole batch as one set of pixels (spec, "Lovasz-softmax").
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def lovasz_gradient(sorted_truth: Tensor) -> Tensor:
+    """Gradient of the Lovasz extension of the Jaccard loss at errors sorted in decreasing order.
+
+    sorted_truth: [P] 0/1 ground-truth memberships in that order. Entry k is J(k+1) - J(k), where J(k) is the
+    Jaccard loss of predicting the first k pixels as the class.
+    """
+    total = sorted_truth.sum()
+    intersection = total - sorted_truth.cumsum(0)
+    union = total + (1.0 - sorted_truth).cumsum(0)
+    jaccard = 1.0 - intersection / union
+    return torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
+
+
+def lovasz_softmax(probs: Tensor, labels: Tensor, ignore_index: int = 255) -> Tensor:
+    """Mean over the classes present in `labels` of the Lovasz extension of the Jaccard loss.
+
+    probs: [N, C, H, W] class probabilities; labels: [N, H, W] int with ignore_index for unlabelled pixels.
+    All images form one set. With no labelled pixel the result is a zero that still backpropagates.
+    """
+    if probs.dim() != 4 or labels.shape != (probs.shape[0], *probs.shape[2:]):
+        raise ValueError(f"lovasz_softmax expects probs [N, C, H, W] and labels [N, H, W], got "
+                         f"{tuple(probs.shape)} and {tuple(labels.shape)}")
+    num_classes = probs.shape[1]
+    flat_probs = probs.permute(0, 2, 3, 1).reshape(-1, num_classes)
+    flat_labels = labels.reshape(-1)
+    keep = flat_labels != ignore_index
+    flat_probs, flat_labels = flat_probs[keep], flat_labels[keep]
+    present = torch.unique(flat_labels).tolist()
+    bad = [c for c in present if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"lovasz_softmax: labels {bad} outside [0, {num_classes}) and not ignore_index {ignore_index}")
+    losses = []
+    for c in present:
+        truth = (flat_labels == c).to(flat_probs.dtype)
+        errors = (truth - flat_probs[:, c]).abs()
+        errors_sorted, order = torch.sort(errors, descending=True)
+        losses.append(errors_sorted @ lovasz_gradient(truth[order]))
+    if not losses:
+        return probs.flatten()[:0].sum()
+    return torch.stack(losses).mean()

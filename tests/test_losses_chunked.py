@@ -1,0 +1,104 @@
+"""The block-wise autograd kernels behind the association loss: gradcheck and agreement with explicit matrices."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+from plca.losses.chunked import Pick, aggregate, picked_log_softmax, row_statistics, self_aggregate, unit_rows
+
+F64 = torch.float64
+
+
+def rand(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def cn_inverse(d: torch.Tensor) -> torch.Tensor:
+    return 1.0 / (d.std(dim=-1) + 1e-10)
+
+
+@pytest.mark.parametrize("block_rows", [1, 2, None])
+def test_aggregate_gradcheck(block_rows: int | None) -> None:
+    q, k, v = rand(2, 5, 3, seed=0), rand(2, 5, 3, seed=1), rand(2, 5, 4, seed=2)
+    inv = rand(2, 5, seed=3).abs() + 0.5  # the scale is a constant input: gradcheck then sees the same function
+    fn = lambda q, k, v: aggregate(q, k, v, inv, alpha=0.6, block_rows=block_rows)  # noqa: E731
+    assert gradcheck(fn, (q.requires_grad_(), k.requires_grad_(), v.requires_grad_()), fast_mode=True)
+
+
+@pytest.mark.parametrize("block_rows", [1, 3, None])
+def test_self_aggregate_gradcheck(block_rows: int | None) -> None:
+    x, v = rand(2, 7, 3, seed=4), rand(2, 7, 2, seed=5)
+    inv = rand(2, 7, seed=6).abs() + 0.5
+    fn = lambda x, v: self_aggregate(x, v, inv, alpha=0.4, block_rows=block_rows)  # noqa: E731
+    assert gradcheck(fn, (x.requires_grad_(), v.requires_grad_()), fast_mode=True)
+
+
+def test_aggregate_with_cn_equals_the_explicit_formula() -> None:
+    x, v = rand(1, 6, 3, seed=7), rand(1, 6, 2, seed=8)
+    d = x[0] @ x[0].T
+    cn = (d - d.mean(1, keepdim=True)) / (d.std(1, keepdim=True) + 1e-10)
+    expected = 0.3 * v[0] + 0.7 * torch.softmax(cn, 1) @ v[0]
+    torch.testing.assert_close(self_aggregate(x, v, None, alpha=0.7)[0], expected)
+    torch.testing.assert_close(aggregate(x, x, v, None, alpha=0.7, block_rows=2)[0], expected)
+
+
+def test_picked_log_softmax_gradcheck_and_value() -> None:
+    a, b, c = rand(6, 3, seed=9), rand(5, 3, seed=10), rand(4, 3, seed=11)
+    rows_ab, cols_ab = torch.tensor([4, 0, 2]), torch.tensor([1, 1, 3])
+    rows_ba, cols_ba = torch.tensor([3, 1]), torch.tensor([5, 0])
+    inv_ab, inv_ba = torch.tensor([0.5, 2.0, 1.0], dtype=F64), torch.tensor([1.5, 0.7], dtype=F64)
+    picks = [Pick(0, 1, rows_ab, cols_ab, inv_ab), Pick(1, 0, rows_ba, cols_ba, inv_ba), Pick(2, 1, rows_ba,
+                                                                                             cols_ab[:2], inv_ba)]
+
+    def fn(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return picked_log_softmax([a, b, c], picks, block_rows=2)
+
+    assert gradcheck(fn, (a.requires_grad_(), b.requires_grad_(), c.requires_grad_()), fast_mode=True)
+    values = fn(a, b, c)
+    expected = torch.log_softmax(inv_ab[:, None] * (a[rows_ab] @ b.T), 1)[torch.arange(3), cols_ab]
+    torch.testing.assert_close(values[0], expected)
+    # with the statistics of a no-grad pass: same values and gradients
+    stats = row_statistics(a.detach(), b.detach(), normalise=False, rows=rows_ab, inv_scale=inv_ab)
+    known = Pick(0, 1, rows_ab, cols_ab, inv_ab, stats.row_max, stats.log_sum)
+    with_stats = picked_log_softmax([a, b], [known])[0]
+    torch.testing.assert_close(with_stats, expected)
+    grads = torch.autograd.grad(with_stats.sum(), (a, b))
+    torch.testing.assert_close(grads, torch.autograd.grad(expected.sum(), (a, b)))
+
+
+def test_row_statistics_equal_torch_on_the_explicit_matrix() -> None:
+    a, b = rand(7, 4, seed=12), rand(9, 4, seed=13)
+    rows = torch.tensor([6, 2, 3])
+    d = a[rows] @ b.T
+    stats = row_statistics(a, b, normalise=True, rows=rows, block_rows=2)
+    inv = cn_inverse(d)
+    torch.testing.assert_close(stats.inv_scale, inv)
+    assert torch.equal(stats.argmax, d.argmax(1))
+    torch.testing.assert_close(stats.row_max, d.max(1).values)
+    lse = torch.logsumexp(inv[:, None] * d, 1)
+    torch.testing.assert_close(stats.row_max * inv + stats.log_sum, lse)
+    plain = row_statistics(a, b, normalise=False)
+    torch.testing.assert_close(plain.row_max + plain.log_sum, torch.logsumexp(a @ b.T, 1))
+
+
+@pytest.mark.parametrize("keep_input", [False, True])
+def test_unit_rows_matches_normalize_and_gradcheck(keep_input: bool) -> None:
+    x = rand(2, 5, 3, seed=14)
+    x[0, 1] = 0.0  # a zero row: the norm floor takes over, as in F.normalize
+    torch.testing.assert_close(unit_rows(x, keep_input=keep_input), torch.nn.functional.normalize(x, dim=-1))
+    # gradcheck away from the floor (finite differences jump across it)
+    assert gradcheck(lambda t: unit_rows(t, keep_input=keep_input), (x[1:].clone().requires_grad_(),), fast_mode=True)
+    y = x.clone().requires_grad_()
+    g = rand(2, 5, 3, seed=15)
+    ours = torch.autograd.grad((unit_rows(y, keep_input=keep_input) * g).sum(), y)[0]
+    ref = torch.autograd.grad((torch.nn.functional.normalize(y, dim=-1) * g).sum(), y)[0]
+    torch.testing.assert_close(ours, ref)
+
+
+def test_picks_need_both_statistics() -> None:
+    a = rand(3, 2, seed=16)
+    pick = Pick(0, 0, torch.tensor([0]), torch.tensor([1]), torch.ones(1, dtype=F64), row_max=torch.zeros(1))
+    with pytest.raises(ValueError, match="give both row_max and log_sum"):
+        picked_log_softmax([a], [pick])

@@ -1,0 +1,114 @@
+"""Lovasz-softmax, the adaptive label smoothing regulariser (Eq 13) and the masked cross-entropy."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from plca.losses import adaptive_lsr, cross_entropy, lovasz_softmax
+
+F64 = torch.float64
+
+
+def test_lovasz_equals_one_minus_iou_on_hard_predictions() -> None:
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (2, 5, 6), generator=g)
+    labels[0, 0] = 255
+    pred = torch.randint(0, 5, (2, 5, 6), generator=g)
+    probs = F.one_hot(pred, 5).permute(0, 3, 1, 2).to(F64)
+    keep = labels != 255
+    jaccard = []
+    for c in torch.unique(labels[keep]).tolist():  # classes present in the labels, the batch as one set
+        truth, guess = (labels == c) & keep, (pred == c) & keep
+        jaccard.append(1.0 - (truth & guess).sum().item() / (truth | guess).sum().item())
+    assert lovasz_softmax(probs, labels).item() == pytest.approx(sum(jaccard) / len(jaccard), rel=1e-12)
+
+
+def test_lovasz_treats_the_batch_as_one_set() -> None:
+    # image 0: labels (0, 0), predicted (0, 0); image 1: labels (0, 1), predicted (1, 1)
+    labels = torch.tensor([[[0, 0]], [[0, 1]]])
+    pred = torch.tensor([[[0, 0]], [[1, 1]]])
+    probs = F.one_hot(pred, 2).permute(0, 3, 1, 2).to(F64)
+    # one set: class 0 truth {0, 1, 2}, predicted {0, 1}: IoU 2/3; class 1 truth {3}, predicted {2, 3}: IoU 1/2.
+    # Per image it would be mean(0, mean(1, 1/2)) = 0.375 instead.
+    expected = ((1 - 2 / 3) + (1 - 1 / 2)) / 2
+    assert lovasz_softmax(probs, labels).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_lovasz_gradcheck_and_ignore() -> None:
+    g = torch.Generator().manual_seed(1)
+    probs = torch.rand(1, 3, 2, 3, generator=g, dtype=F64).softmax(1).requires_grad_()
+    labels = torch.tensor([[[0, 2, 255], [1, 1, 0]]])
+    assert torch.autograd.gradcheck(lambda p: lovasz_softmax(p, labels), (probs,), fast_mode=True)
+    # an ignored pixel's prediction does not matter
+    changed = probs.detach().clone()
+    changed[0, :, 0, 2] = torch.tensor([0.0, 0.0, 1.0], dtype=F64)
+    assert lovasz_softmax(changed, labels).item() == pytest.approx(lovasz_softmax(probs, labels).item())
+
+
+def test_lovasz_without_labels_is_a_differentiable_zero() -> None:
+    probs = torch.rand(1, 3, 2, 2, dtype=F64).softmax(1).requires_grad_()
+    loss = lovasz_softmax(probs, torch.full((1, 2, 2), 255))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(probs.grad, torch.zeros_like(probs))
+
+
+def test_lovasz_refuses_labels_outside_the_classes() -> None:
+    with pytest.raises(ValueError, match=r"labels \[7\] outside \[0, 3\)"):
+        lovasz_softmax(torch.rand(1, 3, 2, 2).softmax(1), torch.full((1, 2, 2), 7))
+
+
+def test_lsr_value_by_hand() -> None:
+    logits = torch.tensor([2.0, 0.0, -1.0], dtype=F64).reshape(1, 3, 1, 1)
+    lse = math.log(math.exp(2.0) + 1.0 + math.exp(-1.0))
+    u = -((2.0 - lse) + (0.0 - lse) + (-1.0 - lse)) / 3
+    assert adaptive_lsr(logits, tau=10.0).item() == pytest.approx((u / 10.0 - 1.0) * u, rel=1e-12)
+
+
+@pytest.mark.parametrize("tau", [10.0, 5.0])
+def test_lsr_gradient_is_that_of_the_squared_distance_to_tau(tau: float) -> None:
+    g = torch.Generator().manual_seed(2)
+    logits = (torch.randn(2, 5, 3, 4, generator=g, dtype=F64) * 4).requires_grad_()
+    adaptive_lsr(logits, tau=tau).backward()
+    ours = logits.grad.clone()
+    logits.grad = None
+    u = -torch.log_softmax(logits, dim=1).mean(dim=1)
+    ((u - tau) ** 2 / (2 * tau)).mean().backward()
+    torch.testing.assert_close(ours, logits.grad)
+    # below tau it sharpens (u falls), above it smooths: both sides occur with these logits at tau = 5
+    if tau == 5.0:
+        assert (u < tau).any() and (u > tau).any()
+
+
+def test_lsr_refuses_bad_tau() -> None:
+    with pytest.raises(ValueError, match="tau must be positive"):
+        adaptive_lsr(torch.zeros(1, 2, 1, 1), tau=0.0)
+
+
+def test_cross_entropy_is_the_mean_over_labelled_pixels() -> None:
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 4, 3, 3, generator=g, dtype=F64)
+    labels = torch.randint(0, 4, (2, 3, 3), generator=g)
+    labels[0, 0] = 255
+    keep = labels != 255
+    per_pixel = -torch.log_softmax(logits, 1).gather(1, labels.clamp(max=3).unsqueeze(1)).squeeze(1)
+    assert cross_entropy(logits, labels).item() == pytest.approx(per_pixel[keep].mean().item(), rel=1e-12)
+    leaf = logits.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: cross_entropy(x, labels), (leaf,), fast_mode=True)
+
+
+def test_cross_entropy_without_labels_is_a_differentiable_zero() -> None:
+    logits = torch.randn(1, 3, 2, 2, dtype=F64, requires_grad=True)
+    loss = cross_entropy(logits, torch.full((1, 2, 2), 255))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_cross_entropy_refuses_bad_labels_and_shapes() -> None:
+    with pytest.raises(ValueError, match=r"labels \[5\] outside \[0, 3\)"):
+        cross_entropy(torch.zeros(1, 3, 2, 2), torch.tensor([[[0, 5], [1, 255]]]))
+    with pytest.raises(ValueError, match=r"logits \[N, C, H, W\] and labels \[N, H, W\]"):
+        cross_entropy(torch.zeros(1, 3, 2, 2), torch.zeros(1, 3, 2, dtype=torch.long))
