@@ -218,3 +218,16 @@ def test_tracker_records_params_metrics_and_tags(tmp_path: Path) -> None:
     assert run.data.tags["variant"] == "plca"
     assert run.info.status == "FINISHED"
     assert (tmp_path / "a").is_dir()
+
+
+def test_optimizer_choice_and_head_lr() -> None:
+    from plca.engine.optim import make_optimizer
+
+    model = build_model(TINY_MODEL)
+    sgd = make_optimizer(model, OptimConfig(lr=0.1, head_lr_mult=10.0))
+    assert isinstance(sgd, torch.optim.SGD)
+    assert [g["lr"] for g in sgd.param_groups] == [0.1, 1.0]
+    n_params = sum(len(g["params"]) for g in sgd.param_groups)
+    assert n_params == len(list(model.parameters()))
+    adam = make_optimizer(model, OptimConfig(name="adam", lr=0.01))
+    assert isinstance(adam, torch.optim.Adam)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from plca.engine.optim import OptimConfig, sgd
+from plca.engine.optim import OptimConfig, make_optimizer
 
 
 @dataclass
@@ -54,7 +54,7 @@ class Method:
         return {"model": self.model}
 
     def configure_optimizers(self, cfg: OptimConfig) -> dict[str, torch.optim.Optimizer]:
-        return {"model": sgd(self.model, cfg)}
+        return {"model": make_optimizer(self.model, cfg)}
 
     def training_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         raise NotImplementedError
