@@ -113,13 +113,15 @@ def test_kl_directions_by_hand() -> None:
 
 def test_log_clamp_of_the_released_bce(monkeypatch: pytest.MonkeyPatch) -> None:
     # The product P_st * P_ts >= 1 / L^2 never reaches exp(-100) at real sizes: force tiny log-probabilities.
-    def tiny(tensors, picks, *, block_rows=None):
-        return tuple(torch.full((p.rows.shape[0],), -80.0, dtype=F64) + 0.0 * tensors[0].sum() for p in picks)
+    def tiny(*args, **kwargs):
+        return (torch.full((2,), -80.0, dtype=F64, requires_grad=True),) * 2
 
     monkeypatch.setattr(association_module, "picked_log_softmax", tiny)
-    loss = association_loss(image((1.0, 0.0), (0.0, 1.0)), image((1.0, 0.2), (0.3, 1.0)), labels(0, 1),
-                            aggregate_target=False)
-    assert loss.item() == pytest.approx(100.0)
+    monkeypatch.setattr(association_module, "transposed_picks", tiny)
+    for similarity, src, tgt in (("cosine", image((1.0, 0.0), (0.0, 1.0)), image((1.0, 0.2), (0.3, 1.0))),
+                                 ("kl", image((0.8, 0.2), (0.3, 0.7)), image((0.7, 0.3), (0.1, 0.9)))):
+        loss = association_loss(src, tgt, labels(0, 1), similarity=similarity, aggregate_target=False)
+        assert loss.item() == pytest.approx(100.0)
 
 
 # ---- agreement with the dense reference ----------------------------------------------------------------------
@@ -341,3 +343,14 @@ def test_spatial_aggregate_alpha_zero_is_identity_and_constant_images_are_fixed(
     torch.testing.assert_close(spatial_aggregate(constant, "cosine", alpha=0.7), constant)
     probs = constant / constant.sum(1, keepdim=True)
     torch.testing.assert_close(spatial_aggregate(probs, "kl", alpha=0.7), probs)
+
+
+def test_half_precision_inputs_and_autocast_compute_in_float32() -> None:
+    src, tgt, lab = random_batch("cosine", n=2, seed=23)
+    src_bf, tgt_bf = src.bfloat16(), tgt.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = association_loss(src_bf, tgt_bf, lab)
+        agg = spatial_aggregate(tgt_bf)
+    assert loss.dtype == torch.float32 and agg.dtype == torch.bfloat16
+    reference = association_loss(src_bf.float(), tgt_bf.float(), lab)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)

@@ -6,7 +6,15 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from plca.losses.chunked import Pick, aggregate, picked_log_softmax, row_statistics, self_aggregate, unit_rows
+from plca.losses.chunked import (
+    Pick,
+    aggregate,
+    picked_log_softmax,
+    row_statistics,
+    self_aggregate,
+    transposed_picks,
+    unit_rows,
+)
 
 F64 = torch.float64
 
@@ -102,3 +110,24 @@ def test_picks_need_both_statistics() -> None:
     pick = Pick(0, 0, torch.tensor([0]), torch.tensor([1]), torch.ones(1, dtype=F64), row_max=torch.zeros(1))
     with pytest.raises(ValueError, match="give both row_max and log_sum"):
         picked_log_softmax([a], [pick])
+
+
+@pytest.mark.parametrize("block_rows", [1, 2, None])
+def test_transposed_picks_equal_separate_picks_and_gradcheck(block_rows: int | None) -> None:
+    a, b = rand(6, 3, seed=17), rand(5, 3, seed=18)
+    pick_ab = Pick(0, 1, torch.tensor([4, 0, 2]), torch.tensor([1, 1, 3]), torch.tensor([0.5, 2.0, 1.0], dtype=F64))
+    pick_ba = Pick(1, 0, torch.tensor([1, 3]), torch.tensor([5, 0]), torch.tensor([1.5, 0.7], dtype=F64))
+
+    def joint(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return transposed_picks(a, b, pick_ab, pick_ba, block_rows=block_rows)
+
+    assert gradcheck(joint, (a.requires_grad_(), b.requires_grad_()), fast_mode=True)
+    separate = picked_log_softmax([a, b], [pick_ab, pick_ba])
+    values = joint(a, b)
+    torch.testing.assert_close(values, separate)
+    weights = (rand(3, seed=19), rand(2, seed=20))
+    loss_joint = sum((v * w).sum() for v, w in zip(values, weights, strict=True))
+    loss_separate = sum((v * w).sum() for v, w in zip(separate, weights, strict=True))
+    torch.testing.assert_close(torch.autograd.grad(loss_joint, (a, b)), torch.autograd.grad(loss_separate, (a, b)))
+    with pytest.raises(ValueError, match="pick_ab must read rows of a"):
+        transposed_picks(a, b, pick_ba, pick_ab)

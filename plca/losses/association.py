@@ -27,6 +27,7 @@ from plca.losses.chunked import (
     picked_log_softmax,
     row_statistics,
     self_aggregate,
+    transposed_picks,
     unit_rows,
 )
 
@@ -99,6 +100,11 @@ def _check_alpha(alpha: float) -> None:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
 
 
+def _full_precision(x: Tensor) -> Tensor:
+    """Half-precision inputs are computed in float32 (CN of 8464 near-equal cosines needs it)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def _pixel_rows(x: Tensor) -> Tensor:
     """[C, h, w] -> [h*w, C]: one row per pixel, a view (the kernels take strided operands)."""
     return x.flatten(1).T
@@ -119,14 +125,16 @@ def spatial_aggregate(
     if alpha == 0.0:
         return x
     n, c, h, w = x.shape
-    rows = x.flatten(2).transpose(1, 2)  # [N, L, C] view: one row per pixel
-    if similarity == "cosine":
-        out = self_aggregate(unit_rows(rows, keep_input=True), rows, None, alpha=alpha, block_rows=block_rows)
-    else:
-        # -KL(x_j || x_k) = x_j . log(x_k + eps) - (a constant per row j, which the softmax ignores)
-        out = aggregate(rows, torch.log(rows + KL_EPS), rows, rows.new_ones(n, h * w), alpha=alpha,
-                        block_rows=block_rows)
-    return out.transpose(1, 2).reshape(n, c, h, w)
+    # the block kernels call matrix products directly: keep autocast from lowering them to half precision
+    with torch.autocast(x.device.type, enabled=False):
+        rows = _full_precision(x).flatten(2).transpose(1, 2)  # [N, L, C] view: one row per pixel
+        if similarity == "cosine":
+            out = self_aggregate(unit_rows(rows, keep_input=True), rows, None, alpha=alpha, block_rows=block_rows)
+        else:
+            # -KL(x_j || x_k) = x_j . log(x_k + eps) - (a constant per row j, which the softmax ignores)
+            out = aggregate(rows, torch.log(rows + KL_EPS), rows, rows.new_ones(n, h * w), alpha=alpha,
+                            block_rows=block_rows)
+    return out.transpose(1, 2).reshape(n, c, h, w).to(x.dtype)
 
 
 def _check_inputs(source: Tensor, target: Tensor, labels: Tensor) -> None:
@@ -163,6 +171,22 @@ def associate(
     _check_similarity(similarity)
     _check_alpha(alpha)
     _check_inputs(source, target, source_labels)
+    with torch.autocast(source.device.type, enabled=False):
+        return _associate(_full_precision(source), _full_precision(target), source_labels, similarity,
+                          aggregate_target, alpha, ignore_index, contrastive, block_rows)
+
+
+def _associate(
+    source: Tensor,
+    target: Tensor,
+    source_labels: Tensor,
+    similarity: Similarity,
+    aggregate_target: bool,
+    alpha: float,
+    ignore_index: int,
+    contrastive: bool,
+    block_rows: int | None,
+) -> AssociationResult:
     if aggregate_target:
         target = spatial_aggregate(target, similarity, alpha, block_rows=block_rows)
 
@@ -203,16 +227,14 @@ def associate(
         st_pos, ts_pos = st.take(keep), ts.take(torch.searchsorted(landed, j_rows))
         if contrastive:
             # log softmax(CN(d)) at the pick = log softmax(inv * d): the mean of CN cancels, the scale is detached
-            tensors = [a_st, b_st] if similarity == "cosine" else [a_st, b_st, a_ts, b_ts]
-            ts_a, ts_b = (1, 0) if similarity == "cosine" else (2, 3)
-            log_p_st, log_p_ts = picked_log_softmax(
-                tensors,
-                [
-                    Pick(0, 1, i_pos, j_pos, st_pos.inv_scale, st_pos.row_max, st_pos.log_sum),
-                    Pick(ts_a, ts_b, j_rows, ts_pos.argmax, ts_pos.inv_scale, ts_pos.row_max, ts_pos.log_sum),
-                ],
-                block_rows=block_rows,
-            )
+            pick_st = Pick(0, 1, i_pos, j_pos, st_pos.inv_scale, st_pos.row_max, st_pos.log_sum)
+            if similarity == "cosine":  # D_ts = D_st.T: one joint backward
+                pick_ts = Pick(1, 0, j_rows, ts_pos.argmax, ts_pos.inv_scale, ts_pos.row_max, ts_pos.log_sum)
+                log_p_st, log_p_ts = transposed_picks(a_st, b_st, pick_st, pick_ts, block_rows=block_rows)
+            else:
+                pick_ts = Pick(2, 3, j_rows, ts_pos.argmax, ts_pos.inv_scale, ts_pos.row_max, ts_pos.log_sum)
+                log_p_st, log_p_ts = picked_log_softmax([a_st, b_st, a_ts, b_ts], [pick_st, pick_ts],
+                                                        block_rows=block_rows)
             terms.append(-(log_p_st + log_p_ts[j_slot]).clamp(min=LOG_CLAMP))
         else:
             d_st = (a_st[i_pos] * b_st[j_pos]).sum(dim=1)  # D_st[i, j*]

@@ -78,7 +78,8 @@ class _UnitRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, keep_input: bool) -> Tensor:
         norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_(min=NORM_EPS)
-        unit = x / norm
+        # same memory layout as x (pixel rows are usually a transposed view of an image): no transposing copies
+        unit = torch.div(x, norm, out=torch.empty_like(x))
         ctx.save_for_backward(x if keep_input else unit, norm)
         ctx.keep_input = keep_input
         return unit
@@ -86,16 +87,20 @@ class _UnitRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         kept, norm = ctx.saved_tensors
+        out = torch.empty_like(kept)
         width = kept.shape[-1]
-        flat_kept, flat_norm, flat_grad = kept.reshape(-1, width), norm.reshape(-1, 1), grad.reshape(-1, width)
-        out = torch.empty_like(flat_grad)
-        for rows in _blocks(flat_kept.shape[0], rows_per_block(width)):
-            unit = flat_kept[rows] / flat_norm[rows] if ctx.keep_input else flat_kept[rows]
-            g = flat_grad[rows]
-            # d(x/|x|) = (g - u (u . g)) / |x|; where the norm was floored the divisor is a constant: g / eps
-            along = (unit * g).sum(dim=-1, keepdim=True).mul_(flat_norm[rows] > NORM_EPS)
-            out[rows] = torch.addcmul(g, unit, along, value=-1.0).div_(flat_norm[rows])
-        return out.view(grad.shape), None
+        # per matrix of rows (views keep each layout), in blocks of rows
+        for o, x, n, g in zip(out.view(-1, *out.shape[-2:]) if out.dim() > 2 else [out],
+                              kept.view(-1, *kept.shape[-2:]) if kept.dim() > 2 else [kept],
+                              norm.view(-1, *norm.shape[-2:]) if norm.dim() > 2 else [norm],
+                              grad.reshape(-1, *grad.shape[-2:]) if grad.dim() > 2 else [grad], strict=True):
+            for rows in _blocks(x.shape[0], rows_per_block(width)):
+                unit = x[rows] / n[rows] if ctx.keep_input else x[rows]
+                g_rows = g[rows]
+                # d(x/|x|) = (g - u (u . g)) / |x|; where the norm was floored the divisor is a constant: g / eps
+                along = (unit * g_rows).sum(dim=-1, keepdim=True).mul_(n[rows] > NORM_EPS)
+                o[rows] = torch.addcmul(g_rows, unit, along, value=-1.0).div_(n[rows])
+        return out, None
 
 
 def unit_rows(x: Tensor, *, keep_input: bool = False) -> Tensor:
@@ -394,3 +399,91 @@ def picked_log_softmax(tensors: Sequence[Tensor], picks: Sequence[Pick], *, bloc
         if (p.row_max is None) != (p.log_sum is None):
             raise ValueError("picked_log_softmax: give both row_max and log_sum of a pick, or neither")
     return _PickedLogSoftmax.apply(picks, block_rows, *tensors)
+
+
+def _fill_statistics(pick: Pick, a: Tensor, b: Tensor, block_rows: int | None) -> Pick:
+    """The pick with its row statistics, computed if it came without (direct use and tests)."""
+    if pick.row_max is not None:
+        return pick
+    stats = row_statistics(a[pick.rows] * pick.inv_scale[:, None], b, normalise=False, block_rows=block_rows)
+    return Pick(pick.a, pick.b, pick.rows, pick.cols, pick.inv_scale, stats.row_max / pick.inv_scale, stats.log_sum)
+
+
+def _column_grad(d_cols: Tensor, rows: Tensor, pick: Pick, coef: Tensor) -> Tensor:
+    """Gradient wrt d[rows, J] of the transposed picks (one per column j of J): coef_j (onehot - softmax)."""
+    g = d_cols.sub_(pick.row_max).mul_(pick.inv_scale).sub_(pick.log_sum)
+    g.clamp_(min=_exp_floor(g.dtype)).exp_().mul_(-coef)
+    return g.add_((rows[:, None] == pick.cols[None, :]) * coef)
+
+
+class _TransposedPicks(torch.autograd.Function):
+    """Picks on d = a @ b.T (rows P of a) and on its transpose d.T = b @ a.T (rows J of b), as the cosine cycle.
+
+    Backward forms the joint gradient of d block by block: full rows for P, and only the columns J for the
+    other rows of a, so that each needed entry of d is computed once: 3 (p + q - p q) products of L x L x C
+    where separate picks take 3 (p + q), with p, q the shares of rows in P and J.
+    """
+
+    @staticmethod
+    def forward(ctx, a, b, pick_ab, pick_ba, block_rows):  # type: ignore[override]
+        pick_ab = _fill_statistics(pick_ab, a, b, block_rows)
+        pick_ba = _fill_statistics(pick_ba, b, a, block_rows)
+        values = []
+        for p, x, y in ((pick_ab, a, b), (pick_ba, b, a)):
+            picked = x.new_empty(p.rows.shape[0])
+            for blk in _blocks(p.rows.shape[0], rows_per_block(y.shape[0], block_rows)):
+                picked[blk] = (x[p.rows[blk]] * y[p.cols[blk]]).sum(dim=1)
+            values.append((picked - p.row_max).mul_(p.inv_scale).sub_(p.log_sum))
+        ctx.save_for_backward(a, b)
+        ctx.picks, ctx.block_rows = (pick_ab, pick_ba), block_rows
+        return tuple(values)
+
+    @staticmethod
+    def backward(ctx, grad_ab: Tensor, grad_ba: Tensor):
+        a, b = ctx.saved_tensors
+        p_ab, p_ba = ctx.picks
+        need_a, need_b = ctx.needs_input_grad[:2]
+        grad_a, grad_b = torch.zeros_like(a), torch.zeros_like(b)
+        coef_ab, coef_ba = grad_ab * p_ab.inv_scale, grad_ba * p_ba.inv_scale
+        j_rows = p_ba.rows
+        step = rows_per_block(b.shape[0], ctx.block_rows)
+        buffer = a.new_empty(min(step, max(p_ab.rows.shape[0], 1)), b.shape[0])
+        # rows P of a: whole rows of d, their own picks plus the transposed picks' share in columns J
+        for blk in _blocks(p_ab.rows.shape[0], step):
+            size, rows = blk.stop - blk.start, p_ab.rows[blk]
+            a_blk = a[rows]
+            d = torch.mm(a_blk, b.T, out=buffer[:size])
+            col_grad = _column_grad(d[:, j_rows], rows, p_ba, coef_ba)
+            g = _probs_(d, p_ab.row_max[blk], p_ab.inv_scale[blk], p_ab.log_sum[blk]).mul_(-coef_ab[blk, None])
+            g[torch.arange(size, device=g.device), p_ab.cols[blk]] += coef_ab[blk]
+            g.index_add_(1, j_rows, col_grad)
+            grad_a.index_add_(0, rows, g @ b)
+            grad_b.addmm_(g.T, a_blk)
+        # the other rows of a meet only the columns J
+        others = torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
+        others[p_ab.rows] = False
+        others = others.nonzero().squeeze(1)
+        b_j = b[j_rows]
+        grad_b_j = torch.zeros_like(b_j)
+        for blk in _blocks(others.shape[0], rows_per_block(j_rows.shape[0], ctx.block_rows)):
+            rows = others[blk]
+            a_blk = a[rows]
+            g = _column_grad(a_blk @ b_j.T, rows, p_ba, coef_ba)
+            grad_a[rows] = g @ b_j
+            grad_b_j.addmm_(g.T, a_blk)
+        grad_b.index_add_(0, j_rows, grad_b_j)
+        return (grad_a if need_a else None), (grad_b if need_b else None), None, None, None
+
+
+def transposed_picks(a: Tensor, b: Tensor, pick_ab: Pick, pick_ba: Pick, *, block_rows: int | None = None
+                     ) -> tuple[Tensor, Tensor]:
+    """`picked_log_softmax([a, b], [pick_ab, pick_ba])` for pick_ab on a @ b.T and pick_ba on b @ a.T.
+
+    Same values and gradients, with a cheaper backward (see `_TransposedPicks`).
+    """
+    if (pick_ab.a, pick_ab.b, pick_ba.a, pick_ba.b) != (0, 1, 1, 0):
+        raise ValueError("transposed_picks: pick_ab must read rows of a (a=0, b=1), pick_ba rows of b (a=1, b=0)")
+    for p in (pick_ab, pick_ba):
+        if (p.row_max is None) != (p.log_sum is None):
+            raise ValueError("transposed_picks: give both row_max and log_sum of a pick, or neither")
+    return _TransposedPicks.apply(a, b, pick_ab, pick_ba, block_rows)
