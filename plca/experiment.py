@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +195,11 @@ def evaluate_run(
     target = evaluate(model, target_reader, tcfg, icfg, device, keep=keep, progress=progress,
                       desc=f"evaluate {spec.run_name} target-val")
     summary = {"target": summarize(target.matrix)}
+    if icfg.test_time_aggregation and params.evaluate.compare_without_tta:
+        plain_cfg = replace(icfg, test_time_aggregation=False)
+        plain = evaluate(model, target_reader, tcfg, plain_cfg, device, progress=progress,
+                         desc=f"evaluate {spec.run_name} target-val, no aggregation")
+        summary["target_without_tta"] = summarize(plain.matrix)
     if params.evaluate.source_val and params.data.source.val is not None:
         src = evaluate(model, make_reader(params.data.source, "val"), tcfg, icfg, device, progress=progress,
                        desc=f"evaluate {spec.run_name} source-val")
@@ -220,6 +225,7 @@ def evaluate_run(
         "miou": t["mIoU"][protocol],
         "miou19": t["mIoU"]["19"], "miou16": t["mIoU"]["16"], "miou13": t["mIoU"]["13"],
         "source_val_miou": summary.get("source_val", {}).get("mIoU", {}).get(protocol),
+        "miou_without_tta": summary.get("target_without_tta", {}).get("mIoU", {}).get(protocol),
         "iou": t["IoU"]["19"],
     }
     _write_json(compact, metrics_path)
@@ -228,8 +234,9 @@ def evaluate_run(
                                                               "inference": to_dict(icfg)}), tags) as tracker:
         flat = {f"target/mIoU{p}": m for p, m in t["mIoU"].items() if m is not None}
         flat.update({f"target/IoU/{c}": x for c, x in t["IoU"]["19"].items() if x is not None})
-        if compact["source_val_miou"] is not None:
-            flat["source_val/mIoU"] = compact["source_val_miou"]
+        for key, name in (("source_val_miou", "source_val/mIoU"), ("miou_without_tta", "target/mIoU_without_tta")):
+            if compact[key] is not None:
+                flat[name] = compact[key]
         tracker.log_metrics(flat)
         for f in ("metrics.json", "confusion.png", "samples.png"):
             if (out_dir / f).is_file():

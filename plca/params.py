@@ -111,6 +111,8 @@ class EvaluateConfig:
     samples: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     #: Also score every model on source val (shows the domain gap).
     source_val: bool = True
+    #: For models evaluated with test-time aggregation, also score them without it (what aggregation adds).
+    compare_without_tta: bool = True
 
 
 @dataclass
