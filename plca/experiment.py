@@ -38,13 +38,15 @@ PRETRAIN = "pretrain"
 def make_reader(domain: DomainConfig, split: str, with_labels: bool = True) -> Any:
     """A reader of one split ("train" | "val") of a domain, in its own on-disk format."""
     which = domain.train if split == "train" else domain.val
-    if which is None:
+    # train None on GTA5/SYNTHIA = every item (they have no official splits; the paper trains on all of them)
+    if which is None and (split != "train" or domain.format == "cityscapes"):
         raise ValueError(f"{domain.root}: no '{split}' split configured")
+    ids = None if which is None else domain.root / which
     if domain.format == "cityscapes":
         return CityscapesReader(domain.root, which, with_labels=with_labels)
     if domain.format == "gta5":
-        return GTA5Reader(domain.root, ids=domain.root / which)
-    return SynthiaReader(domain.root, ids=domain.root / which)
+        return GTA5Reader(domain.root, ids=ids)
+    return SynthiaReader(domain.root, ids=ids)
 
 
 def save_model(model: DeepLabV2, path: Path, meta: dict[str, Any]) -> None:

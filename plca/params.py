@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from plca.config import ConfigError, from_dict, load_yaml
 from plca.data.embedded import EmbeddedConfig
+from plca.data.prepare import RealDataConfig
 from plca.data.transforms import TransformConfig
 from plca.engine.optim import OptimConfig
 from plca.engine.tracking import TrackingConfig
@@ -25,8 +26,9 @@ class DomainConfig:
     format: Literal["gta5", "cityscapes", "synthia"]
     root: Path
     #: gta5/synthia: list files (one id per line, relative to root) choosing the train and val items;
-    #: cityscapes: the split folder names.
-    train: str = "train"
+    #: cityscapes: the split folder names. train None (gta5/synthia only) = every item: the real GTA5 and
+    #: SYNTHIA have no official splits, and the paper trains on all of them.
+    train: str | None = "train"
     val: str | None = "val"
 
 
@@ -46,6 +48,8 @@ class DataConfig:
     protocol: Literal[19, 16] = 19
     #: Generator settings of the embedded pair; None for real datasets.
     embedded: EmbeddedConfig | None = None
+    #: Real datasets to download, verify and pre-resize into <root>/<dataset> (the paper profiles); None else.
+    prepare: RealDataConfig | None = None
 
 
 @dataclass

@@ -74,6 +74,7 @@ def write_csv_atomic(rows: list[dict[str, float]], path: Path) -> None:
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
+    columns = columns or ["step", "lr"]  # no rows (a 0-step run): the columns every row starts with
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w", newline="") as fh:
@@ -134,7 +135,8 @@ class Trainer:
         for net in nets.values():
             net.to(self.device).train()
         optims = method.configure_optimizers(cfg.optim)
-        horizon = cfg.optim.poly_horizon or cfg.steps
+        # at least 1: a 0-step run (the paper profiles' ImageNet-initialised "pretraining") builds the schedule too
+        horizon = cfg.optim.poly_horizon or max(cfg.steps, 1)
         scheds = {
             k: torch.optim.lr_scheduler.LambdaLR(o, lambda s: poly_factor(s, horizon, cfg.optim.poly_power))
             for k, o in optims.items()
@@ -223,6 +225,6 @@ class Trainer:
             for cb in callbacks:
                 cb(done)
         bar.close()
-        if log_csv is not None and rows:
+        if log_csv is not None:  # also after 0 steps: a header-only log, so the stage's output exists
             write_csv_atomic(rows, log_csv)
         return TrainResult(steps=cfg.steps, resumed_from=start, seconds=time.perf_counter() - t0, log=rows)
