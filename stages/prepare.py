@@ -1,27 +1,69 @@
-"""DVC stage: prepare the data. The default profile generates the embedded domain pair in the GTA5 and
-Cityscapes on-disk formats; the paper profiles download, verify and resize the real datasets instead."""
+"""DVC stage: prepare the data into data.root. The default profile generates the embedded domain pair in the
+GTA5 and Cityscapes on-disk formats; the paper profiles (profiles/gta5.yaml, profiles/synthia.yaml) download,
+verify and pre-resize the real datasets named in data.prepare (plca.data.prepare).
+
+Cityscapes credentials come from CITYSCAPES_USERNAME / CITYSCAPES_PASSWORD or a ~/.netrc entry for
+www.cityscapes-dataset.com; they are never read from params nor logged. Without network, put the archives in
+data.prepare.download.fetch.manual_dir: they are verified and used.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import sys
+from pathlib import Path
 
 import _common
 
-from plca.data.embedded import generate_pair
+from plca.data.download import DownloadError, load_sources
+from plca.data.extract import ArchiveError
+from plca.data.prepare import check_domain_roots, credentials_for, prepare_datasets
+from plca.data.resize import ResizeError
+from plca.data.verify import DatasetError
+
+#: The paper profiles, complete params files named <profile>.yaml (relative to the repository root).
+PROFILES = Path("profiles")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = _common.setup(__doc__)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     params = _common.params_or_exit(args.params)
-    if params.data.embedded is None:
-        raise SystemExit(
-            f"error: profile '{params.profile}' has no embedded pair to generate; "
-            "run the download and resize stages for real datasets (see README, 'Reproducing the paper on GPUs')"
-        )
-    summary = generate_pair(params.data.root, params.data.embedded, progress=not args.no_progress)
-    print(json.dumps(summary, default=str)[:2000])
+    data = params.data
+    progress = not args.no_progress
+    if data.embedded is not None and data.prepare is not None:
+        sys.exit(f"error: {args.params}: data.embedded and data.prepare are both set; a profile has one of them")
+    if data.embedded is not None and (_common.repo_root() / PROFILES / f"{params.profile}.yaml").is_file():
+        # `dvc exp run -S profile=gta5` only relabels the toy profile; a paper profile is a whole params file
+        sys.exit(f"error: {args.params}: profile is '{params.profile}' but the params are the embedded toy pair's; "
+                 f"select the profile with: cp {PROFILES}/{params.profile}.yaml params.yaml")
+    if data.embedded is not None:
+        from plca.data.embedded import generate_pair
+
+        summary = generate_pair(data.root, data.embedded, progress=progress)
+        print(json.dumps(summary, default=str)[:2000])
+        return 0
+    if data.prepare is None:
+        sys.exit(f"error: {args.params}: profile '{params.profile}' sets neither data.embedded (the toy pair) nor "
+                 "data.prepare (real datasets); see profiles/ and README, 'Reproducing the paper on GPUs'")
+    cfg = data.prepare
+    if not progress:
+        cfg.download.fetch.progress = cfg.download.verify.progress = cfg.resize.progress = False
+    try:
+        check_domain_roots(data.root, cfg, [data.source.root, data.target.root])
+        sources = load_sources(cfg.download.sources)
+        # the one place that reads the environment and ~/.netrc for accounts
+        credentials = credentials_for(sources, cfg.datasets, os.environ, Path.home() / ".netrc")
+        prepared = prepare_datasets(data.root, cfg, credentials)
+    except (ValueError, DownloadError, ArchiveError, DatasetError, ResizeError) as exc:
+        sys.exit(f"error: {exc}")
+    for p in prepared:
+        counts = ", ".join(f"{split}: {n}" for split, n in p.counts.items())
+        print(f"{p.name}: {p.root} ({counts} image/label pairs; {len(p.label_size_fixed)} labels brought to "
+              f"their image's size)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
