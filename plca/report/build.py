@@ -51,7 +51,7 @@ def collect_records(inp: ReportInputs) -> list[dict[str, Any]]:
     for v in inp.variants:
         for s in inp.seeds:
             m = _load_json(inp.metrics_dir / v / f"s{s}.json")
-            rec = {"variant": v, "seed": s, "miou": m["miou19"], "iou": m["iou"]}
+            rec = {"variant": v, "seed": s, "miou": m["miou"], "iou": m["iou"]}
             if m.get("source_val_miou") is not None:
                 rec[SOURCE_VAL] = m["source_val_miou"]
             records.append(rec)
@@ -111,8 +111,8 @@ def build_reports(inp: ReportInputs, target_val: Any, sample_indices: Sequence[i
             ("figures/training_curves.png", "every logged loss term per variant, mean over seeds with min-max band"),
             ("figures/class_iou.png", "per-class IoU: source-only vs PLCA vs oracle, mean ± std over seeds"),
             ("summary.json", "per-variant mean/std mIoU (the DVC metrics file)"),
-            ("benchmarks.md", "measured speed and memory (written by `python -m plca.bench`, not by this stage)"),
-        ],
+        ] + ([("benchmarks.md", "measured speed and memory (written by `python -m plca.bench`, not by this stage)")]
+             if (out_dir / "benchmarks.md").is_file() else []),
         dataset_label=inp.dataset_label,
         command=command,
         summary=headline(results) if "plca" in inp.variants and "source_only" in inp.variants else None,
