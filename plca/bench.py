@@ -100,7 +100,7 @@ class AssociationCase:
     device: str
     repeats: int
     threads: int | None
-    implementation: str  # "blockwise" or "dense"
+    implementation: str  # "blockwise", "cached" (blockwise, cosine matrices kept for backward) or "dense"
     #: "time": `repeats` timed runs, loss and gradients saved; "memory": one run under the peak-memory probe.
     mode: str = "time"
 
@@ -193,8 +193,9 @@ def run_worker(case: AssociationCase, out_dir: Path) -> dict:
         source.grad = target.grad = None
         sync()
         start = time.perf_counter()
-        if case.implementation == "blockwise":
-            result = associate(source, target, labels, similarity=case.similarity)
+        if case.implementation in ("blockwise", "cached"):
+            result = associate(source, target, labels, similarity=case.similarity,
+                               cache_similarities=case.implementation == "cached")
             loss = result.loss
             record["positive_rate"] = result.positive_rate
             record["distinct_targets"] = int(torch.unique(result.target_index[result.positive]).numel())
@@ -217,6 +218,7 @@ def _spawn(case: AssociationCase, out_dir: Path) -> dict:
     env = dict(os.environ)
     if case.mode == "memory":  # timing runs keep the normal allocator: mmap'ing every block would cost page faults
         env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
+    out_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "plca.bench", WORKER, json.dumps(asdict(case)), str(out_dir)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -244,30 +246,43 @@ def run_association(args: argparse.Namespace) -> str:
     kinds = [(kind, channels_of[kind]) for kind in args.kinds]
     for side in args.sizes:
         for kind, channels in kinds:
-            measured = {}
+            # caching only changes the cosine path
+            variants = ("blockwise", "cached") if kind == "features" else ("blockwise",)
+            implementations = (*variants, "dense")
+            measured: dict[str, dict] = {impl: {"seconds": []} for impl in implementations}
             with tempfile.TemporaryDirectory(prefix="plca-bench-") as tmp:
-                for impl in ("blockwise", "dense"):
-                    case = AssociationCase(kind, side, channels, args.classes, args.seed, args.device, args.repeats,
-                                           args.threads, impl)
-                    measured[impl] = _spawn(case, Path(tmp))
-                    measured[impl].update(_spawn(replace(case, mode="memory"), Path(tmp)))
-                    print(f"  {kind} {side}x{side} {impl}: best {min(measured[impl]['seconds']):.3f} s, "
-                          f"peak {_mib(measured[impl]['peak_bytes'])}", file=sys.stderr, flush=True)
-                ours, dense = (torch.load(Path(tmp) / f"{i}.pt") for i in ("blockwise", "dense"))
-            d_loss = (ours["loss"] - dense["loss"]).abs().item()
-            d_grad = max((ours[k] - dense[k]).abs().max().item() for k in ("source", "target"))
+                # interleaved rounds, one run per process: a busy spell on a shared machine hits all alike
+                for round_index in range(args.repeats):
+                    for impl in implementations:
+                        case = AssociationCase(kind, side, channels, args.classes, args.seed, args.device, 1,
+                                               args.threads, impl)
+                        record = _spawn(case, Path(tmp) / str(round_index))
+                        measured[impl]["seconds"] += record.pop("seconds")
+                        measured[impl].update(record)
+                for impl in implementations:
+                    measured[impl].update(_spawn(replace(case, implementation=impl, mode="memory"), Path(tmp)))
+                    print(f"  {kind} {side}x{side} {impl}: best {min(measured[impl]['seconds']):.3f} s of "
+                          f"{len(measured[impl]['seconds'])}, peak {_mib(measured[impl]['peak_bytes'])}",
+                          file=sys.stderr, flush=True)
+                saved = {impl: torch.load(Path(tmp) / "0" / f"{impl}.pt") for impl in implementations}
+            dense = saved["dense"]
+            t_dense, m_dense = min(measured["dense"]["seconds"]), measured["dense"]["peak_bytes"]
             g_max = max(dense[k].abs().max().item() for k in ("source", "target"))
-            t_ours, t_dense = min(measured["blockwise"]["seconds"]), min(measured["dense"]["seconds"])
-            m_ours, m_dense = measured["blockwise"]["peak_bytes"], measured["dense"]["peak_bytes"]
-            label = f"{kind}: {channels} ch, {'cosine' if kind == 'features' else 'KL'}"
-            cycles = measured["blockwise"]
-            rows.append(
-                f"| {label} | {side}x{side} = {side * side} | {_secs(t_ours)} | {_secs(t_dense)} | "
-                f"**{t_ours / t_dense:.2f}** | {_mib(m_ours)} | {_mib(m_dense)} | **{m_ours / m_dense:.2f}** | "
-                f"{cycles['positive_rate']:.2f} / {cycles['distinct_targets'] / side**2:.2f} | "
-                f"{float(ours['loss']):.4f} | {d_loss:.1e} | {d_grad:.1e} ({d_grad / g_max:.1e} of max) |"
-            )
-            notes.append((kind, side, t_ours / t_dense, m_ours / m_dense))
+            for impl in variants:
+                ours = saved[impl]
+                d_loss = (ours["loss"] - dense["loss"]).abs().item()
+                d_grad = max((ours[k] - dense[k]).abs().max().item() for k in ("source", "target"))
+                t_ours, m_ours = min(measured[impl]["seconds"]), measured[impl]["peak_bytes"]
+                mode = {"blockwise": "recompute", "cached": "cached"}[impl] if kind == "features" else "recompute"
+                label = f"{kind}: {channels} ch, {'cosine' if kind == 'features' else 'KL'}, {mode}"
+                cycles = measured[impl]
+                rows.append(
+                    f"| {label} | {side}x{side} = {side * side} | {_secs(t_ours)} | {_secs(t_dense)} | "
+                    f"**{t_ours / t_dense:.2f}** | {_mib(m_ours)} | {_mib(m_dense)} | **{m_ours / m_dense:.2f}** | "
+                    f"{cycles['positive_rate']:.2f} / {cycles['distinct_targets'] / side**2:.2f} | "
+                    f"{float(ours['loss']):.4f} | {d_loss:.1e} | {d_grad:.1e} ({d_grad / g_max:.1e} of max) |"
+                )
+                notes.append((f"{kind} ({mode})", side, t_ours / t_dense, m_ours / m_dense))
     method = measured["blockwise"]["memory_method"]
     threads = measured["blockwise"]["torch_threads"]
     met = [f"{k} {s}x{s}" for k, s, t, m in notes if t <= 0.7 and m <= 0.5]
@@ -279,13 +294,16 @@ def run_association(args: argparse.Namespace) -> str:
     body = "\n".join([
         "One forward+backward of the association loss (target aggregation on) for one image pair: the block-wise "
         "`plca.losses.association_loss` against the plain dense implementation of the same formulas "
-        "(`plca/losses/dense_reference.py`), each configuration in a fresh process.",
+        "(`plca/losses/dense_reference.py`), each configuration in a fresh process. Block-wise modes: *recompute* "
+        "(default) keeps no L x L matrix and recomputes blocks in backward; *cached* "
+        "(`cache_similarities=True`, cosine only) keeps the SAGG similarities (upper half) and D_st from forward "
+        "to backward.",
         "",
         f"- Command: `{command}`, {_dt.date.today().isoformat()}",
         f"- Device: {device_description(args.device)}; torch {torch.__version__}"
         + (f", {threads} thread(s)" if args.device == "cpu" else ""),
-        f"- Time: best of {args.repeats} runs. Peak memory, in a separate process and run: {memory_note}; both "
-        "include the input gradients.",
+        f"- Time: best of {args.repeats} runs, each in its own process, the implementations taking turns. Peak "
+        f"memory, in one more process per implementation: {memory_note}; both include the input gradients.",
         f"- Inputs (seed {args.seed}): labels on a {LAYOUT_CELLS}x{LAYOUT_CELLS} grid of random classes "
         f"({IGNORED_CELLS} cells unlabelled); features = class embedding + {FEATURE_NOISE} N(0,1), ReLU; "
         f"predictions = softmax({PREDICTION_MARGIN} onehot + N(0,1)). Positives: share of labelled source pixels with "

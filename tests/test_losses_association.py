@@ -145,15 +145,16 @@ def loss_and_grads(fn, src, tgt, lab, **kwargs):
     return loss.detach(), s.grad, t.grad
 
 
-@pytest.mark.parametrize("similarity", ["cosine", "kl"])
+@pytest.mark.parametrize(("similarity", "cache"), [("cosine", False), ("cosine", True), ("kl", False)])
 @pytest.mark.parametrize("contrastive", [True, False])
 @pytest.mark.parametrize("aggregate_target", [True, False])
 @pytest.mark.parametrize("block_rows", [None, 3])
-def test_matches_dense_reference(similarity: str, contrastive: bool, aggregate_target: bool,
+def test_matches_dense_reference(similarity: str, cache: bool, contrastive: bool, aggregate_target: bool,
                                  block_rows: int | None) -> None:
     src, tgt, lab = random_batch(similarity, seed=7)
     common = dict(similarity=similarity, contrastive=contrastive, aggregate_target=aggregate_target)
-    ours = loss_and_grads(association_loss, src, tgt, lab, block_rows=block_rows, **common)
+    ours = loss_and_grads(association_loss, src, tgt, lab, block_rows=block_rows, cache_similarities=cache,
+                          **common)
     dense = loss_and_grads(dense_association_loss, src, tgt, lab, **common)
     assert associate(src, tgt, lab, **common).num_positive > 0
     for a, b in zip(ours, dense, strict=True):
@@ -306,12 +307,13 @@ def test_bad_shapes_are_refused() -> None:
 # ---- spatial aggregation -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("similarity", ["cosine", "kl"])
-def test_spatial_aggregate_matches_dense(similarity: str) -> None:
+@pytest.mark.parametrize(("similarity", "cache"), [("cosine", False), ("cosine", True), ("kl", False)])
+def test_spatial_aggregate_matches_dense(similarity: str, cache: bool) -> None:
     src, _, _ = random_batch(similarity, n=2, seed=21)
     grad_out = torch.randn_like(src)
     results = []
-    for fn, kwargs in ((spatial_aggregate, dict(block_rows=3)), (dense_spatial_aggregate, {})):
+    ours = dict(block_rows=3, cache_similarities=cache)
+    for fn, kwargs in ((spatial_aggregate, ours), (dense_spatial_aggregate, {})):
         x = src.clone().requires_grad_()
         y = fn(x, similarity, 0.3, **kwargs)
         (y * grad_out).sum().backward()

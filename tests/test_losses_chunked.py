@@ -9,6 +9,7 @@ from torch.autograd import gradcheck
 from plca.losses.chunked import (
     Pick,
     aggregate,
+    column_statistics,
     picked_log_softmax,
     row_statistics,
     self_aggregate,
@@ -36,11 +37,23 @@ def test_aggregate_gradcheck(block_rows: int | None) -> None:
 
 
 @pytest.mark.parametrize("block_rows", [1, 3, None])
-def test_self_aggregate_gradcheck(block_rows: int | None) -> None:
+@pytest.mark.parametrize("cache", [False, True])
+def test_self_aggregate_gradcheck(block_rows: int | None, cache: bool) -> None:
     x, v = rand(2, 7, 3, seed=4), rand(2, 7, 2, seed=5)
     inv = rand(2, 7, seed=6).abs() + 0.5
-    fn = lambda x, v: self_aggregate(x, v, inv, alpha=0.4, block_rows=block_rows)  # noqa: E731
+    fn = lambda x, v: self_aggregate(x, v, inv, alpha=0.4, block_rows=block_rows, cache=cache)  # noqa: E731
     assert gradcheck(fn, (x.requires_grad_(), v.requires_grad_()), fast_mode=True)
+
+
+def test_self_aggregate_cache_keeps_cn_statistics_and_survives_a_second_backward() -> None:
+    x, v = rand(1, 9, 3, seed=21), rand(1, 9, 2, seed=22)
+    leaf = x.clone().requires_grad_()
+    y = self_aggregate(leaf, v, None, alpha=0.7, block_rows=2, cache=True)
+    d = x[0] @ x[0].T
+    cn = (d - d.mean(1, keepdim=True)) / (d.std(1, keepdim=True) + 1e-10)  # moments merged over blocks
+    torch.testing.assert_close(y[0], 0.3 * v[0] + 0.7 * torch.softmax(cn, 1) @ v[0])
+    first = torch.autograd.grad(y.sum(), leaf, retain_graph=True)[0]
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), leaf)[0], first)
 
 
 def test_aggregate_with_cn_equals_the_explicit_formula() -> None:
@@ -74,6 +87,19 @@ def test_picked_log_softmax_gradcheck_and_value() -> None:
     torch.testing.assert_close(with_stats, expected)
     grads = torch.autograd.grad(with_stats.sum(), (a, b))
     torch.testing.assert_close(grads, torch.autograd.grad(expected.sum(), (a, b)))
+
+
+def test_column_statistics_are_those_of_the_transpose() -> None:
+    a, b = rand(7, 4, seed=23), rand(9, 4, seed=24)
+    d = a @ b.T
+    cols = torch.tensor([8, 1, 4])
+    from_columns = column_statistics(d, cols, normalise=True, block_rows=2)
+    from_rows = row_statistics(b, a, normalise=True, rows=cols)
+    for x, y in zip(vars(from_columns).values(), vars(from_rows).values(), strict=True):
+        torch.testing.assert_close(x, y)
+    kept = torch.empty(7, 9, dtype=F64)
+    row_statistics(a, b, normalise=True, keep=kept, block_rows=3)
+    torch.testing.assert_close(kept, d)
 
 
 def test_row_statistics_equal_torch_on_the_explicit_matrix() -> None:
@@ -129,5 +155,12 @@ def test_transposed_picks_equal_separate_picks_and_gradcheck(block_rows: int | N
     loss_joint = sum((v * w).sum() for v, w in zip(values, weights, strict=True))
     loss_separate = sum((v * w).sum() for v, w in zip(separate, weights, strict=True))
     torch.testing.assert_close(torch.autograd.grad(loss_joint, (a, b)), torch.autograd.grad(loss_separate, (a, b)))
+    # reading a stored a @ b.T instead of recomputing it changes nothing
+    stored = (a @ b.T).detach()
+    cached = transposed_picks(a, b, pick_ab, pick_ba, similarities=stored, block_rows=block_rows)
+    loss_cached = sum((v * w).sum() for v, w in zip(cached, weights, strict=True))
+    torch.testing.assert_close(torch.autograd.grad(loss_cached, (a, b)), torch.autograd.grad(loss_joint, (a, b)))
     with pytest.raises(ValueError, match="pick_ab must read rows of a"):
         transposed_picks(a, b, pick_ba, pick_ab)
+    with pytest.raises(ValueError, match=r"similarities must be \[6, 5\]"):
+        transposed_picks(a, b, pick_ab, pick_ba, similarities=stored.T)

@@ -129,6 +129,19 @@ class RowStatistics:
         return RowStatistics(self.argmax[index], self.row_max[index], self.inv_scale[index], self.log_sum[index])
 
 
+def _block_statistics_(
+    d: Tensor, normalise: bool, inv: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(argmax, row_max, inv, log_sum) of the rows of a block of similarities; d is overwritten."""
+    mean = d.mean(dim=1) if normalise else None
+    if mean is not None:
+        inv = _inverse_std_(d)
+    elif inv is None:
+        inv = d.new_ones(d.shape[0])
+    peak, arg, total = _exp_rows_(d, inv)
+    return arg, (peak if mean is None else peak + mean), inv, total.log_()
+
+
 @torch.no_grad()
 def row_statistics(
     a: Tensor,
@@ -138,29 +151,41 @@ def row_statistics(
     rows: Tensor | None = None,
     inv_scale: Tensor | None = None,
     block_rows: int | None = None,
+    keep: Tensor | None = None,
 ) -> RowStatistics:
     """Argmax, maximum, scale and log-sum of the rows of d = a @ b.T ([R, C] x [K, C]), block by block.
 
     normalise: scale by the CN factor 1 / (std + 1e-10); else by `inv_scale` (default 1).
-    rows: only these rows of a, in this order.
+    rows: only these rows of a, in this order. keep: an [R, K] tensor that receives d.
     """
     num_rows = a.shape[0] if rows is None else rows.shape[0]
     num_cols = b.shape[0]
     step = rows_per_block(num_cols, block_rows)
-    argmax = torch.empty(num_rows, dtype=torch.long, device=a.device)
-    row_max, log_sum = a.new_empty(num_rows), a.new_empty(num_rows)
-    inv = a.new_ones(num_rows) if inv_scale is None or normalise else inv_scale.detach().clone()
+    stats = RowStatistics(torch.empty(num_rows, dtype=torch.long, device=a.device), a.new_empty(num_rows),
+                          a.new_empty(num_rows), a.new_empty(num_rows))
     buffer = a.new_empty(min(step, num_rows), num_cols)
     for blk in _blocks(num_rows, step):
         a_blk = a[blk] if rows is None else a[rows[blk]]
         d = torch.mm(a_blk, b.T, out=buffer[: blk.stop - blk.start])
-        mean = d.mean(dim=1) if normalise else None
-        if mean is not None:
-            inv[blk] = _inverse_std_(d)
-        peak, argmax[blk], total = _exp_rows_(d, inv[blk])
-        row_max[blk] = peak if mean is None else peak + mean
-        log_sum[blk] = total.log_()
-    return RowStatistics(argmax=argmax, row_max=row_max, inv_scale=inv, log_sum=log_sum)
+        if keep is not None:
+            keep[blk] = d
+        given = None if normalise or inv_scale is None else inv_scale[blk]
+        stats.argmax[blk], stats.row_max[blk], stats.inv_scale[blk], stats.log_sum[blk] = _block_statistics_(
+            d, normalise, given)
+    return stats
+
+
+@torch.no_grad()
+def column_statistics(d: Tensor, cols: Tensor, *, normalise: bool, block_rows: int | None = None) -> RowStatistics:
+    """`row_statistics` of the rows `cols` of d.T, read from a stored similarity matrix d."""
+    step = rows_per_block(d.shape[0], block_rows)
+    stats = RowStatistics(torch.empty(cols.shape[0], dtype=torch.long, device=d.device), d.new_empty(cols.shape[0]),
+                          d.new_empty(cols.shape[0]), d.new_empty(cols.shape[0]))
+    for blk in _blocks(cols.shape[0], step):
+        block = d[:, cols[blk]].T.contiguous()
+        stats.argmax[blk], stats.row_max[blk], stats.inv_scale[blk], stats.log_sum[blk] = _block_statistics_(
+            block, normalise, None)
+    return stats
 
 
 def _aggregate_forward(
@@ -256,6 +281,62 @@ def _logit_grad(w: Tensor, grad_rows: Tensor, v_cols: Tensor, centre: Tensor, in
     return grad_w.sub_(centre[:, None]).mul_(w).mul_(inv[:, None])
 
 
+def _merge_moments_(count: Tensor, mean: Tensor, m2: Tensor, peak: Tensor, d: Tensor) -> None:
+    """Fold a block of columns of some rows (d: [rows, k]) into their running count, mean, M2 and maximum."""
+    k = d.shape[1]
+    block_mean = d.mean(dim=1)
+    block_m2 = (d - block_mean[:, None]).square_().sum(dim=1)
+    total = count + k
+    delta = block_mean - mean
+    mean.add_(delta * k / total)
+    m2.add_(block_m2 + delta.square() * count * k / total)
+    count.copy_(total)
+    torch.maximum(peak, d.amax(dim=1), out=peak)
+
+
+def _symmetric_forward(
+    x: Tensor, v: Tensor, inv: Tensor | None, alpha: float, side: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[dict[tuple[int, int], Tensor]]]:
+    """`_aggregate_forward` for q = k = x that computes only the blocks x_a x_b^T with a <= b and keeps them.
+
+    A first sweep computes and stores the blocks and gathers each row's moments and maximum; a second one
+    exponentiates them for rows a and rows b. Returns (y, agg, inv, row_max, log_sum, blocks per image).
+    """
+    n_img, num_rows, _ = x.shape
+    blocks = list(_blocks(num_rows, side))
+    agg = v.new_zeros(n_img, v.shape[2], num_rows).transpose(1, 2)
+    inv_all = x.new_empty(n_img, num_rows) if inv is None else inv.detach()
+    row_max, log_sum = x.new_empty(n_img, num_rows), x.new_empty(n_img, num_rows)
+    floor = _exp_floor(x.dtype)
+    kept = []
+    for n in range(n_img):
+        stored: dict[tuple[int, int], Tensor] = {}
+        count, mean, m2 = x.new_zeros(num_rows), x.new_zeros(num_rows), x.new_zeros(num_rows)
+        peak = x.new_full((num_rows,), -math.inf)
+        for ia, a in enumerate(blocks):
+            for ib in range(ia, len(blocks)):
+                b = blocks[ib]
+                d = stored[ia, ib] = x[n, a] @ x[n, b].T
+                _merge_moments_(count[a], mean[a], m2[a], peak[a], d)
+                if ib != ia:
+                    _merge_moments_(count[b], mean[b], m2[b], peak[b], d.T)
+        if inv is None:
+            inv_all[n] = m2.div_(num_rows - 1).sqrt_().add_(CN_EPS).reciprocal_()
+        sums = x.new_zeros(num_rows)
+        for (ia, ib), d in stored.items():
+            for rows, cols, block in ((blocks[ia], blocks[ib], d), (blocks[ib], blocks[ia], d.T)):
+                e = (block - peak[rows, None]).mul_(inv_all[n, rows, None]).clamp_(min=floor).exp_()
+                agg[n, rows].addmm_(e, v[n, cols])
+                sums[rows] += e.sum(dim=1)
+                if ib == ia:
+                    break
+        agg[n].div_(sums[:, None])
+        row_max[n], log_sum[n] = peak, sums.log_()
+        kept.append(stored)
+    y = agg if alpha == 1.0 else torch.lerp(v, agg, alpha)
+    return y, agg, inv_all, row_max, log_sum, kept
+
+
 class _SelfAggregate(torch.autograd.Function):
     """`_Aggregate` with q = k = x: one image against itself (the cosine SAGG weights).
 
@@ -265,13 +346,17 @@ class _SelfAggregate(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, v, inv, alpha, block_rows):  # type: ignore[override]
+    def forward(ctx, x, v, inv, alpha, block_rows, cache):  # type: ignore[override]
         step = rows_per_block(x.shape[1], block_rows)
-        y, agg, inv_all, row_max, log_sum = _aggregate_forward(x, x, v, inv, alpha, step)
-        ctx.save_for_backward(x, v, inv_all, row_max, log_sum, agg)
-        ctx.alpha = alpha
         # square blocks with about as many entries as a row block
         ctx.side = max(1, min(x.shape[1], math.isqrt(step * x.shape[1])))
+        ctx.stored = None
+        if cache:
+            y, agg, inv_all, row_max, log_sum, ctx.stored = _symmetric_forward(x, v, inv, alpha, ctx.side)
+        else:
+            y, agg, inv_all, row_max, log_sum = _aggregate_forward(x, x, v, inv, alpha, step)
+        ctx.save_for_backward(x, v, inv_all, row_max, log_sum, agg)
+        ctx.alpha = alpha
         return y
 
     @staticmethod
@@ -289,9 +374,13 @@ class _SelfAggregate(torch.autograd.Function):
             # the softmax backward needs sum_k w_rk dw_rk over whole rows: it equals g_agg_r . agg_r
             centre = (g_agg * agg[n]).sum(dim=1)
             for ia, a in enumerate(blocks):
-                for b in blocks[ia:]:
+                for ib in range(ia, len(blocks)):
+                    b = blocks[ib]
                     na, nb = a.stop - a.start, b.stop - b.start
-                    logits = torch.mm(x[n, a], x[n, b].T, out=logits_buf[:na, :nb])
+                    if ctx.stored is None:
+                        logits = torch.mm(x[n, a], x[n, b].T, out=logits_buf[:na, :nb])
+                    else:  # the forward pass kept it (copied: a second backward finds it intact)
+                        logits = logits_buf[:na, :nb].copy_(ctx.stored[n][ia, ib])
                     # logits_ab = x_a . x_b is entry b of rows a and entry a of rows b
                     w_ba = None
                     if b != a:
@@ -311,14 +400,24 @@ class _SelfAggregate(torch.autograd.Function):
                     both.add_(_logit_grad(w_ba, g_agg[b], v[n, a], centre[b], inv[n, b], logits_buf[:nb, :na]).T)
                     grad_x[n, a].addmm_(both, x[n, b], alpha=alpha)
                     grad_x[n, b].addmm_(both.T, x[n, a], alpha=alpha)
-        return grad_x, grad_v, None, None, None
+        return grad_x, grad_v, None, None, None, None
 
 
 def self_aggregate(
-    x: Tensor, v: Tensor, inv_scale: Tensor | None = None, *, alpha: float = 1.0, block_rows: int | None = None
+    x: Tensor,
+    v: Tensor,
+    inv_scale: Tensor | None = None,
+    *,
+    alpha: float = 1.0,
+    block_rows: int | None = None,
+    cache: bool = False,
 ) -> Tensor:
-    """`aggregate(x, x, v, inv_scale, alpha=alpha)` with a cheaper backward for the symmetric x x^T."""
-    return _SelfAggregate.apply(x, v, inv_scale, alpha, block_rows)
+    """`aggregate(x, x, v, inv_scale, alpha=alpha)` with a cheaper backward for the symmetric x x^T.
+
+    cache: compute only the upper triangle of x x^T in forward and keep it for backward (half an L x L matrix
+    per image): 1.5 + 3 products of L x L x C instead of 2 + 3.5.
+    """
+    return _SelfAggregate.apply(x, v, inv_scale, alpha, block_rows, cache)
 
 
 @dataclass
@@ -425,7 +524,7 @@ class _TransposedPicks(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, a, b, pick_ab, pick_ba, block_rows):  # type: ignore[override]
+    def forward(ctx, a, b, pick_ab, pick_ba, similarities, block_rows):  # type: ignore[override]
         pick_ab = _fill_statistics(pick_ab, a, b, block_rows)
         pick_ba = _fill_statistics(pick_ba, b, a, block_rows)
         values = []
@@ -435,13 +534,14 @@ class _TransposedPicks(torch.autograd.Function):
                 picked[blk] = (x[p.rows[blk]] * y[p.cols[blk]]).sum(dim=1)
             values.append((picked - p.row_max).mul_(p.inv_scale).sub_(p.log_sum))
         ctx.save_for_backward(a, b)
-        ctx.picks, ctx.block_rows = (pick_ab, pick_ba), block_rows
+        ctx.picks, ctx.block_rows, ctx.similarities = (pick_ab, pick_ba), block_rows, similarities
         return tuple(values)
 
     @staticmethod
     def backward(ctx, grad_ab: Tensor, grad_ba: Tensor):
         a, b = ctx.saved_tensors
         p_ab, p_ba = ctx.picks
+        stored = ctx.similarities  # d = a @ b.T kept by the forward pass, or None: recompute
         need_a, need_b = ctx.needs_input_grad[:2]
         grad_a, grad_b = torch.zeros_like(a), torch.zeros_like(b)
         coef_ab, coef_ba = grad_ab * p_ab.inv_scale, grad_ba * p_ba.inv_scale
@@ -452,7 +552,10 @@ class _TransposedPicks(torch.autograd.Function):
         for blk in _blocks(p_ab.rows.shape[0], step):
             size, rows = blk.stop - blk.start, p_ab.rows[blk]
             a_blk = a[rows]
-            d = torch.mm(a_blk, b.T, out=buffer[:size])
+            if stored is None:
+                d = torch.mm(a_blk, b.T, out=buffer[:size])
+            else:
+                d = torch.index_select(stored, 0, rows, out=buffer[:size])
             col_grad = _column_grad(d[:, j_rows], rows, p_ba, coef_ba)
             g = _probs_(d, p_ab.row_max[blk], p_ab.inv_scale[blk], p_ab.log_sum[blk]).mul_(-coef_ab[blk, None])
             g[torch.arange(size, device=g.device), p_ab.cols[blk]] += coef_ab[blk]
@@ -468,22 +571,34 @@ class _TransposedPicks(torch.autograd.Function):
         for blk in _blocks(others.shape[0], rows_per_block(j_rows.shape[0], ctx.block_rows)):
             rows = others[blk]
             a_blk = a[rows]
-            g = _column_grad(a_blk @ b_j.T, rows, p_ba, coef_ba)
+            d_j = a_blk @ b_j.T if stored is None else stored[rows][:, j_rows]
+            g = _column_grad(d_j, rows, p_ba, coef_ba)
             grad_a[rows] = g @ b_j
             grad_b_j.addmm_(g.T, a_blk)
         grad_b.index_add_(0, j_rows, grad_b_j)
-        return (grad_a if need_a else None), (grad_b if need_b else None), None, None, None
+        return (grad_a if need_a else None), (grad_b if need_b else None), None, None, None, None
 
 
-def transposed_picks(a: Tensor, b: Tensor, pick_ab: Pick, pick_ba: Pick, *, block_rows: int | None = None
-                     ) -> tuple[Tensor, Tensor]:
+def transposed_picks(
+    a: Tensor,
+    b: Tensor,
+    pick_ab: Pick,
+    pick_ba: Pick,
+    *,
+    similarities: Tensor | None = None,
+    block_rows: int | None = None,
+) -> tuple[Tensor, Tensor]:
     """`picked_log_softmax([a, b], [pick_ab, pick_ba])` for pick_ab on a @ b.T and pick_ba on b @ a.T.
 
-    Same values and gradients, with a cheaper backward (see `_TransposedPicks`).
+    Same values and gradients, with a cheaper backward (see `_TransposedPicks`). similarities: a @ b.T as
+    computed by the caller (e.g. `row_statistics(..., keep=)`), read in backward instead of recomputed.
     """
     if (pick_ab.a, pick_ab.b, pick_ba.a, pick_ba.b) != (0, 1, 1, 0):
         raise ValueError("transposed_picks: pick_ab must read rows of a (a=0, b=1), pick_ba rows of b (a=1, b=0)")
     for p in (pick_ab, pick_ba):
         if (p.row_max is None) != (p.log_sum is None):
             raise ValueError("transposed_picks: give both row_max and log_sum of a pick, or neither")
-    return _TransposedPicks.apply(a, b, pick_ab, pick_ba, block_rows)
+    if similarities is not None and similarities.shape != (a.shape[0], b.shape[0]):
+        raise ValueError(f"transposed_picks: similarities must be [{a.shape[0]}, {b.shape[0]}], "
+                         f"got {tuple(similarities.shape)}")
+    return _TransposedPicks.apply(a, b, pick_ab, pick_ba, similarities, block_rows)

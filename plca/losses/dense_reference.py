@@ -1,4 +1,4 @@
-"""The plain dense baseline of the PLCA association formulas (spec: /work/shared/spec/plca.md, Eq 1-10).
+"""The plain dense baseline of the PLCA association formulas (project spec plca.md, Eq 1-10).
 
 Every L x L matrix is materialised and autograd does the rest, as in the authors' released code. It exists as
 the reference that the memory-efficient version in `association.py` is tested and benchmarked against; training
