@@ -15,6 +15,7 @@ generator comes from (seed, domain, split, index), so the output does not depend
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 from collections.abc import Iterator
@@ -199,7 +200,7 @@ class Canvas:
         cv2.ellipse(self.label, c, axes, 0, 0, 360, int(self.classes[k]), -1)
         cv2.ellipse(self.inst, c, axes, 0, 0, 360, int(k), -1)
 
-    def mark(self, x0: float, y0: float, x1: float, y1: float, kind: int, where: np.ndarray | None = None) -> None:
+    def mark(self, x0: float, y0: float, x1: float, y1: float, kind: int, where: int | None = None) -> None:
         """Appearance-only mark (window, tyre, lamp ...) on the pixels of instance `where` (or any)."""
         xa, ya = max(int(round(x0)), 0), max(int(round(y0)), 0)
         xb, yb = min(max(int(round(x1)), xa + 1), self.w), min(max(int(round(y1)), ya + 1), self.h)
@@ -238,7 +239,7 @@ def _wedge(st: Street, inner: float, outer: float, side: int) -> np.ndarray:
     far = 4 * st.h  # extend below the image so the wedge reaches the bottom edge whatever its slope
     y = st.horizon
     pts = [
-        (st.vx + side * 0.0, y),
+        (st.vx, y),
         (st.vx + side * inner * far / (st.h - y), y + far),
         (st.vx + side * outer * far / (st.h - y), y + far),
     ]
@@ -593,6 +594,10 @@ def _run_job(cfg: EmbeddedConfig, job: Job) -> np.ndarray:
     return np.bincount(label.ravel(), minlength=256)[:NUM_CLASSES]
 
 
+def _init_worker() -> None:
+    cv2.setNumThreads(1)  # one process per core already; cv2's own threads would only compete
+
+
 def _run_chunk(cfg: EmbeddedConfig, jobs: list[Job]) -> list[np.ndarray]:
     return [_run_job(cfg, job) for job in jobs]
 
@@ -665,7 +670,9 @@ def generate_pair(root: Path | str, cfg: EmbeddedConfig, progress: bool = True) 
             results = (_run_chunk(cfg, c) for c in chunks)
             pool = None
         else:
-            pool = ProcessPoolExecutor(max_workers=cfg.workers)
+            # spawn, not fork: the caller may hold threads (torch, tqdm) that a forked child would inherit locked
+            ctx = multiprocessing.get_context("spawn")
+            pool = ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx, initializer=_init_worker)
             results = pool.map(_run_chunk, [cfg] * len(chunks), chunks)
         try:
             for chunk, hist in zip(chunks, results, strict=True):
