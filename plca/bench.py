@@ -100,7 +100,8 @@ class AssociationCase:
     device: str
     repeats: int
     threads: int | None
-    implementation: str  # "blockwise", "cached" (blockwise, cosine matrices kept for backward) or "dense"
+    #: "recompute" / "cached": block-wise with cache_similarities False / True; "dense": the dense reference
+    implementation: str
     #: "time": `repeats` timed runs, loss and gradients saved; "memory": one run under the peak-memory probe.
     mode: str = "time"
 
@@ -193,7 +194,7 @@ def run_worker(case: AssociationCase, out_dir: Path) -> dict:
         source.grad = target.grad = None
         sync()
         start = time.perf_counter()
-        if case.implementation in ("blockwise", "cached"):
+        if case.implementation in ("recompute", "cached"):
             result = associate(source, target, labels, similarity=case.similarity,
                                cache_similarities=case.implementation == "cached")
             loss = result.loss
@@ -247,7 +248,7 @@ def run_association(args: argparse.Namespace) -> str:
     for side in args.sizes:
         for kind, channels in kinds:
             # caching only changes the cosine path
-            variants = ("blockwise", "cached") if kind == "features" else ("blockwise",)
+            variants = ("cached", "recompute") if kind == "features" else ("recompute",)
             implementations = (*variants, "dense")
             measured: dict[str, dict] = {impl: {"seconds": []} for impl in implementations}
             with tempfile.TemporaryDirectory(prefix="plca-bench-") as tmp:
@@ -273,8 +274,8 @@ def run_association(args: argparse.Namespace) -> str:
                 d_loss = (ours["loss"] - dense["loss"]).abs().item()
                 d_grad = max((ours[k] - dense[k]).abs().max().item() for k in ("source", "target"))
                 t_ours, m_ours = min(measured[impl]["seconds"]), measured[impl]["peak_bytes"]
-                mode = {"blockwise": "recompute", "cached": "cached"}[impl] if kind == "features" else "recompute"
-                label = f"{kind}: {channels} ch, {'cosine' if kind == 'features' else 'KL'}, {mode}"
+                mode = {"cached": ", cached (default)", "recompute": ", recompute"}[impl] if kind == "features" else ""
+                label = f"{kind}: {channels} ch, {'cosine' if kind == 'features' else 'KL'}{mode}"
                 cycles = measured[impl]
                 rows.append(
                     f"| {label} | {side}x{side} = {side * side} | {_secs(t_ours)} | {_secs(t_dense)} | "
@@ -282,9 +283,9 @@ def run_association(args: argparse.Namespace) -> str:
                     f"{cycles['positive_rate']:.2f} / {cycles['distinct_targets'] / side**2:.2f} | "
                     f"{float(ours['loss']):.4f} | {d_loss:.1e} | {d_grad:.1e} ({d_grad / g_max:.1e} of max) |"
                 )
-                notes.append((f"{kind} ({mode})", side, t_ours / t_dense, m_ours / m_dense))
-    method = measured["blockwise"]["memory_method"]
-    threads = measured["blockwise"]["torch_threads"]
+                notes.append((f"{kind}{mode}", side, t_ours / t_dense, m_ours / m_dense))
+    method = measured["dense"]["memory_method"]
+    threads = measured["dense"]["torch_threads"]
     met = [f"{k} {s}x{s}" for k, s, t, m in notes if t <= 0.7 and m <= 0.5]
     missed = [f"{k} {s}x{s} (time {t:.2f}, memory {m:.2f})" for k, s, t, m in notes if not (t <= 0.7 and m <= 0.5)]
     command = "python -m plca.bench association " + " ".join(args.argv)
@@ -294,10 +295,10 @@ def run_association(args: argparse.Namespace) -> str:
     body = "\n".join([
         "One forward+backward of the association loss (target aggregation on) for one image pair: the block-wise "
         "`plca.losses.association_loss` against the plain dense implementation of the same formulas "
-        "(`plca/losses/dense_reference.py`), each configuration in a fresh process. Block-wise modes: *recompute* "
-        "(default) keeps no L x L matrix and recomputes blocks in backward; *cached* "
-        "(`cache_similarities=True`, cosine only) keeps the SAGG similarities (upper half) and D_st from forward "
-        "to backward.",
+        "(`plca/losses/dense_reference.py`), each configuration in a fresh process. Block-wise modes (cosine "
+        "only; predictions always recompute): *cached* (default, `cache_similarities=True`) keeps the SAGG "
+        "similarities (upper half) and D_st from forward to backward; *recompute* keeps no L x L matrix and "
+        "recomputes blocks in backward.",
         "",
         f"- Command: `{command}`, {_dt.date.today().isoformat()}",
         f"- Device: {device_description(args.device)}; torch {torch.__version__}"

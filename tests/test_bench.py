@@ -32,7 +32,7 @@ def test_replace_section_creates_the_report(tmp_path: Path) -> None:
 
 
 def test_inputs_are_deterministic_and_shaped() -> None:
-    case = bench.AssociationCase("features", 12, 8, 5, 3, "cpu", 1, 1, "blockwise")
+    case = bench.AssociationCase("features", 12, 8, 5, 3, "cpu", 1, 1, "recompute")
     src, tgt, lab = bench.make_inputs(case)
     assert src.shape == tgt.shape == (1, 8, 12, 12) and lab.shape == (1, 12, 12)
     assert (src >= 0).all() and (lab == 255).any()
@@ -43,12 +43,12 @@ def test_inputs_are_deterministic_and_shaped() -> None:
 
 @pytest.mark.parametrize("mode", ["time", "memory"])
 def test_worker_record(tmp_path: Path, mode: str) -> None:
-    case = bench.AssociationCase("predictions", 10, 5, 5, 0, "cpu", 2, 1, "blockwise", mode)
+    case = bench.AssociationCase("predictions", 10, 5, 5, 0, "cpu", 2, 1, "cached", mode)
     record = bench.run_worker(case, tmp_path)
     assert 0.0 <= record["positive_rate"] <= 1.0 and record["distinct_targets"] >= 1
     if mode == "time":
         assert len(record["seconds"]) == 2 and all(s > 0 for s in record["seconds"])
-        saved = torch.load(tmp_path / "blockwise.pt")
+        saved = torch.load(tmp_path / "cached.pt")
         assert saved["source"].shape == (1, 5, 10, 10) and saved["loss"].ndim == 0
     else:
         assert record["peak_bytes"] >= 0 and record["memory_method"] in ("VmHWM", "ru_maxrss")

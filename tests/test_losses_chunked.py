@@ -10,9 +10,9 @@ from plca.losses.chunked import (
     Pick,
     aggregate,
     column_statistics,
+    cosine_aggregate,
     picked_log_softmax,
     row_statistics,
-    self_aggregate,
     transposed_picks,
     unit_rows,
 )
@@ -38,31 +38,29 @@ def test_aggregate_gradcheck(block_rows: int | None) -> None:
 
 @pytest.mark.parametrize("block_rows", [1, 3, None])
 @pytest.mark.parametrize("cache", [False, True])
-def test_self_aggregate_gradcheck(block_rows: int | None, cache: bool) -> None:
-    x, v = rand(2, 7, 3, seed=4), rand(2, 7, 2, seed=5)
+def test_cosine_aggregate_gradcheck(block_rows: int | None, cache: bool) -> None:
+    v = rand(2, 7, 3, seed=4)
     inv = rand(2, 7, seed=6).abs() + 0.5
-    fn = lambda x, v: self_aggregate(x, v, inv, alpha=0.4, block_rows=block_rows, cache=cache)  # noqa: E731
-    assert gradcheck(fn, (x.requires_grad_(), v.requires_grad_()), fast_mode=True)
+    fn = lambda v: cosine_aggregate(v, inv, alpha=0.4, block_rows=block_rows, cache=cache)  # noqa: E731
+    assert gradcheck(fn, (v.requires_grad_(),), fast_mode=True)
 
 
-def test_self_aggregate_cache_keeps_cn_statistics_and_survives_a_second_backward() -> None:
-    x, v = rand(1, 9, 3, seed=21), rand(1, 9, 2, seed=22)
-    leaf = x.clone().requires_grad_()
-    y = self_aggregate(leaf, v, None, alpha=0.7, block_rows=2, cache=True)
+@pytest.mark.parametrize("cache", [False, True])
+def test_aggregate_with_cn_equals_the_explicit_formula(cache: bool) -> None:
+    v = rand(1, 9, 3, seed=7)
+    x = torch.nn.functional.normalize(v, dim=-1)
     d = x[0] @ x[0].T
-    cn = (d - d.mean(1, keepdim=True)) / (d.std(1, keepdim=True) + 1e-10)  # moments merged over blocks
-    torch.testing.assert_close(y[0], 0.3 * v[0] + 0.7 * torch.softmax(cn, 1) @ v[0])
+    cn = (d - d.mean(1, keepdim=True)) / (d.std(1, keepdim=True) + 1e-10)  # with the cache: moments merged by block
+    expected = 0.3 * v[0] + 0.7 * torch.softmax(cn, 1) @ v[0]
+    torch.testing.assert_close(cosine_aggregate(v, None, alpha=0.7, block_rows=2, cache=cache)[0], expected)
+    torch.testing.assert_close(aggregate(x, x, v, None, alpha=0.7, block_rows=2)[0], expected)
+
+
+def test_cosine_aggregate_cache_survives_a_second_backward() -> None:
+    leaf = rand(1, 9, 3, seed=21).requires_grad_()
+    y = cosine_aggregate(leaf, None, alpha=0.7, block_rows=2, cache=True)
     first = torch.autograd.grad(y.sum(), leaf, retain_graph=True)[0]
     torch.testing.assert_close(torch.autograd.grad(y.sum(), leaf)[0], first)
-
-
-def test_aggregate_with_cn_equals_the_explicit_formula() -> None:
-    x, v = rand(1, 6, 3, seed=7), rand(1, 6, 2, seed=8)
-    d = x[0] @ x[0].T
-    cn = (d - d.mean(1, keepdim=True)) / (d.std(1, keepdim=True) + 1e-10)
-    expected = 0.3 * v[0] + 0.7 * torch.softmax(cn, 1) @ v[0]
-    torch.testing.assert_close(self_aggregate(x, v, None, alpha=0.7)[0], expected)
-    torch.testing.assert_close(aggregate(x, x, v, None, alpha=0.7, block_rows=2)[0], expected)
 
 
 def test_picked_log_softmax_gradcheck_and_value() -> None:

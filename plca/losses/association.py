@@ -2,8 +2,10 @@
 
 Equations as restored from the paper and the released code (project spec, plca.md): contrast normalisation
 (Eq 5-6), spatial aggregation "SAGG" (Eq 7-8), similarities (Eq 1, 9), the cycle (Eq 2-3) and the association
-loss (Eq 4 features, Eq 10 predictions), plus the Sim-PLCA ablation. Nothing here holds an L x L matrix: see
-`chunked.py`. The plain dense version of the same formulas is `dense_reference.py`.
+loss (Eq 4 features, Eq 10 predictions), plus the Sim-PLCA ablation. The block-wise kernels of `chunked.py`
+never build the L x L matrices of the dense form; by default (`cache_similarities`) the cosine ones are kept from
+forward to backward in blocks, trading memory for time; with it off nothing of size L x L is held. The plain
+dense version of the same formulas is `dense_reference.py`.
 
 Two identities keep it cheap. (1) With the CN statistics detached, softmax(CN(d)) = softmax(inv * d) with
 inv = 1 / (std(d) + 1e-10): the mean is a constant shift. (2) For the same reason a per-row constant of d does
@@ -25,9 +27,9 @@ from plca.losses.chunked import (
     Pick,
     aggregate,
     column_statistics,
+    cosine_aggregate,
     picked_log_softmax,
     row_statistics,
-    self_aggregate,
     transposed_picks,
     unit_rows,
 )
@@ -67,9 +69,11 @@ class AssociationConfig:
     contrastive: bool = True
     #: Rows of the similarity matrix processed at once; None = about 2^21 entries per block.
     block_rows: int | None = None
-    #: Keep the cosine similarity matrices (L^2 / 2 for SAGG, L^2 for D_st) from forward to backward instead of
-    #: recomputing them: about 25% faster, more memory. Predictions (kl) are cheap to recompute: never kept.
-    cache_similarities: bool = False
+    #: Keep the cosine similarity matrices (about L^2 / 2 for SAGG, L^2 for D_st) from forward to backward
+    #: instead of recomputing them: about 20% faster, twice the memory of recomputing, still under half of the
+    #: dense implementation at L = 92 x 92 (reports/benchmarks.md). False: the least memory. Predictions (kl)
+    #: are cheap to recompute and never kept.
+    cache_similarities: bool = True
 
 
 @dataclass
@@ -120,7 +124,7 @@ def spatial_aggregate(
     alpha: float = 0.5,
     *,
     block_rows: int | None = None,
-    cache_similarities: bool = False,
+    cache_similarities: bool = True,
 ) -> Tensor:
     """SAGG (Eq 7-8): x~_j = (1 - alpha) x_j + alpha sum_k w_jk x_k over the pixels k of the same image.
 
@@ -138,8 +142,7 @@ def spatial_aggregate(
     with torch.autocast(x.device.type, enabled=False):
         rows = _full_precision(x).flatten(2).transpose(1, 2)  # [N, L, C] view: one row per pixel
         if similarity == "cosine":
-            out = self_aggregate(unit_rows(rows, keep_input=True), rows, None, alpha=alpha, block_rows=block_rows,
-                                 cache=cache_similarities)
+            out = cosine_aggregate(rows, None, alpha=alpha, block_rows=block_rows, cache=cache_similarities)
         else:
             # -KL(x_j || x_k) = x_j . log(x_k + eps) - (a constant per row j, which the softmax ignores)
             out = aggregate(rows, torch.log(rows + KL_EPS), rows, rows.new_ones(n, h * w), alpha=alpha,
@@ -170,7 +173,7 @@ def associate(
     ignore_index: int = 255,
     contrastive: bool = True,
     block_rows: int | None = None,
-    cache_similarities: bool = False,
+    cache_similarities: bool = True,
 ) -> AssociationResult:
     """Cycle association of each source image n with target image n, and the loss over all positives.
 
@@ -178,6 +181,7 @@ def associate(
     Contrastive (PLCA, Eq 4/10): -(1/|Pos|) sum_i [log P_st[i, j*] + log P_ts[j*, i*]], the sum clamped at
     -100 as the released code's BCE. Sim-PLCA: -(1/|Pos|) sum_i [D_st[i, j*] + D_ts[j*, i*]]. |Pos| counts the
     positives of all pairs; with none the loss is a zero that still backpropagates (zero gradients).
+    block_rows, cache_similarities: speed/memory knobs that do not change the result (see AssociationConfig).
     """
     _check_similarity(similarity)
     _check_alpha(alpha)
@@ -293,7 +297,7 @@ def association_loss(
     ignore_index: int = 255,
     contrastive: bool = True,
     block_rows: int | None = None,
-    cache_similarities: bool = False,
+    cache_similarities: bool = True,
 ) -> Tensor:
     """L_fass (Eq 4, similarity="cosine") or L_cass (Eq 10, "kl"); contrastive=False is Sim-PLCA.
 

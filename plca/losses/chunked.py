@@ -1,10 +1,12 @@
 """Block-wise kernels for softmaxes over bilinear similarity rows: the memory-saving core of PLCA's association.
 
 A similarity row is d_r = (a_r . b_k)_k over all pixels k of the other image, scaled by a per-row constant
-`inv_r` (1 / (std + 1e-10) under contrast normalisation, Eq 5-6; 1 for a plain softmax). No L x L matrix is
-ever held: each kernel walks over blocks of rows, keeps its inputs and a few numbers per row, and recomputes a
-block in backward. Peak extra memory is one block of about 2^21 entries instead of several L x L matrices.
-The per-row scale is a constant to autograd: the spec detaches the CN statistics.
+`inv_r` (1 / (std + 1e-10) under contrast normalisation, Eq 5-6; 1 for a plain softmax). By default no L x L
+matrix is held: each kernel walks over blocks of rows, keeps its inputs and a few numbers per row, and
+recomputes a block in backward. Peak extra memory is one block of about 2^21 entries instead of several L x L
+matrices. On request (`cache`, `similarities`) the cosine kernels keep the similarity blocks they computed in
+forward for backward instead: fewer matrix products, one L x L matrix (or half of one) more. The per-row scale
+is a constant to autograd: the spec detaches the CN statistics.
 
 Rows are exponentiated as exp((d - rowmax) * inv - log_sum), with log_sum = log sum_k exp((d_k - rowmax) * inv),
 and the argument is floored just above the log of the smallest normal float: terms below 1e-38 of the row
@@ -337,38 +339,46 @@ def _symmetric_forward(
     return y, agg, inv_all, row_max, log_sum, kept
 
 
-class _SelfAggregate(torch.autograd.Function):
-    """`_Aggregate` with q = k = x: one image against itself (the cosine SAGG weights).
+def _unit_(v: Tensor) -> tuple[Tensor, Tensor]:
+    """(v / max(||v||, NORM_EPS) along the last dim, the floored norms [..., 1]), in v's memory layout."""
+    norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_(min=NORM_EPS)
+    return torch.div(v, norm, out=torch.empty_like(v)), norm
 
-    The backward exploits the symmetric similarity x x^T: it walks over pairs of square blocks (a <= b),
-    recomputes x_a x_b^T once for rows a and rows b, and sums the logit gradients of both directions before
-    multiplying by x: about 3.5 products of L x L x C instead of 5.
+
+class _CosineAggregate(torch.autograd.Function):
+    """y_r = (1 - alpha) v_r + alpha sum_k softmax_k(inv_r * x_r . x_k) v_k with x = v / |v|: the cosine SAGG.
+
+    The unit vectors x are recomputed rather than saved. Backward exploits the symmetric similarity x x^T: it
+    walks over pairs of square blocks (a <= b), recomputes (or, with `cache`, reads) x_a x_b^T once for rows a
+    and rows b, and sums the logit gradients of both directions before multiplying by x: about 3.5 products of
+    L x L x C instead of 5 (3 with the cache, whose forward also computes only half of x x^T).
     """
 
     @staticmethod
-    def forward(ctx, x, v, inv, alpha, block_rows, cache):  # type: ignore[override]
-        step = rows_per_block(x.shape[1], block_rows)
+    def forward(ctx, v, inv, alpha, block_rows, cache):  # type: ignore[override]
+        step = rows_per_block(v.shape[1], block_rows)
         # square blocks with about as many entries as a row block
-        ctx.side = max(1, min(x.shape[1], math.isqrt(step * x.shape[1])))
+        ctx.side = max(1, min(v.shape[1], math.isqrt(step * v.shape[1])))
+        x, norm = _unit_(v)
         ctx.stored = None
         if cache:
             y, agg, inv_all, row_max, log_sum, ctx.stored = _symmetric_forward(x, v, inv, alpha, ctx.side)
         else:
             y, agg, inv_all, row_max, log_sum = _aggregate_forward(x, x, v, inv, alpha, step)
-        ctx.save_for_backward(x, v, inv_all, row_max, log_sum, agg)
+        ctx.save_for_backward(v, norm, inv_all, row_max, log_sum, agg)
         ctx.alpha = alpha
         return y
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        x, v, inv, row_max, log_sum, agg = ctx.saved_tensors
-        need_x, need_v = ctx.needs_input_grad[:2]
+        v, norm, inv, row_max, log_sum, agg = ctx.saved_tensors
         alpha, side = ctx.alpha, ctx.side
-        grad_x = torch.zeros_like(x) if need_x else None
-        grad_v = grad_y * (1.0 - alpha) if need_v else None
-        logits_buf, w_ba_buf, grad_buf = (x.new_empty(side, side) for _ in range(3))
-        blocks = list(_blocks(x.shape[1], side))
-        for n in range(x.shape[0]):
+        grad_v = grad_y * (1.0 - alpha)
+        logits_buf, w_ba_buf, grad_buf = (v.new_empty(side, side) for _ in range(3))
+        blocks = list(_blocks(v.shape[1], side))
+        for n in range(v.shape[0]):
+            x = torch.div(v[n], norm[n], out=torch.empty_like(v[n]))
+            grad_x = torch.zeros_like(x)
             # alpha is applied to each block instead of to a copy of grad_y
             g_agg = grad_y[n]
             # the softmax backward needs sum_k w_rk dw_rk over whole rows: it equals g_agg_r . agg_r
@@ -378,46 +388,41 @@ class _SelfAggregate(torch.autograd.Function):
                     b = blocks[ib]
                     na, nb = a.stop - a.start, b.stop - b.start
                     if ctx.stored is None:
-                        logits = torch.mm(x[n, a], x[n, b].T, out=logits_buf[:na, :nb])
+                        logits = torch.mm(x[a], x[b].T, out=logits_buf[:na, :nb])
                     else:  # the forward pass kept it (copied: a second backward finds it intact)
                         logits = logits_buf[:na, :nb].copy_(ctx.stored[n][ia, ib])
                     # logits_ab = x_a . x_b is entry b of rows a and entry a of rows b
                     w_ba = None
-                    if b != a:
+                    if ib != ia:
                         w_ba = _probs_(w_ba_buf[:nb, :na].copy_(logits.T), row_max[n, b], inv[n, b], log_sum[n, b])
                     w_ab = _probs_(logits, row_max[n, a], inv[n, a], log_sum[n, a])
-                    if need_v:
-                        grad_v[n, b].addmm_(w_ab.T, g_agg[a], alpha=alpha)
-                        if w_ba is not None:
-                            grad_v[n, a].addmm_(w_ba.T, g_agg[b], alpha=alpha)
-                    if not need_x:
-                        continue
+                    grad_v[n, b].addmm_(w_ab.T, g_agg[a], alpha=alpha)
+                    if w_ba is not None:
+                        grad_v[n, a].addmm_(w_ba.T, g_agg[b], alpha=alpha)
                     both = _logit_grad(w_ab, g_agg[a], v[n, b], centre[a], inv[n, a], grad_buf[:na, :nb])
                     if w_ba is None:
-                        grad_x[n, a].addmm_(both + both.T, x[n, a], alpha=alpha)
+                        grad_x[a].addmm_(both + both.T, x[a], alpha=alpha)
                         continue
                     # w_ab is used up: its buffer takes the other direction's gradient
                     both.add_(_logit_grad(w_ba, g_agg[b], v[n, a], centre[b], inv[n, b], logits_buf[:nb, :na]).T)
-                    grad_x[n, a].addmm_(both, x[n, b], alpha=alpha)
-                    grad_x[n, b].addmm_(both.T, x[n, a], alpha=alpha)
-        return grad_x, grad_v, None, None, None, None
+                    grad_x[a].addmm_(both, x[b], alpha=alpha)
+                    grad_x[b].addmm_(both.T, x[a], alpha=alpha)
+            # through x = v / |v|: (g - x (x . g)) / |v|, a constant divisor where the norm was floored
+            along = (x * grad_x).sum(dim=1, keepdim=True).mul_(norm[n] > NORM_EPS)
+            grad_v[n] += torch.addcmul(grad_x, x, along, value=-1.0).div_(norm[n])
+        return grad_v, None, None, None, None
 
 
-def self_aggregate(
-    x: Tensor,
-    v: Tensor,
-    inv_scale: Tensor | None = None,
-    *,
-    alpha: float = 1.0,
-    block_rows: int | None = None,
+def cosine_aggregate(
+    v: Tensor, inv_scale: Tensor | None = None, *, alpha: float = 1.0, block_rows: int | None = None,
     cache: bool = False,
 ) -> Tensor:
-    """`aggregate(x, x, v, inv_scale, alpha=alpha)` with a cheaper backward for the symmetric x x^T.
+    """`aggregate(x, x, v, inv_scale, alpha=alpha)` with x = v / |v| per row, for a batch v [N, L, C].
 
-    cache: compute only the upper triangle of x x^T in forward and keep it for backward (half an L x L matrix
-    per image): 1.5 + 3 products of L x L x C instead of 2 + 3.5.
+    inv_scale [N, L] or None for contrast normalisation. cache: compute only the upper half of x x^T in forward
+    and keep it for backward (about half an L x L matrix per image) instead of recomputing it.
     """
-    return _SelfAggregate.apply(x, v, inv_scale, alpha, block_rows, cache)
+    return _CosineAggregate.apply(v, inv_scale, alpha, block_rows, cache)
 
 
 @dataclass
