@@ -54,6 +54,18 @@ __all__ = [
 KL_EPS = 1e-10
 #: The released code takes -log(P_st * P_ts) through BCE, which clamps the log at -100.
 LOG_CLAMP = -100.0
+#: Up to this many similarity entries per batch (N * Ls * Lt), `impl="auto"` computes the same formulas densely
+#: and batched over the pairs: on small grids (the embedded pair's 8x16) the per-pair, per-block Python work of
+#: the block-wise kernels costs more than the matrices, which are then small (2^20 float32 = 4 MiB each).
+DENSE_MAX_ENTRIES = 1 << 20
+
+Impl = Literal["auto", "blocked", "dense"]
+
+
+def _dense(impl: str, entries: int) -> bool:
+    if impl not in ("auto", "blocked", "dense"):
+        raise ValueError(f"impl must be 'auto', 'blocked' or 'dense', got {impl!r}")
+    return impl == "dense" or (impl == "auto" and entries <= DENSE_MAX_ENTRIES)
 
 
 @dataclass
@@ -74,6 +86,8 @@ class AssociationConfig:
     #: dense implementation at L = 92 x 92 (reports/benchmarks.md). False: the least memory. Predictions (kl)
     #: are cheap to recompute and never kept.
     cache_similarities: bool = True
+    #: "blocked" (the kernels above), "dense" (batched L x L matrices) or "auto" (dense up to DENSE_MAX_ENTRIES).
+    impl: str = "blocked"
 
 
 @dataclass
@@ -125,6 +139,7 @@ def spatial_aggregate(
     *,
     block_rows: int | None = None,
     cache_similarities: bool = True,
+    impl: Impl = "blocked",
 ) -> Tensor:
     """SAGG (Eq 7-8): x~_j = (1 - alpha) x_j + alpha sum_k w_jk x_k over the pixels k of the same image.
 
@@ -140,6 +155,10 @@ def spatial_aggregate(
     n, c, h, w = x.shape
     # the block kernels call matrix products directly: keep autocast from lowering them to half precision
     with torch.autocast(x.device.type, enabled=False):
+        if _dense(impl, n * (h * w) ** 2):
+            from plca.losses.dense_reference import dense_spatial_aggregate
+
+            return dense_spatial_aggregate(_full_precision(x), similarity, alpha).to(x.dtype)
         rows = _full_precision(x).flatten(2).transpose(1, 2)  # [N, L, C] view: one row per pixel
         if similarity == "cosine":
             out = cosine_aggregate(rows, None, alpha=alpha, block_rows=block_rows, cache=cache_similarities)
@@ -174,6 +193,7 @@ def associate(
     contrastive: bool = True,
     block_rows: int | None = None,
     cache_similarities: bool = True,
+    impl: Impl = "blocked",
 ) -> AssociationResult:
     """Cycle association of each source image n with target image n, and the loss over all positives.
 
@@ -181,14 +201,71 @@ def associate(
     Contrastive (PLCA, Eq 4/10): -(1/|Pos|) sum_i [log P_st[i, j*] + log P_ts[j*, i*]], the sum clamped at
     -100 as the released code's BCE. Sim-PLCA: -(1/|Pos|) sum_i [D_st[i, j*] + D_ts[j*, i*]]. |Pos| counts the
     positives of all pairs; with none the loss is a zero that still backpropagates (zero gradients).
-    block_rows, cache_similarities: speed/memory knobs that do not change the result (see AssociationConfig).
+    block_rows, cache_similarities, impl: speed/memory knobs that do not change the result (see AssociationConfig;
+    impl "blocked" never holds an L x L matrix, "dense" batches them, "auto" picks dense on small grids).
     """
     _check_similarity(similarity)
     _check_alpha(alpha)
     _check_inputs(source, target, source_labels)
+    n, ls, lt = source.shape[0], source.shape[2] * source.shape[3], target.shape[2] * target.shape[3]
     with torch.autocast(source.device.type, enabled=False):
+        if _dense(impl, n * ls * lt):
+            return _associate_dense(_full_precision(source), _full_precision(target), source_labels, similarity,
+                                    aggregate_target, alpha, ignore_index, contrastive)
         return _associate(_full_precision(source), _full_precision(target), source_labels, similarity,
                           aggregate_target, alpha, ignore_index, contrastive, block_rows, cache_similarities)
+
+
+def _associate_dense(
+    source: Tensor,
+    target: Tensor,
+    source_labels: Tensor,
+    similarity: Similarity,
+    aggregate_target: bool,
+    alpha: float,
+    ignore_index: int,
+    contrastive: bool,
+) -> AssociationResult:
+    """The same formulas with every [N, L, L] matrix materialised and batched over the pairs."""
+    from plca.losses.dense_reference import dense_contrast_normalise, dense_similarity, dense_spatial_aggregate
+
+    if aggregate_target:
+        target = dense_spatial_aggregate(target, similarity, alpha)
+    num_pairs, shape = source.shape[0], source.shape[2:]
+    s_rows, t_rows = source.flatten(2).transpose(1, 2), target.flatten(2).transpose(1, 2)
+    d_st = dense_similarity(s_rows, t_rows, similarity)
+    d_ts = d_st.transpose(1, 2) if similarity == "cosine" else dense_similarity(t_rows, s_rows, similarity)
+    log_p_st = torch.log_softmax(dense_contrast_normalise(d_st), dim=-1)
+    log_p_ts = torch.log_softmax(dense_contrast_normalise(d_ts), dim=-1)
+    with torch.no_grad():
+        j_star = log_p_st.argmax(dim=-1)  # [N, Ls]
+        i_star_of_j = log_p_ts.argmax(dim=-1)  # [N, Lt]
+        i_star = torch.gather(i_star_of_j, 1, j_star)
+        labels = source_labels.reshape(num_pairs, -1)
+        valid = labels != ignore_index
+        positive = valid & (torch.gather(labels, 1, i_star) == labels)
+    if contrastive:
+        at_st = torch.gather(log_p_st, 2, j_star.unsqueeze(-1)).squeeze(-1)
+        at_ts = torch.gather(log_p_ts, 2, i_star_of_j.unsqueeze(-1)).squeeze(-1)
+        per_pixel = -(at_st + torch.gather(at_ts, 1, j_star)).clamp(min=LOG_CLAMP)
+    else:
+        at_st = torch.gather(d_st, 2, j_star.unsqueeze(-1)).squeeze(-1)
+        at_ts = torch.gather(d_ts, 2, i_star_of_j.unsqueeze(-1)).squeeze(-1)
+        per_pixel = -(at_st + torch.gather(at_ts, 1, j_star))
+    num_positive = int(positive.sum())
+    if num_positive:
+        loss = per_pixel[positive].sum() / num_positive
+    else:
+        loss = source.flatten()[:0].sum() + target.flatten()[:0].sum()
+    minus_one = torch.full_like(j_star, -1)
+    return AssociationResult(
+        loss=loss,
+        num_positive=num_positive,
+        num_valid_source=int(valid.sum()),
+        positive=positive.reshape(num_pairs, *shape),
+        target_index=torch.where(valid, j_star, minus_one).reshape(num_pairs, *shape),
+        return_index=torch.where(valid, i_star, minus_one).reshape(num_pairs, *shape),
+    )
 
 
 def _associate(
@@ -298,6 +375,7 @@ def association_loss(
     contrastive: bool = True,
     block_rows: int | None = None,
     cache_similarities: bool = True,
+    impl: Impl = "blocked",
 ) -> Tensor:
     """L_fass (Eq 4, similarity="cosine") or L_cass (Eq 10, "kl"); contrastive=False is Sim-PLCA.
 
@@ -314,4 +392,5 @@ def association_loss(
         contrastive=contrastive,
         block_rows=block_rows,
         cache_similarities=cache_similarities,
+        impl=impl,
     ).loss

@@ -377,18 +377,19 @@ class _CosineAggregate(torch.autograd.Function):
         logits_buf, w_ba_buf, grad_buf = (v.new_empty(side, side) for _ in range(3))
         blocks = list(_blocks(v.shape[1], side))
         for n in range(v.shape[0]):
-            x = torch.div(v[n], norm[n], out=torch.empty_like(v[n]))
-            grad_x = torch.zeros_like(x)
             # alpha is applied to each block instead of to a copy of grad_y
             g_agg = grad_y[n]
             # the softmax backward needs sum_k w_rk dw_rk over whole rows: it equals g_agg_r . agg_r
             centre = (g_agg * agg[n]).sum(dim=1)
             for ia, a in enumerate(blocks):
+                # unit vectors block by block: neither they nor their gradient take a full L x C buffer
+                x_a = v[n, a] / norm[n, a]
                 for ib in range(ia, len(blocks)):
                     b = blocks[ib]
+                    x_b = x_a if ib == ia else v[n, b] / norm[n, b]
                     na, nb = a.stop - a.start, b.stop - b.start
                     if ctx.stored is None:
-                        logits = torch.mm(x[a], x[b].T, out=logits_buf[:na, :nb])
+                        logits = torch.mm(x_a, x_b.T, out=logits_buf[:na, :nb])
                     else:  # the forward pass kept it (copied: a second backward finds it intact)
                         logits = logits_buf[:na, :nb].copy_(ctx.stored[n][ia, ib])
                     # logits_ab = x_a . x_b is entry b of rows a and entry a of rows b
@@ -401,16 +402,19 @@ class _CosineAggregate(torch.autograd.Function):
                         grad_v[n, a].addmm_(w_ba.T, g_agg[b], alpha=alpha)
                     both = _logit_grad(w_ab, g_agg[a], v[n, b], centre[a], inv[n, a], grad_buf[:na, :nb])
                     if w_ba is None:
-                        grad_x[a].addmm_(both + both.T, x[a], alpha=alpha)
+                        _add_through_unit_(grad_v[n, a], (both + both.T) @ x_a, x_a, norm[n, a], alpha)
                         continue
                     # w_ab is used up: its buffer takes the other direction's gradient
                     both.add_(_logit_grad(w_ba, g_agg[b], v[n, a], centre[b], inv[n, b], logits_buf[:nb, :na]).T)
-                    grad_x[a].addmm_(both, x[b], alpha=alpha)
-                    grad_x[b].addmm_(both.T, x[a], alpha=alpha)
-            # through x = v / |v|: (g - x (x . g)) / |v|, a constant divisor where the norm was floored
-            along = (x * grad_x).sum(dim=1, keepdim=True).mul_(norm[n] > NORM_EPS)
-            grad_v[n] += torch.addcmul(grad_x, x, along, value=-1.0).div_(norm[n])
+                    _add_through_unit_(grad_v[n, a], both @ x_b, x_a, norm[n, a], alpha)
+                    _add_through_unit_(grad_v[n, b], both.T @ x_a, x_b, norm[n, b], alpha)
         return grad_v, None, None, None, None
+
+
+def _add_through_unit_(out: Tensor, grad_x: Tensor, x: Tensor, norm: Tensor, scale: float) -> None:
+    """out += scale * d(x)/d(v)^T grad_x for x = v / |v|: (g - x (x . g)) / |v|, constant where |v| was floored."""
+    along = (x * grad_x).sum(dim=1, keepdim=True).mul_(norm > NORM_EPS)
+    out.add_(grad_x.sub_(x * along).div_(norm), alpha=scale)
 
 
 def cosine_aggregate(
