@@ -31,9 +31,9 @@ def predict_probs(model: Any, images: torch.Tensor, out_size: tuple[int, int], c
     """[N, 3, h, w] normalised images -> [N, C, H, W] class probabilities at `out_size` (bilinear)."""
     features, logits = model(images)
     if cfg.test_time_aggregation:
-        features = spatial_aggregate(features.float(), similarity="cosine", alpha=cfg.alpha)
+        features = spatial_aggregate(features.float(), similarity="cosine", alpha=cfg.alpha, impl="auto")
         probs = model.classify(features).float().softmax(1)
-        probs = spatial_aggregate(probs, similarity="kl", alpha=cfg.alpha)
+        probs = spatial_aggregate(probs, similarity="kl", alpha=cfg.alpha, impl="auto")
     else:
         probs = logits.float().softmax(1)
     return F.interpolate(probs, size=out_size, mode="bilinear", align_corners=False)

@@ -36,6 +36,8 @@ class PLCAConfig:
     #: Contrastive association (PLCA); off = Sim-PLCA, which raises raw similarities of associated pairs.
     contrastive: bool = True
     ignore_index: int = 255
+    #: Association kernels: "auto" = batched dense on small grids, memory-lean block-wise on large ones.
+    impl: str = "auto"
 
 
 class PLCA(Method):
@@ -63,7 +65,7 @@ class PLCA(Method):
 
         ys_grid = downsample_labels(ys, tuple(fs.shape[-2:]))
         common = dict(aggregate_target=cfg.aggregate_target, alpha=cfg.alpha, ignore_index=cfg.ignore_index,
-                      contrastive=cfg.contrastive)
+                      contrastive=cfg.contrastive, impl=cfg.impl)
         for on, key, src, tgt, sim in (
             (cfg.fass, "fass", fs, ft, "cosine"),
             (cfg.cass, "cass", ls, lt, "kl"),
