@@ -58,7 +58,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     (ws / "reports" / "benchmarks.md").write_text("# Benchmarks\n")
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "GIT_AUTHOR_NAME": "t",
            "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     env.pop("MLFLOW_TRACKING_URI", None)
     run(["git", "init", "-q"], ws, env)
     run(["git", "add", "-A"], ws, env)
@@ -130,3 +130,22 @@ def test_bad_param_stops_with_its_name(workspace: tuple[Path, dict[str, str]]) -
                          cwd=ws, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode != 0
     assert "alpah" in res.stderr and "bad.yaml" in res.stderr
+
+
+def test_experiment_in_a_temporary_workspace_records_into_the_repository(
+    workspace: tuple[Path, dict[str, str]],
+) -> None:
+    ws, env = workspace
+    run([str(BIN / "dvc"), "exp", "run", "--temp", "-n", "tiny-tau", "-S", "variants.plca.options.tau=5.0"], ws, env)
+    res = subprocess.run([str(BIN / "dvc"), "exp", "show", "--json"], cwd=ws, env=env, capture_output=True,
+                         text=True, timeout=120, check=True)
+    shown = json.loads(res.stdout)
+    names = json.dumps(shown)
+    assert "tiny-tau" in names
+    # the queued-style run (in .dvc/tmp/exps/...) recorded into the repository's own store, tagged with its name
+    con = sqlite3.connect(ws / "mlruns.db")
+    tagged = con.execute("select count(*) from tags where key='dvc_exp' and value='tiny-tau'").fetchone()[0]
+    con.close()
+    assert tagged >= 2  # the PLCA training run and its evaluation
+    # the workspace itself is untouched
+    assert yaml.safe_load((ws / "params.yaml").read_text())["variants"]["plca"].get("options", {}).get("tau") is None
