@@ -138,13 +138,15 @@ def spatial_aggregate(
     alpha: float = 0.5,
     *,
     block_rows: int | None = None,
-    cache_similarities: bool = True,
+    cache_similarities: bool = False,
     impl: Impl = "blocked",
 ) -> Tensor:
     """SAGG (Eq 7-8): x~_j = (1 - alpha) x_j + alpha sum_k w_jk x_k over the pixels k of the same image.
 
     cosine: w_jk = softmax_k CN(cos(x_j, x_k)); kl: w_jk = softmax_k(-KL(x_j || x_k)), no CN (x are
     probabilities). The diagonal k = j is included; gradients flow through w. x: [N, C, h, w].
+    cache_similarities (cosine): keep half of the L x L similarities for backward (faster training step); off
+    by default here, as inference needs no backward. `associate` passes its own setting.
     """
     _check_similarity(similarity)
     _check_alpha(alpha)
