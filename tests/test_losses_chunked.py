@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch.autograd import gradcheck
@@ -143,7 +145,7 @@ def test_transposed_picks_equal_separate_picks_and_gradcheck(block_rows: int | N
     pick_ba = Pick(1, 0, torch.tensor([1, 3]), torch.tensor([5, 0]), torch.tensor([1.5, 0.7], dtype=F64))
 
     def joint(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return transposed_picks(a, b, pick_ab, pick_ba, block_rows=block_rows)
+        return transposed_picks(a, b, [pick_ab], [pick_ba], block_rows=block_rows)
 
     assert gradcheck(joint, (a.requires_grad_(), b.requires_grad_()), fast_mode=True)
     separate = picked_log_softmax([a, b], [pick_ab, pick_ba])
@@ -156,10 +158,31 @@ def test_transposed_picks_equal_separate_picks_and_gradcheck(block_rows: int | N
     torch.testing.assert_close(grads_joint, torch.autograd.grad(loss_separate, (a, b)))
     # reading a stored a @ b.T instead of recomputing it changes nothing
     stored = (a @ b.T).detach()
-    cached = transposed_picks(a, b, pick_ab, pick_ba, similarities=stored, block_rows=block_rows)
+    cached = transposed_picks(a, b, [pick_ab], [pick_ba], similarities=[stored], block_rows=block_rows)
     loss_cached = sum((v * w).sum() for v, w in zip(cached, weights, strict=True))
     torch.testing.assert_close(torch.autograd.grad(loss_cached, (a, b)), grads_joint)
-    with pytest.raises(ValueError, match="pick_ab must read rows of a"):
-        transposed_picks(a, b, pick_ba, pick_ab)
+    with pytest.raises(ValueError, match="picks_ab must read rows of a"):
+        transposed_picks(a, b, [pick_ba], [pick_ab])
     with pytest.raises(ValueError, match=r"similarities must be \[6, 5\]"):
-        transposed_picks(a, b, pick_ab, pick_ba, similarities=stored.T)
+        transposed_picks(a, b, [pick_ab], [pick_ba], similarities=[stored.T])
+
+
+def test_batched_picks_equal_per_pair_picks() -> None:
+    # tensors [N, L, C] with picks naming their pair give what the pairs give one by one
+    a, b = rand(2, 6, 3, seed=25), rand(2, 5, 3, seed=26)
+    inv = torch.tensor([0.5, 2.0], dtype=F64)
+    picks_ab = [Pick(0, 1, torch.tensor([4, 0]), torch.tensor([1, 3]), inv, pair=n) for n in range(2)]
+    picks_ba = [Pick(1, 0, torch.tensor([2, 3]), torch.tensor([5, 0]), inv, pair=n) for n in range(2)]
+    batched = transposed_picks(a, b, picks_ab, picks_ba)
+    per_pair = [transposed_picks(a[n], b[n], [replace(picks_ab[n], pair=None)], [replace(picks_ba[n], pair=None)])
+                for n in range(2)]
+    torch.testing.assert_close(batched[0], torch.cat([v[0] for v in per_pair]))
+    torch.testing.assert_close(batched[1], torch.cat([v[1] for v in per_pair]))
+    general = picked_log_softmax([a, b], picks_ab + picks_ba)
+    torch.testing.assert_close(torch.cat(general[:2]), batched[0])
+    leaf_a, leaf_b = a.clone().requires_grad_(), b.clone().requires_grad_()
+    grads = torch.autograd.grad(sum(v.sum() for v in transposed_picks(leaf_a, leaf_b, picks_ab, picks_ba)),
+                                (leaf_a, leaf_b))
+    grads_general = torch.autograd.grad(sum(v.sum() for v in picked_log_softmax([leaf_a, leaf_b], picks_ab + picks_ba)),
+                                        (leaf_a, leaf_b))
+    torch.testing.assert_close(grads, grads_general)

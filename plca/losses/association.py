@@ -127,11 +127,6 @@ def _full_precision(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def _pixel_rows(x: Tensor) -> Tensor:
-    """[C, h, w] -> [h*w, C]: one row per pixel, a view (the kernels take strided operands)."""
-    return x.flatten(1).T
-
-
 def spatial_aggregate(
     x: Tensor,
     similarity: Similarity = "cosine",
@@ -291,67 +286,80 @@ def _associate(
     target_index = torch.full_like(labels, -1, dtype=torch.long)
     return_index = torch.full_like(labels, -1, dtype=torch.long)
     positive = torch.zeros_like(valid)
-    terms: list[Tensor] = []
-    for n in range(num_pairs):
-        s_rows, t_rows = _pixel_rows(source[n]), _pixel_rows(target[n])
-        # D_st = a_st @ b_st.T (+ a per-row constant for kl); D_ts = a_ts @ b_ts.T likewise.
-        if similarity == "cosine":
-            # the source features outlive the loss, the aggregated target does not
-            a_st, b_st = unit_rows(s_rows, keep_input=True), unit_rows(t_rows)
-            a_ts, b_ts = b_st, a_st
-        else:
-            a_st, b_st = s_rows, torch.log(t_rows + KL_EPS)
-            a_ts, b_ts = t_rows, torch.log(s_rows + KL_EPS)
+    # All pairs at once, [N, L, C] views (one row per pixel): a single backward per kernel for the whole batch.
+    s_rows, t_rows = source.flatten(2).transpose(1, 2), target.flatten(2).transpose(1, 2)
+    # D_st = a_st @ b_st.T (+ a per-row constant for kl); D_ts = a_ts @ b_ts.T likewise.
+    if similarity == "cosine":
+        # the source features outlive the loss, the aggregated target does not
+        a_st, b_st = unit_rows(s_rows, keep_input=True), unit_rows(t_rows)
+        a_ts, b_ts = b_st, a_st
+    else:
+        a_st, b_st = s_rows, torch.log(t_rows + KL_EPS)
+        a_ts, b_ts = t_rows, torch.log(s_rows + KL_EPS)
 
+    picks_st, picks_ts, kept = [], [], []
+    # per positive: its pair, source pixel, target pixel j*, and which D_ts row term (over all pairs) it uses
+    pos_pair, pos_i, pos_j, pos_term = [], [], [], []
+    ts_terms = 0
+    for n in range(num_pairs):
         # The cycle, without gradient. Only labelled source pixels start one; D_ts rows only where they land.
         starts = valid[n].nonzero().squeeze(1)
         stored = None
         if cache and similarity == "cosine":  # D_st kept whole: D_ts rows are its columns
-            stored = a_st.new_empty(a_st.shape[0], b_st.shape[0])
-            st = row_statistics(a_st.detach(), b_st.detach(), normalise=True, keep=stored,
+            stored = a_st.new_empty(a_st.shape[1], b_st.shape[1])
+            st = row_statistics(a_st[n].detach(), b_st[n].detach(), normalise=True, keep=stored,
                                 block_rows=block_rows).take(starts)
         else:
-            st = row_statistics(a_st.detach(), b_st.detach(), normalise=True, rows=starts, block_rows=block_rows)
+            st = row_statistics(a_st[n].detach(), b_st[n].detach(), normalise=True, rows=starts,
+                                block_rows=block_rows)
         landed, landed_slot = torch.unique(st.argmax, return_inverse=True)
         if stored is not None:
             ts = column_statistics(stored, landed, normalise=True, block_rows=block_rows)
         else:
-            ts = row_statistics(a_ts.detach(), b_ts.detach(), normalise=True, rows=landed, block_rows=block_rows)
+            ts = row_statistics(a_ts[n].detach(), b_ts[n].detach(), normalise=True, rows=landed,
+                                block_rows=block_rows)
         back = ts.argmax[landed_slot]
         target_index[n, starts] = st.argmax
         return_index[n, starts] = back
         keep = labels[n, back] == labels[n, starts]
         positive[n, starts[keep]] = True
-
         i_pos, j_pos = starts[keep], st.argmax[keep]
         if i_pos.numel() == 0:
             continue
         # Each distinct j* gets one D_ts row term; the positives that share it gather it.
         j_rows, j_slot = torch.unique(j_pos, return_inverse=True)
         st_pos, ts_pos = st.take(keep), ts.take(torch.searchsorted(landed, j_rows))
-        if contrastive:
-            # log softmax(CN(d)) at the pick = log softmax(inv * d): the mean of CN cancels, the scale is detached
-            pick_st = Pick(0, 1, i_pos, j_pos, st_pos.inv_scale, st_pos.row_max, st_pos.log_sum)
-            if similarity == "cosine":  # D_ts = D_st.T: one joint backward
-                pick_ts = Pick(1, 0, j_rows, ts_pos.argmax, ts_pos.inv_scale, ts_pos.row_max, ts_pos.log_sum)
-                log_p_st, log_p_ts = transposed_picks(a_st, b_st, pick_st, pick_ts, similarities=stored,
-                                                      block_rows=block_rows)
-            else:
-                pick_ts = Pick(2, 3, j_rows, ts_pos.argmax, ts_pos.inv_scale, ts_pos.row_max, ts_pos.log_sum)
-                log_p_st, log_p_ts = picked_log_softmax([a_st, b_st, a_ts, b_ts], [pick_st, pick_ts],
-                                                        block_rows=block_rows)
-            terms.append(-(log_p_st + log_p_ts[j_slot]).clamp(min=LOG_CLAMP))
-        else:
-            d_st = (a_st[i_pos] * b_st[j_pos]).sum(dim=1)  # D_st[i, j*]
-            d_ts = (a_ts[j_rows] * b_ts[ts_pos.argmax]).sum(dim=1)  # D_ts[j*, i*]
-            if similarity == "kl":  # -KL keeps its entropy term here: the raw similarity is raised
-                d_st = d_st - (s_rows[i_pos] * torch.log(s_rows[i_pos] + KL_EPS)).sum(dim=1)
-                d_ts = d_ts - (t_rows[j_rows] * torch.log(t_rows[j_rows] + KL_EPS)).sum(dim=1)
-            terms.append(-(d_st + d_ts[j_slot]))
+        ts_a, ts_b = (1, 0) if similarity == "cosine" else (2, 3)
+        picks_st.append(Pick(0, 1, i_pos, j_pos, st_pos.inv_scale, st_pos.row_max, st_pos.log_sum, pair=n))
+        picks_ts.append(Pick(ts_a, ts_b, j_rows, ts_pos.argmax, ts_pos.inv_scale, ts_pos.row_max, ts_pos.log_sum,
+                             pair=n))
+        kept.append(stored)
+        pos_pair.append(torch.full_like(i_pos, n))
+        pos_i.append(i_pos)
+        pos_j.append(j_pos)
+        pos_term.append(j_slot + ts_terms)
+        ts_terms += j_rows.shape[0]
 
     num_positive = int(positive.sum())
-    if terms:
-        loss = torch.cat(terms).sum() / num_positive
+    if num_positive and contrastive:
+        # log softmax(CN(d)) at the pick = log softmax(inv * d): the mean of CN cancels, the scale is detached
+        if similarity == "cosine":  # D_ts = D_st.T: one joint backward
+            log_p_st, log_p_ts = transposed_picks(a_st, b_st, picks_st, picks_ts,
+                                                  similarities=kept if cache else None, block_rows=block_rows)
+        else:
+            values = picked_log_softmax([a_st, b_st, a_ts, b_ts], picks_st + picks_ts, block_rows=block_rows)
+            log_p_st, log_p_ts = torch.cat(values[: len(picks_st)]), torch.cat(values[len(picks_st) :])
+        per_pixel = -(log_p_st + log_p_ts[torch.cat(pos_term)]).clamp(min=LOG_CLAMP)
+        loss = per_pixel.sum() / num_positive
+    elif num_positive:
+        pair, i, j = torch.cat(pos_pair), torch.cat(pos_i), torch.cat(pos_j)
+        back = return_index.reshape(num_pairs, -1)[pair, i]
+        d_st = (a_st[pair, i] * b_st[pair, j]).sum(dim=1)  # D_st[i, j*]
+        d_ts = (a_ts[pair, j] * b_ts[pair, back]).sum(dim=1)  # D_ts[j*, i*]
+        if similarity == "kl":  # -KL keeps its entropy term here: the raw similarity is raised
+            d_st = d_st - (s_rows[pair, i] * torch.log(s_rows[pair, i] + KL_EPS)).sum(dim=1)
+            d_ts = d_ts - (t_rows[pair, j] * torch.log(t_rows[pair, j] + KL_EPS)).sum(dim=1)
+        loss = -(d_st + d_ts).sum() / num_positive
     else:
         # a zero attached to the graph: backward works and every gradient is 0, even for non-finite inputs
         loss = source.flatten()[:0].sum() + target.flatten()[:0].sum()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -348,9 +348,9 @@ def _unit_(v: Tensor) -> tuple[Tensor, Tensor]:
 class _CosineAggregate(torch.autograd.Function):
     """y_r = (1 - alpha) v_r + alpha sum_k softmax_k(inv_r * x_r . x_k) v_k with x = v / |v|: the cosine SAGG.
 
-    The unit vectors x are recomputed rather than saved. Backward exploits the symmetric similarity x x^T: it
-    walks over pairs of square blocks (a <= b), recomputes (or, with `cache`, reads) x_a x_b^T once for rows a
-    and rows b, and sums the logit gradients of both directions before multiplying by x: about 3.5 products of
+    The unit vectors x are recomputed in backward rather than saved. Backward exploits the symmetric similarity
+    x x^T: it walks over pairs of square blocks (a <= b), recomputes (or, with `cache`, reads) x_a x_b^T once for
+    rows a and rows b, and sums the logit gradients of both directions before multiplying by x: about 3.5 products of
     L x L x C instead of 5 (3 with the cache, whose forward also computes only half of x x^T).
     """
 
@@ -377,19 +377,18 @@ class _CosineAggregate(torch.autograd.Function):
         logits_buf, w_ba_buf, grad_buf = (v.new_empty(side, side) for _ in range(3))
         blocks = list(_blocks(v.shape[1], side))
         for n in range(v.shape[0]):
+            x = torch.div(v[n], norm[n], out=torch.empty_like(v[n]))  # unit vectors of this image
+            grad_x = torch.zeros_like(x)
             # alpha is applied to each block instead of to a copy of grad_y
             g_agg = grad_y[n]
             # the softmax backward needs sum_k w_rk dw_rk over whole rows: it equals g_agg_r . agg_r
             centre = (g_agg * agg[n]).sum(dim=1)
             for ia, a in enumerate(blocks):
-                # unit vectors block by block: neither they nor their gradient take a full L x C buffer
-                x_a = v[n, a] / norm[n, a]
                 for ib in range(ia, len(blocks)):
                     b = blocks[ib]
-                    x_b = x_a if ib == ia else v[n, b] / norm[n, b]
                     na, nb = a.stop - a.start, b.stop - b.start
                     if ctx.stored is None:
-                        logits = torch.mm(x_a, x_b.T, out=logits_buf[:na, :nb])
+                        logits = torch.mm(x[a], x[b].T, out=logits_buf[:na, :nb])
                     else:  # the forward pass kept it (copied: a second backward finds it intact)
                         logits = logits_buf[:na, :nb].copy_(ctx.stored[n][ia, ib])
                     # logits_ab = x_a . x_b is entry b of rows a and entry a of rows b
@@ -402,17 +401,22 @@ class _CosineAggregate(torch.autograd.Function):
                         grad_v[n, a].addmm_(w_ba.T, g_agg[b], alpha=alpha)
                     both = _logit_grad(w_ab, g_agg[a], v[n, b], centre[a], inv[n, a], grad_buf[:na, :nb])
                     if w_ba is None:
-                        _add_through_unit_(grad_v[n, a], (both + both.T) @ x_a, x_a, norm[n, a], alpha)
+                        grad_x[a].addmm_(both + both.T, x[a], alpha=alpha)
                         continue
                     # w_ab is used up: its buffer takes the other direction's gradient
                     both.add_(_logit_grad(w_ba, g_agg[b], v[n, a], centre[b], inv[n, b], logits_buf[:nb, :na]).T)
-                    _add_through_unit_(grad_v[n, a], both @ x_b, x_a, norm[n, a], alpha)
-                    _add_through_unit_(grad_v[n, b], both.T @ x_a, x_b, norm[n, b], alpha)
+                    grad_x[a].addmm_(both, x[b], alpha=alpha)
+                    grad_x[b].addmm_(both.T, x[a], alpha=alpha)
+            for rows in _blocks(x.shape[0], rows_per_block(x.shape[1])):
+                _add_through_unit_(grad_v[n, rows], grad_x[rows], x[rows], norm[n, rows], 1.0)
         return grad_v, None, None, None, None
 
 
 def _add_through_unit_(out: Tensor, grad_x: Tensor, x: Tensor, norm: Tensor, scale: float) -> None:
-    """out += scale * d(x)/d(v)^T grad_x for x = v / |v|: (g - x (x . g)) / |v|, constant where |v| was floored."""
+    """out += scale * d(x)/d(v)^T grad_x for x = v / |v|: (g - x (x . g)) / |v|, constant where |v| was floored.
+
+    grad_x is overwritten.
+    """
     along = (x * grad_x).sum(dim=1, keepdim=True).mul_(norm > NORM_EPS)
     out.add_(grad_x.sub_(x * along).div_(norm), alpha=scale)
 
@@ -443,6 +447,20 @@ class Pick:
     #: `row_statistics` of these rows with this scale (row_max, log_sum); None computes them.
     row_max: Tensor | None = None
     log_sum: Tensor | None = None
+    #: With batched tensors [N, L, C]: the image pair n the pick reads; None for tensors [L, C].
+    pair: int | None = None
+
+
+def _mat(t: Tensor, pair: int | None) -> Tensor:
+    return t if pair is None else t[pair]
+
+
+def _fill_statistics(pick: Pick, a: Tensor, b: Tensor, block_rows: int | None) -> Pick:
+    """The pick with its row statistics, computed if it came without (direct use and tests)."""
+    if pick.row_max is not None:
+        return pick
+    stats = row_statistics(a[pick.rows] * pick.inv_scale[:, None], b, normalise=False, block_rows=block_rows)
+    return replace(pick, row_max=stats.row_max / pick.inv_scale, log_sum=stats.log_sum)
 
 
 class _PickedLogSoftmax(torch.autograd.Function):
@@ -456,11 +474,8 @@ class _PickedLogSoftmax(torch.autograd.Function):
     def forward(ctx, picks: Sequence[Pick], block_rows: int | None, *tensors: Tensor):  # type: ignore[override]
         values, filled = [], []
         for p in picks:
-            a, b = tensors[p.a], tensors[p.b]
-            if p.row_max is None:
-                # statistics of a plain softmax of inv * d (this path is for direct use and tests)
-                stats = row_statistics(a[p.rows] * p.inv_scale[:, None], b, normalise=False, block_rows=block_rows)
-                p = Pick(p.a, p.b, p.rows, p.cols, p.inv_scale, stats.row_max / p.inv_scale, stats.log_sum)
+            a, b = _mat(tensors[p.a], p.pair), _mat(tensors[p.b], p.pair)
+            p = _fill_statistics(p, a, b, block_rows)
             picked = a.new_empty(p.rows.shape[0])
             for blk in _blocks(p.rows.shape[0], rows_per_block(b.shape[0], block_rows)):
                 picked[blk] = (a[p.rows[blk]] * b[p.cols[blk]]).sum(dim=1)
@@ -476,8 +491,9 @@ class _PickedLogSoftmax(torch.autograd.Function):
         need = ctx.needs_input_grad[2:]
         grads = [torch.zeros_like(t) if needed else None for t, needed in zip(tensors, need, strict=True)]
         for p, grad_value in zip(ctx.picks, grad_values, strict=True):
-            a, b = tensors[p.a], tensors[p.b]
-            grad_a, grad_b = grads[p.a], grads[p.b]
+            a, b = _mat(tensors[p.a], p.pair), _mat(tensors[p.b], p.pair)
+            grad_a = None if grads[p.a] is None else _mat(grads[p.a], p.pair)
+            grad_b = None if grads[p.b] is None else _mat(grads[p.b], p.pair)
             if grad_a is None and grad_b is None:
                 continue
             coef = grad_value * p.inv_scale  # d value_r / d(a_r . b_k) = inv_r * (onehot_k - softmax_rk)
@@ -501,7 +517,8 @@ def picked_log_softmax(tensors: Sequence[Tensor], picks: Sequence[Pick], *, bloc
                        ) -> tuple[Tensor, ...]:
     """For each pick: log softmax_k(inv_r * a_{rows_r} . b_k) at k = cols_r, a = tensors[pick.a], b = tensors[pick.b].
 
-    Differentiable in the tensors ([L, C] each), recomputing the picked rows block by block in backward.
+    Differentiable in the tensors ([L, C] each, or [N, L, C] with `Pick.pair` set), recomputing the picked rows
+    block by block in backward.
     """
     for p in picks:
         if (p.row_max is None) != (p.log_sum is None):
@@ -509,12 +526,6 @@ def picked_log_softmax(tensors: Sequence[Tensor], picks: Sequence[Pick], *, bloc
     return _PickedLogSoftmax.apply(picks, block_rows, *tensors)
 
 
-def _fill_statistics(pick: Pick, a: Tensor, b: Tensor, block_rows: int | None) -> Pick:
-    """The pick with its row statistics, computed if it came without (direct use and tests)."""
-    if pick.row_max is not None:
-        return pick
-    stats = row_statistics(a[pick.rows] * pick.inv_scale[:, None], b, normalise=False, block_rows=block_rows)
-    return Pick(pick.a, pick.b, pick.rows, pick.cols, pick.inv_scale, stats.row_max / pick.inv_scale, stats.log_sum)
 
 
 def _column_grad(d_cols: Tensor, rows: Tensor, pick: Pick, coef: Tensor) -> Tensor:
@@ -525,89 +536,120 @@ def _column_grad(d_cols: Tensor, rows: Tensor, pick: Pick, coef: Tensor) -> Tens
 
 
 class _TransposedPicks(torch.autograd.Function):
-    """Picks on d = a @ b.T (rows P of a) and on its transpose d.T = b @ a.T (rows J of b), as the cosine cycle.
+    """Picks on d = a @ b.T (rows P of a) and on its transpose d.T = b @ a.T (rows J of b), as the cosine cycle,
+    for each image pair of a batch (a [N, La, C], b [N, Lb, C]; one pick of each kind per pair).
 
     Backward forms the joint gradient of d block by block: full rows for P, and only the columns J for the
     other rows of a, so that each needed entry of d is computed once: 3 (p + q - p q) products of L x L x C
-    where separate picks take 3 (p + q), with p, q the shares of rows in P and J.
+    where separate picks take 3 (p + q), with p, q the shares of rows in P and J; 2 (p + q - p q) when the
+    forward pass kept d (`similarities`).
     """
 
     @staticmethod
-    def forward(ctx, a, b, pick_ab, pick_ba, similarities, block_rows):  # type: ignore[override]
-        pick_ab = _fill_statistics(pick_ab, a, b, block_rows)
-        pick_ba = _fill_statistics(pick_ba, b, a, block_rows)
-        values = []
-        for p, x, y in ((pick_ab, a, b), (pick_ba, b, a)):
-            picked = x.new_empty(p.rows.shape[0])
-            for blk in _blocks(p.rows.shape[0], rows_per_block(y.shape[0], block_rows)):
-                picked[blk] = (x[p.rows[blk]] * y[p.cols[blk]]).sum(dim=1)
-            values.append((picked - p.row_max).mul_(p.inv_scale).sub_(p.log_sum))
+    def forward(ctx, a, b, picks_ab, picks_ba, similarities, block_rows):  # type: ignore[override]
+        picks_ab = [_fill_statistics(p, _mat(a, p.pair), _mat(b, p.pair), block_rows) for p in picks_ab]
+        picks_ba = [_fill_statistics(p, _mat(b, p.pair), _mat(a, p.pair), block_rows) for p in picks_ba]
+        values: tuple[list[Tensor], list[Tensor]] = ([], [])
+        for out, picks, (x, y) in ((values[0], picks_ab, (a, b)), (values[1], picks_ba, (b, a))):
+            for p in picks:
+                x_n, y_n = _mat(x, p.pair), _mat(y, p.pair)
+                picked = x_n.new_empty(p.rows.shape[0])
+                for blk in _blocks(p.rows.shape[0], rows_per_block(y_n.shape[0], block_rows)):
+                    picked[blk] = (x_n[p.rows[blk]] * y_n[p.cols[blk]]).sum(dim=1)
+                out.append((picked - p.row_max).mul_(p.inv_scale).sub_(p.log_sum))
         ctx.save_for_backward(a, b)
-        ctx.picks, ctx.block_rows, ctx.similarities = (pick_ab, pick_ba), block_rows, similarities
-        return tuple(values)
+        ctx.picks, ctx.block_rows, ctx.similarities = (picks_ab, picks_ba), block_rows, similarities
+        return torch.cat(values[0]), torch.cat(values[1])
 
     @staticmethod
     def backward(ctx, grad_ab: Tensor, grad_ba: Tensor):
         a, b = ctx.saved_tensors
-        p_ab, p_ba = ctx.picks
-        stored = ctx.similarities  # d = a @ b.T kept by the forward pass, or None: recompute
-        need_a, need_b = ctx.needs_input_grad[:2]
         grad_a, grad_b = torch.zeros_like(a), torch.zeros_like(b)
-        coef_ab, coef_ba = grad_ab * p_ab.inv_scale, grad_ba * p_ba.inv_scale
-        j_rows = p_ba.rows
-        step = rows_per_block(b.shape[0], ctx.block_rows)
-        buffer = a.new_empty(min(step, max(p_ab.rows.shape[0], 1)), b.shape[0])
-        # rows P of a: whole rows of d, their own picks plus the transposed picks' share in columns J
-        for blk in _blocks(p_ab.rows.shape[0], step):
-            size, rows = blk.stop - blk.start, p_ab.rows[blk]
-            a_blk = a[rows]
-            if stored is None:
-                d = torch.mm(a_blk, b.T, out=buffer[:size])
-            else:
-                d = torch.index_select(stored, 0, rows, out=buffer[:size])
-            col_grad = _column_grad(d[:, j_rows], rows, p_ba, coef_ba)
-            g = _probs_(d, p_ab.row_max[blk], p_ab.inv_scale[blk], p_ab.log_sum[blk]).mul_(-coef_ab[blk, None])
-            g[torch.arange(size, device=g.device), p_ab.cols[blk]] += coef_ab[blk]
-            g.index_add_(1, j_rows, col_grad)
-            grad_a.index_add_(0, rows, g @ b)
-            grad_b.addmm_(g.T, a_blk)
-        # the other rows of a meet only the columns J
-        others = torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
-        others[p_ab.rows] = False
-        others = others.nonzero().squeeze(1)
-        b_j = b[j_rows]
-        grad_b_j = torch.zeros_like(b_j)
-        for blk in _blocks(others.shape[0], rows_per_block(j_rows.shape[0], ctx.block_rows)):
-            rows = others[blk]
-            a_blk = a[rows]
-            d_j = a_blk @ b_j.T if stored is None else stored[rows][:, j_rows]
-            g = _column_grad(d_j, rows, p_ba, coef_ba)
-            grad_a[rows] = g @ b_j
-            grad_b_j.addmm_(g.T, a_blk)
-        grad_b.index_add_(0, j_rows, grad_b_j)
+        start_ab = start_ba = 0
+        for k, (p_ab, p_ba) in enumerate(zip(*ctx.picks, strict=True)):
+            n_ab, n_ba = p_ab.rows.shape[0], p_ba.rows.shape[0]
+            stored = None if ctx.similarities is None else ctx.similarities[k]
+            _transposed_backward(
+                _mat(a, p_ab.pair), _mat(b, p_ab.pair), _mat(grad_a, p_ab.pair), _mat(grad_b, p_ab.pair), p_ab, p_ba,
+                grad_ab[start_ab : start_ab + n_ab], grad_ba[start_ba : start_ba + n_ba], stored, ctx.block_rows)
+            start_ab, start_ba = start_ab + n_ab, start_ba + n_ba
+        need_a, need_b = ctx.needs_input_grad[:2]
         return (grad_a if need_a else None), (grad_b if need_b else None), None, None, None, None
+
+
+def _transposed_backward(
+    a: Tensor,
+    b: Tensor,
+    grad_a: Tensor,
+    grad_b: Tensor,
+    p_ab: Pick,
+    p_ba: Pick,
+    grad_ab: Tensor,
+    grad_ba: Tensor,
+    stored: Tensor | None,
+    block_rows: int | None,
+) -> None:
+    """One pair's share of `_TransposedPicks.backward`, accumulated into grad_a and grad_b."""
+    coef_ab, coef_ba = grad_ab * p_ab.inv_scale, grad_ba * p_ba.inv_scale
+    j_rows = p_ba.rows
+    step = rows_per_block(b.shape[0], block_rows)
+    buffer = a.new_empty(min(step, max(p_ab.rows.shape[0], 1)), b.shape[0])
+    # rows P of a: whole rows of d, their own picks plus the transposed picks' share in columns J
+    for blk in _blocks(p_ab.rows.shape[0], step):
+        size, rows = blk.stop - blk.start, p_ab.rows[blk]
+        a_blk = a[rows]
+        if stored is None:
+            d = torch.mm(a_blk, b.T, out=buffer[:size])
+        else:
+            d = torch.index_select(stored, 0, rows, out=buffer[:size])
+        col_grad = _column_grad(d[:, j_rows], rows, p_ba, coef_ba)
+        g = _probs_(d, p_ab.row_max[blk], p_ab.inv_scale[blk], p_ab.log_sum[blk]).mul_(-coef_ab[blk, None])
+        g[torch.arange(size, device=g.device), p_ab.cols[blk]] += coef_ab[blk]
+        g.index_add_(1, j_rows, col_grad)
+        grad_a.index_add_(0, rows, g @ b)
+        grad_b.addmm_(g.T, a_blk)
+    # the other rows of a meet only the columns J
+    others = torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
+    others[p_ab.rows] = False
+    others = others.nonzero().squeeze(1)
+    b_j = b[j_rows]
+    grad_b_j = torch.zeros_like(b_j)
+    for blk in _blocks(others.shape[0], rows_per_block(j_rows.shape[0], block_rows)):
+        rows = others[blk]
+        a_blk = a[rows]
+        d_j = a_blk @ b_j.T if stored is None else stored[rows][:, j_rows]
+        g = _column_grad(d_j, rows, p_ba, coef_ba)
+        grad_a[rows] = g @ b_j
+        grad_b_j.addmm_(g.T, a_blk)
+    grad_b.index_add_(0, j_rows, grad_b_j)
 
 
 def transposed_picks(
     a: Tensor,
     b: Tensor,
-    pick_ab: Pick,
-    pick_ba: Pick,
+    picks_ab: Sequence[Pick],
+    picks_ba: Sequence[Pick],
     *,
-    similarities: Tensor | None = None,
+    similarities: Sequence[Tensor] | None = None,
     block_rows: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """`picked_log_softmax([a, b], [pick_ab, pick_ba])` for pick_ab on a @ b.T and pick_ba on b @ a.T.
+    """`picked_log_softmax([a, b], picks_ab + picks_ba)`, concatenated per kind, for picks_ab on a @ b.T and
+    picks_ba on b @ a.T, one of each per image pair (a, b [L, C] with pair None, or [N, L, C]).
 
-    Same values and gradients, with a cheaper backward (see `_TransposedPicks`). similarities: a @ b.T as
-    computed by the caller (e.g. `row_statistics(..., keep=)`), read in backward instead of recomputed.
+    Same values and gradients, with a cheaper backward (see `_TransposedPicks`). similarities: per pair, a @ b.T
+    as computed by the caller (e.g. `row_statistics(..., keep=)`), read in backward instead of recomputed.
     """
-    if (pick_ab.a, pick_ab.b, pick_ba.a, pick_ba.b) != (0, 1, 1, 0):
-        raise ValueError("transposed_picks: pick_ab must read rows of a (a=0, b=1), pick_ba rows of b (a=1, b=0)")
-    for p in (pick_ab, pick_ba):
-        if (p.row_max is None) != (p.log_sum is None):
-            raise ValueError("transposed_picks: give both row_max and log_sum of a pick, or neither")
-    if similarities is not None and similarities.shape != (a.shape[0], b.shape[0]):
-        raise ValueError(f"transposed_picks: similarities must be [{a.shape[0]}, {b.shape[0]}], "
-                         f"got {tuple(similarities.shape)}")
-    return _TransposedPicks.apply(a, b, pick_ab, pick_ba, similarities, block_rows)
+    if len(picks_ab) != len(picks_ba) or any(p.pair != q.pair for p, q in zip(picks_ab, picks_ba, strict=True)):
+        raise ValueError("transposed_picks: one pick of each kind per pair, in the same order")
+    for p, q in zip(picks_ab, picks_ba, strict=True):
+        if (p.a, p.b, q.a, q.b) != (0, 1, 1, 0):
+            raise ValueError("transposed_picks: picks_ab must read rows of a (a=0, b=1), picks_ba rows of b (a=1, b=0)")
+        for pick in (p, q):
+            if (pick.row_max is None) != (pick.log_sum is None):
+                raise ValueError("transposed_picks: give both row_max and log_sum of a pick, or neither")
+    if similarities is not None:
+        for p, d in zip(picks_ab, similarities, strict=True):
+            expected = (_mat(a, p.pair).shape[0], _mat(b, p.pair).shape[0])
+            if d.shape != expected:
+                raise ValueError(f"transposed_picks: similarities must be {list(expected)}, got {tuple(d.shape)}")
+    return _TransposedPicks.apply(a, b, list(picks_ab), list(picks_ba), similarities, block_rows)
