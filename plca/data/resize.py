@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
@@ -170,7 +171,9 @@ def resize_dataset(
         if workers == 1:
             results = [_resize_pair(j) for j in tqdm(jobs, **bar)]
         else:
-            with ProcessPoolExecutor(max_workers=workers, initializer=_one_thread) as pool:
+            # spawn, not fork: a caller that has run torch holds OpenMP threads a forked child would inherit locked
+            with ProcessPoolExecutor(max_workers=workers, initializer=_one_thread,
+                                     mp_context=multiprocessing.get_context("spawn")) as pool:
                 results = list(tqdm(pool.map(_resize_pair, jobs, chunksize=_CHUNKSIZE), **bar))
         report.pairs = len(results)
         report.label_size_fixed = sorted(name for name, fixed in results if fixed)

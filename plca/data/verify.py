@@ -15,6 +15,7 @@ Layouts (paths relative to the dataset root):
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import struct
 from collections.abc import Iterable
@@ -272,7 +273,9 @@ def _run_checks(pairs: list[Pair], layout: str, cfg: VerifyConfig) -> list[_Pair
     bar = dict(total=len(jobs), desc=f"verify {layout}", unit="pair", disable=not cfg.progress)
     if workers == 1 or len(jobs) < 2:
         return [_check_pair(j) for j in tqdm(jobs, **bar)]
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), initializer=_one_thread) as pool:
+    # spawn, not fork: a caller that has run torch holds OpenMP threads a forked child would inherit locked
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), initializer=_one_thread,
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
         return list(tqdm(pool.map(_check_pair, jobs, chunksize=_CHUNKSIZE), **bar))
 
 
