@@ -136,16 +136,16 @@ def test_experiment_in_a_temporary_workspace_records_into_the_repository(
     workspace: tuple[Path, dict[str, str]],
 ) -> None:
     ws, env = workspace
-    run([str(BIN / "dvc"), "exp", "run", "--temp", "-n", "tiny-tau", "-S", "variants.plca.options.tau=5.0"], ws, env)
+    run([str(BIN / "dvc"), "exp", "run", "--temp", "-n", "tiny-lsr", "-S", "variants.fass.options.lsr=true"], ws, env)
     res = subprocess.run([str(BIN / "dvc"), "exp", "show", "--json"], cwd=ws, env=env, capture_output=True,
                          text=True, timeout=120, check=True)
     shown = json.loads(res.stdout)
     names = json.dumps(shown)
-    assert "tiny-tau" in names
+    assert "tiny-lsr" in names
     # the queued-style run (in .dvc/tmp/exps/...) recorded into the repository's own store, tagged with its name
     con = sqlite3.connect(ws / "mlruns.db")
-    tagged = con.execute("select count(*) from tags where key='dvc_exp' and value='tiny-tau'").fetchone()[0]
+    tagged = con.execute("select count(*) from tags where key='dvc_exp' and value='tiny-lsr'").fetchone()[0]
     con.close()
-    assert tagged >= 2  # the PLCA training run and its evaluation
+    assert tagged >= 2  # the fass training run and its evaluation
     # the workspace itself is untouched
-    assert yaml.safe_load((ws / "params.yaml").read_text())["variants"]["plca"].get("options", {}).get("tau") is None
+    assert yaml.safe_load((ws / "params.yaml").read_text())["variants"]["fass"]["options"]["lsr"] is False
