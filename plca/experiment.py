@@ -131,13 +131,10 @@ def train_run(
         streams["target"] = KeyedDataset(make_reader(params.data.target, "train", with_labels=False),
                                          lambda s, rng: train_transform(s, params.data.train_transform, rng),
                                          spec.seed, STREAM_IDS["target"])
-    e = params.engine
-    tcfg = TrainConfig(steps=phase.steps, batch_size=e.batch_size, grad_accum=e.grad_accum, seed=spec.seed,
-                       device=e.device, amp=e.amp, num_workers=e.num_workers, log_every=e.log_every,
-                       checkpoint_every=e.checkpoint_every, optim=phase.optim)
+    tcfg = TrainConfig(steps=phase.steps, seed=spec.seed, optim=phase.optim, engine=params.engine)
     run_params = {
         "run": spec.name, "seed": spec.seed, "method": method_name, "labelled": labelled,
-        "options": options, "phase": to_dict(phase), "engine": to_dict(e), "model": to_dict(params.model),
+        "options": options, "phase": to_dict(phase), "engine": to_dict(params.engine), "model": to_dict(params.model),
         "data": to_dict(params.data), "init_model": init_digest,
     }
     run_fp = fingerprint(run_params)

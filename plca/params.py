@@ -16,6 +16,7 @@ from plca.data.prepare import RealDataConfig
 from plca.data.transforms import TransformConfig
 from plca.engine.optim import OptimConfig
 from plca.engine.tracking import TrackingConfig
+from plca.engine.trainer import EngineConfig
 from plca.models.deeplabv2 import DeepLabV2Config
 
 
@@ -50,21 +51,6 @@ class DataConfig:
     embedded: EmbeddedConfig | None = None
     #: Real datasets to download, verify and pre-resize into <root>/<dataset> (the paper profiles); None else.
     prepare: RealDataConfig | None = None
-
-
-@dataclass
-class EngineConfig:
-    """Engine settings shared by every training stage."""
-
-    batch_size: int = 8
-    grad_accum: int = 1
-    device: str = "auto"
-    amp: bool = False
-    num_workers: int = 0
-    log_every: int = 10
-    checkpoint_every: int = 100
-    #: Torch intra-op threads on CPU (0 = torch's default).
-    threads: int = 0
 
 
 @dataclass

@@ -15,7 +15,7 @@ from plca.engine import checkpoint as ckpt
 from plca.engine.optim import OptimConfig, poly_factor
 from plca.engine.streams import KeyedDataset, StepBatchSampler
 from plca.engine.tracking import Tracker, TrackingConfig
-from plca.engine.trainer import TrainConfig, Trainer, fingerprint
+from plca.engine.trainer import EngineConfig, TrainConfig, Trainer, fingerprint
 from plca.methods import build_method
 from plca.models.deeplabv2 import DeepLabV2Config, build_model
 
@@ -53,9 +53,11 @@ def make(method: str = "plca", options: dict | None = None):
 
 
 def cfg(**kw) -> TrainConfig:
-    base = dict(steps=6, batch_size=2, seed=3, log_every=1, checkpoint_every=2, device="cpu",
-                optim=OptimConfig(lr=0.01))
-    return TrainConfig(**{**base, **kw})
+    run = dict(steps=6, seed=3, optim=OptimConfig(lr=0.01))
+    engine = dict(batch_size=2, log_every=1, checkpoint_every=2, device="cpu")
+    for k, v in kw.items():
+        (run if k in run else engine)[k] = v
+    return TrainConfig(**run, engine=EngineConfig(**engine))
 
 
 def test_step_sampler_is_a_function_of_the_step() -> None:

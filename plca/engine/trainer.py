@@ -36,19 +36,30 @@ STREAM_IDS = {"source": 0, "target": 1}
 
 
 @dataclass
-class TrainConfig:
-    steps: int = 1000
+class EngineConfig:
+    """How the engine trains, whatever the run (the `engine` section of params.yaml)."""
+
     batch_size: int = 8
     #: Micro-batches per optimiser step: batch_size * grad_accum images per stream and step.
     grad_accum: int = 1
-    seed: int = 0
     device: str = "auto"
     #: Mixed precision (float16 autocast + gradient scaling) on CUDA; ignored on CPU.
     amp: bool = False
     num_workers: int = 0
     log_every: int = 10
     checkpoint_every: int = 100
+    #: Torch intra-op threads on CPU (0 = torch's default); applied by the caller before building the model.
+    threads: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """One run: its length, seed and optimiser, on the shared engine settings."""
+
+    steps: int = 1000
+    seed: int = 0
     optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
 
 @dataclass
@@ -86,23 +97,22 @@ def write_csv_atomic(rows: list[dict[str, float]], path: Path) -> None:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
-        if cfg.checkpoint_every % cfg.log_every:
+        every, log_every = cfg.engine.checkpoint_every, cfg.engine.log_every
+        if every % log_every:
             # a checkpoint must fall on a logged step, or the partial log interval before it would be lost
-            raise ValueError(
-                f"checkpoint_every ({cfg.checkpoint_every}) must be a multiple of log_every ({cfg.log_every})"
-            )
+            raise ValueError(f"checkpoint_every ({every}) must be a multiple of log_every ({log_every})")
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
-        self.amp = cfg.amp and self.device.type == "cuda"
-        if cfg.amp and not self.amp:
+        self.device = resolve_device(cfg.engine.device)
+        self.amp = cfg.engine.amp and self.device.type == "cuda"
+        if cfg.engine.amp and not self.amp:
             log.info("amp requested but the device is %s: training in float32", self.device)
 
     def _batches(self, streams: dict[str, KeyedDataset], start: int) -> Iterator[dict[str, torch.Tensor]]:
         iters = {}
         for name, ds in streams.items():
-            sampler = StepBatchSampler(len(ds), self.cfg.batch_size, self.cfg.grad_accum, self.cfg.seed,
+            sampler = StepBatchSampler(len(ds), self.cfg.engine.batch_size, self.cfg.engine.grad_accum, self.cfg.seed,
                                        STREAM_IDS[name], start, self.cfg.steps)
-            iters[name] = iter(stream_loader(ds, sampler, self.cfg.num_workers))
+            iters[name] = iter(stream_loader(ds, sampler, self.cfg.engine.num_workers))
         while True:
             batch: dict[str, torch.Tensor] = {}
             for name, it in iters.items():
@@ -192,16 +202,16 @@ class Trainer:
             method.before_step(TrainContext(self.device, step, cfg.steps))
             for o in optims.values():
                 o.zero_grad(set_to_none=True)
-            for _ in range(cfg.grad_accum):
+            for _ in range(cfg.engine.grad_accum):
                 batch = next(batches)
                 with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
                     out = method.training_step(batch)
                 if not torch.isfinite(out.loss):
                     raise FloatingPointError(f"step {step}: loss is {out.loss.item()} ({out.terms})")
-                scaler.scale(out.loss / cfg.grad_accum).backward()
-                sums["loss"] += float(out.loss.detach()) / cfg.grad_accum
+                scaler.scale(out.loss / cfg.engine.grad_accum).backward()
+                sums["loss"] += float(out.loss.detach()) / cfg.engine.grad_accum
                 for k, v in out.terms.items():
-                    sums[k] += v / cfg.grad_accum
+                    sums[k] += v / cfg.engine.grad_accum
             for o in optims.values():
                 scaler.step(o)
             scaler.update()
@@ -210,7 +220,7 @@ class Trainer:
                 s.step()
             counted += 1
             done = step + 1
-            if done % cfg.log_every == 0 or done == cfg.steps:
+            if done % cfg.engine.log_every == 0 or done == cfg.steps:
                 row = {"step": float(done), "lr": lr, **{k: v / counted for k, v in sums.items()}}
                 rows.append(row)
                 sums.clear()
@@ -220,7 +230,7 @@ class Trainer:
                     write_csv_atomic(rows, log_csv)
                 if tracker is not None:
                     tracker.log_metrics({f"train/{k}": v for k, v in row.items() if k != "step"}, step=done)
-            if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            if done % cfg.engine.checkpoint_every == 0 and done < cfg.steps:
                 save(done)
             for cb in callbacks:
                 cb(done)
