@@ -49,6 +49,35 @@ def test_lovasz_gradcheck_and_ignore() -> None:
     assert lovasz_softmax(changed, labels).item() == pytest.approx(lovasz_softmax(probs, labels).item())
 
 
+def _lovasz_one_class_at_a_time(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Berman et al.'s formulation written plainly: one sort per present class."""
+    flat = probs.permute(0, 2, 3, 1).reshape(-1, probs.shape[1])
+    lab = labels.reshape(-1)
+    flat, lab = flat[lab != 255], lab[lab != 255]
+    losses = []
+    for c in torch.unique(lab).tolist():
+        truth = (lab == c).to(flat.dtype)
+        errors, order = torch.sort((truth - flat[:, c]).abs(), descending=True)
+        t = truth[order]
+        jaccard = 1 - (t.sum() - t.cumsum(0)) / (t.sum() + (1 - t).cumsum(0))
+        losses.append(errors @ torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]]))
+    return torch.stack(losses).mean()
+
+
+def test_lovasz_batched_classes_equal_one_sort_per_class() -> None:
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 6, 7, 9, generator=g, dtype=F64)
+    logits[:, :, :2] = logits[:, :, 2:4]  # repeated rows: tied errors
+    labels = torch.randint(0, 5, (3, 7, 9), generator=g)  # class 5 absent
+    labels[1, 3:] = 255
+    a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    batched, plain = lovasz_softmax(a.softmax(1), labels), _lovasz_one_class_at_a_time(b.softmax(1), labels)
+    batched.backward()
+    plain.backward()
+    assert batched.item() == pytest.approx(plain.item(), rel=1e-12)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+
+
 def test_lovasz_without_labels_is_a_differentiable_zero() -> None:
     probs = torch.rand(1, 3, 2, 2, dtype=F64).softmax(1).requires_grad_()
     loss = lovasz_softmax(probs, torch.full((1, 2, 2), 255))
