@@ -15,7 +15,7 @@ import numpy as np
 from plca.report import atomic_write_text, write_readme
 from plca.report.figures import class_iou_bars, load_training_logs, qualitative_grid, training_curves
 from plca.report.tables import (
-    SOURCE_VAL,
+    EXTRA_COLUMNS,
     headline,
     results_frame,
     summarize,
@@ -52,8 +52,9 @@ def collect_records(inp: ReportInputs) -> list[dict[str, Any]]:
         for s in inp.seeds:
             m = _load_json(inp.metrics_dir / v / f"s{s}.json")
             rec = {"variant": v, "seed": s, "miou": m["miou"], "iou": m["iou"]}
-            if m.get("source_val_miou") is not None:
-                rec[SOURCE_VAL] = m["source_val_miou"]
+            for extra in EXTRA_COLUMNS:
+                if m.get(extra) is not None:
+                    rec[extra] = m[extra]
             records.append(rec)
     return records
 
@@ -97,7 +98,8 @@ def build_reports(inp: ReportInputs, target_val: Any, sample_indices: Sequence[i
     summ = summarize(results)
     summary = {
         v: {"miou_mean": _finite(s.mean), "miou_std": _finite(s.std), "gain_vs_source_only": _finite(s.gain_mean),
-            "source_val_miou": _finite(s.source_val_mean)}
+            "source_val_miou": _finite(s.source_val_mean), "miou_without_tta": _finite(s.without_tta_mean),
+            "gain_without_tta": _finite(s.without_tta_gain_mean)}
         for v, s in summ.items()
     }
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")

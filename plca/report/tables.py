@@ -47,6 +47,12 @@ RESULT_COLUMNS: tuple[str, ...] = ("variant", "seed", "miou", *CLASS_NAMES)
 #: Optional per-run column: mIoU on the source domain's val set (shows the domain gap).
 SOURCE_VAL = "source_val_miou"
 
+#: Optional per-run column: target mIoU of a model scored with test-time aggregation, scored without it.
+WITHOUT_TTA = "miou_without_tta"
+
+#: The optional per-run columns, in results.csv order.
+EXTRA_COLUMNS: tuple[str, ...] = (SOURCE_VAL, WITHOUT_TTA)
+
 #: Shown for a missing or undefined number.
 NA = "–"
 
@@ -90,7 +96,7 @@ def _sorted(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def results_frame(records: Iterable[Mapping[str, Any]], where: str = "results") -> pd.DataFrame:
-    """Per-run records -> the results DataFrame: columns RESULT_COLUMNS (+ SOURCE_VAL when any record has it).
+    """Per-run records -> the results DataFrame: columns RESULT_COLUMNS (+ each of EXTRA_COLUMNS any record has).
 
     A record is {"variant": str, "seed": int, "miou": percent, "iou": {class name: percent or None}, ...};
     "iou" must name exactly the 19 classes (None/NaN for classes absent from the evaluation set). Other keys
@@ -121,13 +127,14 @@ def results_frame(records: Iterable[Mapping[str, Any]], where: str = "results") 
             raise ResultsError(f"{at}: 'iou' class names wrong: unknown {unknown}, missing {missing}")
         row: dict[str, Any] = {"variant": variant, "seed": int(seed), "miou": _number(rec["miou"], "miou", at, False)}
         row.update({c: _number(iou[c], f"IoU of {c!r}", at, True) for c in CLASS_NAMES})
-        if rec.get(SOURCE_VAL) is not None:
-            row[SOURCE_VAL] = _number(rec[SOURCE_VAL], SOURCE_VAL, at, True)
+        for extra in EXTRA_COLUMNS:
+            if rec.get(extra) is not None:
+                row[extra] = _number(rec[extra], extra, at, True)
         rows.append(row)
     if not rows:
         raise ResultsError(f"{where}: no runs")
     frame = pd.DataFrame(rows)
-    columns = list(RESULT_COLUMNS) + ([SOURCE_VAL] if SOURCE_VAL in frame else [])
+    columns = list(RESULT_COLUMNS) + [c for c in EXTRA_COLUMNS if c in frame]
     frame = frame.reindex(columns=columns)
     frame["seed"] = frame["seed"].astype(np.int64)
     return _sorted(frame)
@@ -157,7 +164,7 @@ def check_results(frame: pd.DataFrame, where: str = "results") -> pd.DataFrame:
         raise ResultsError(f"{where}: every row needs a non-empty variant name")
     if not pd.api.types.is_integer_dtype(frame["seed"]):
         raise ResultsError(f"{where}: seed column must hold integers, got dtype {frame['seed'].dtype}")
-    numeric = ["miou", *CLASS_NAMES] + ([SOURCE_VAL] if SOURCE_VAL in frame else [])
+    numeric = ["miou", *CLASS_NAMES] + [c for c in EXTRA_COLUMNS if c in frame]
     for col in numeric:
         if not pd.api.types.is_numeric_dtype(frame[col]):
             raise ResultsError(f"{where}: column {col!r} must be numeric, got dtype {frame[col].dtype}")
@@ -227,6 +234,11 @@ class VariantSummary:
     gain_seeds: tuple[int, ...] = ()
     source_val_mean: float = math.nan
     source_val_std: float = math.nan
+    #: the same models scored without test-time aggregation (variants scored with it only), and the paired gain
+    without_tta_mean: float = math.nan
+    without_tta_std: float = math.nan
+    without_tta_gain_mean: float = math.nan
+    without_tta_gain_std: float = math.nan
     #: IoU per class name, mean over seeds (NaN for a class absent from the evaluation set)
     per_class: Mapping[str, float] = field(default_factory=dict)
     #: mean over seeds of each run's mIoU over the 16- and 13-class protocols
@@ -253,6 +265,13 @@ def summarize(results: pd.DataFrame, baseline: str = BASELINE) -> dict[str, Vari
         if SOURCE_VAL in rows and rows[SOURCE_VAL].notna().any():
             sv = rows[SOURCE_VAL].dropna().to_numpy(dtype=float)
             gain.update(source_val_mean=float(sv.mean()), source_val_std=_std(sv))
+        if WITHOUT_TTA in rows and rows[WITHOUT_TTA].notna().any():
+            plain = rows.set_index("seed")[WITHOUT_TTA].dropna()
+            gain.update(without_tta_mean=float(plain.mean()), without_tta_std=_std(plain.to_numpy(dtype=float)))
+            common = sorted(set(plain.index) & set(base.index))
+            if common and variant != baseline:
+                diffs = (plain[common] - base[common]).to_numpy(dtype=float)
+                gain.update(without_tta_gain_mean=float(diffs.mean()), without_tta_gain_std=_std(diffs))
         out[variant] = VariantSummary(
             variant=variant,
             seeds=tuple(int(s) for s in rows["seed"]),
@@ -391,6 +410,8 @@ def _table1(results: pd.DataFrame, dataset_label: str, baseline: str) -> tuple[_
     with_source_val = any(math.isfinite(s.source_val_mean) for s in summary.values())
     header = ["variant", "paper column", "n seeds", "ours: mIoU", "ours: per seed", f"ours: Δ vs {_label(baseline)}"]
     header += ["ours: source val mIoU"] if with_source_val else []
+    with_plain = any(math.isfinite(s.without_tta_mean) for s in summary.values())
+    header += ["ours: mIoU without test-time aggregation (Δ)"] if with_plain else []
     header += [f"paper {b} ({TABLE1_PROTOCOL[b]} classes)" for b in (GTAV, SYNTHIA)]
     rows = []
     for v, s in summary.items():
@@ -403,6 +424,9 @@ def _table1(results: pd.DataFrame, dataset_label: str, baseline: str) -> tuple[_
             "reference" if v == baseline else _mean_std(s.gain_mean, s.gain_std, signed=True),
         ]
         row += [_mean_std(s.source_val_mean, s.source_val_std)] if with_source_val else []
+        if with_plain:
+            plain = f"{_mean_std(s.without_tta_mean, s.without_tta_std)} ({_num(s.without_tta_gain_mean, signed=True)})"
+            row += [plain if math.isfinite(s.without_tta_mean) else NA]
         row += [_num(TABLE1[b].get(v)) for b in (GTAV, SYNTHIA)]
         rows.append(row)
     seeds = sorted({seed for s in summary.values() for seed in s.seeds})
@@ -415,7 +439,10 @@ def _table1(results: pd.DataFrame, dataset_label: str, baseline: str) -> tuple[_
         "on the real benchmarks), for reference only: they are not our numbers. The oracle (trained on target "
         "labels) has no paper figure.",
     ]
-    align = "lllrlr" + ("r" if with_source_val else "") + "rr"
+    if with_plain:
+        intro.append("Variants evaluated with PLCA's test-time aggregation (Sec. 3.5) are also scored without it "
+                     "(same models); Δ there is paired by seed against the same baseline.")
+    align = "lllrlr" + ("r" if with_source_val else "") + ("r" if with_plain else "") + "rr"
     return _Table("", [], header, rows, align), intro
 
 
