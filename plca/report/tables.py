@@ -246,6 +246,12 @@ class VariantSummary:
     miou13: float = math.nan
 
 
+def _paired_differences(values: pd.Series, base: pd.Series) -> tuple[list[int], np.ndarray]:
+    """Seeds both series (indexed by seed) have, and values - base on those seeds."""
+    common = sorted(set(values.index) & set(base.index))
+    return common, (values[common] - base[common]).to_numpy(dtype=float)
+
+
 def summarize(results: pd.DataFrame, baseline: str = BASELINE) -> dict[str, VariantSummary]:
     """Mean and std (ddof=1) of mIoU over seeds per variant, per-class means over seeds, and the gain over
     baseline: mean and std of the per-seed differences over the seeds both variants ran."""
@@ -256,11 +262,9 @@ def summarize(results: pd.DataFrame, baseline: str = BASELINE) -> dict[str, Vari
         rows = results[results["variant"] == variant]
         miou = rows["miou"].to_numpy(dtype=float)
         gain: dict[str, Any] = {}
-        if variant != baseline and not base.empty:
-            paired = rows.set_index("seed")["miou"]
-            common = sorted(set(paired.index) & set(base.index))
+        if variant != baseline:
+            common, diffs = _paired_differences(rows.set_index("seed")["miou"], base)
             if common:
-                diffs = (paired[common] - base[common]).to_numpy(dtype=float)
                 gain = {"gain_mean": float(diffs.mean()), "gain_std": _std(diffs), "gain_seeds": tuple(common)}
         if SOURCE_VAL in rows and rows[SOURCE_VAL].notna().any():
             sv = rows[SOURCE_VAL].dropna().to_numpy(dtype=float)
@@ -268,9 +272,8 @@ def summarize(results: pd.DataFrame, baseline: str = BASELINE) -> dict[str, Vari
         if WITHOUT_TTA in rows and rows[WITHOUT_TTA].notna().any():
             plain = rows.set_index("seed")[WITHOUT_TTA].dropna()
             gain.update(without_tta_mean=float(plain.mean()), without_tta_std=_std(plain.to_numpy(dtype=float)))
-            common = sorted(set(plain.index) & set(base.index))
+            common, diffs = _paired_differences(plain, base)
             if common and variant != baseline:
-                diffs = (plain[common] - base[common]).to_numpy(dtype=float)
                 gain.update(without_tta_gain_mean=float(diffs.mean()), without_tta_gain_std=_std(diffs))
         out[variant] = VariantSummary(
             variant=variant,
