@@ -11,12 +11,12 @@ import os
 # 30x slower (measured: 2.8 s instead of 0.1 s a training step); passive waiting costs little when alone.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
-import logging  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+from _cli import setup  # noqa: E402, F401  (stages call _common.setup)
 
 from plca.config import ConfigError  # noqa: E402
 from plca.engine.tracking import TrackingConfig  # noqa: E402
@@ -34,14 +34,6 @@ def repo_root(cwd: Path | None = None) -> Path:
         if parts[i : i + len(_EXPS_DIR)] == _EXPS_DIR:
             return Path(*parts[:i])
     return cwd
-
-
-def setup(description: str) -> argparse.ArgumentParser:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    return parser
 
 
 def params_or_exit(path: str) -> Params:

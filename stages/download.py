@@ -8,11 +8,11 @@ download.fetch.manual_dir (or download.fetch.archive_dir): they are verified and
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 import sys
 from pathlib import Path
+
+from _cli import pairs_line, setup
 
 from plca.config import ConfigError, from_dict, load_yaml
 from plca.data.download import DownloadError, DownloadParams, download_dataset, load_sources, resolve_credentials
@@ -23,11 +23,8 @@ SECTION = "download"
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = setup(__doc__)
     parser.add_argument("dataset", help="dataset name in the sources file: gta5, synthia or cityscapes")
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
     try:
         params = from_dict(DownloadParams, load_yaml(args.params).get(SECTION) or {}, SECTION)
@@ -43,9 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         report = download_dataset(args.dataset, source, params, credentials)
     except (ConfigError, DownloadError, ArchiveError, DatasetError) as exc:
         sys.exit(f"error: {exc}")
-    counts = ", ".join(f"{split}: {n}" for split, n in report.counts.items())
-    print(f"{args.dataset}: {report.root} ({counts} image/label pairs; "
-          f"{len(report.size_mismatches)} image/label size mismatches)")
+    print(pairs_line(args.dataset, report.root, report.counts,
+                     f"{len(report.size_mismatches)} image/label size mismatches"))
     return 0
 
 

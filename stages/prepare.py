@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import _common
+from _cli import pairs_line
 
 from plca.data.download import DownloadError, load_sources
 from plca.data.extract import ArchiveError
@@ -59,9 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, DownloadError, ArchiveError, DatasetError, ResizeError) as exc:
         sys.exit(f"error: {exc}")
     for p in prepared:
-        counts = ", ".join(f"{split}: {n}" for split, n in p.counts.items())
-        print(f"{p.name}: {p.root} ({counts} image/label pairs; {len(p.label_size_fixed)} labels brought to "
-              f"their image's size)")
+        print(pairs_line(p.name, p.root, p.counts, f"{len(p.label_size_fixed)} labels brought to their image's size"))
     return 0
 
 

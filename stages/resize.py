@@ -4,9 +4,9 @@
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
+
+from _cli import setup
 
 from plca.config import ConfigError, from_dict, load_yaml
 from plca.data.resize import ResizeError, ResizeParams, resize_dataset
@@ -16,11 +16,8 @@ SECTION = "resize"
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = setup(__doc__)
     parser.add_argument("dataset", choices=LAYOUTS, help="dataset: its folder under resize.in_dir, named as its layout")
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
     try:
         params = from_dict(ResizeParams, load_yaml(args.params).get(SECTION) or {}, SECTION)

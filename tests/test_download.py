@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -435,6 +436,8 @@ def test_credentials_from_a_netrc_file(tmp_path: Path) -> None:
 def load_stage(name: str):  # noqa: ANN201
     """Import stages/<name>.py under a private module name."""
     path = Path(__file__).resolve().parents[1] / "stages" / f"{name}.py"
+    if str(path.parent) not in sys.path:  # as when DVC runs `python stages/<name>.py`
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(f"_stage_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -120,6 +120,29 @@ def test_one_param_reruns_only_what_depends_on_it(workspace: tuple[Path, dict[st
     assert {"adapt@fass-0", "evaluate@fass-0"} <= ran <= {"adapt@fass-0", "evaluate@fass-0", "report"}
 
 
+def test_test_time_alpha_invalidates_every_aggregated_evaluation(workspace: tuple[Path, dict[str, str]]) -> None:
+    # plca_no_sagg trains without aggregation, so a new plca.alpha leaves its model byte-identical; its evaluation
+    # still aggregates at test time with that alpha and must rerun
+    ws, env = workspace
+    path = ws / "params.yaml"
+    original = path.read_text()
+    params = yaml.safe_load(original)
+    params["plca"]["alpha"] = 0.25
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        res = subprocess.run([str(BIN / "dvc"), "status", "--json"], cwd=ws, env=env, capture_output=True, text=True,
+                             timeout=300)
+    finally:
+        path.write_text(original)
+    assert res.returncode == 0, res.stderr
+    status = json.loads(res.stdout)
+    aggregated = [v for v, spec in params["variants"].items() if spec.get("test_time_aggregation")]
+    assert "plca_no_sagg" in aggregated
+    for variant in aggregated:
+        assert "plca.alpha" in str(status.get(f"evaluate@{variant}-0")), (variant, status)
+    assert "adapt@plca_no_sagg-0" in status and "train_source@source_only-0" not in status
+
+
 def test_bad_param_stops_with_its_name(workspace: tuple[Path, dict[str, str]]) -> None:
     ws, env = workspace
     params = yaml.safe_load((ws / "params.yaml").read_text())

@@ -180,7 +180,31 @@ class PairReader:
         return Sample(image=image, label=label, name=self.names[index])
 
 
-class GTA5Reader(PairReader):
+class FlatPairReader(PairReader):
+    """A dataset with every image in one folder and its label, same file name, in another (GTA5, SYNTHIA)."""
+
+    image_dir: str  # relative to root; set by each dataset
+    label_dir: str
+    layout: str  # the expected layout, quoted in errors
+
+    def __init__(
+        self, root: Path | str, ids: Sequence[str] | Path | str | None = None, size_mismatch: SizeMismatch = "error"
+    ) -> None:
+        root = Path(root)
+        images, labels = root / self.image_dir, root / self.label_dir
+        for folder in (root, images, labels):
+            _need_dir(folder, self.dataset, self.layout)
+        all_names = sorted(p.stem for p in images.glob("*.png"))
+        if not all_names:
+            raise FileNotFoundError(f"{self.dataset}: no PNG images in {images}; expected {self.layout}")
+        names = _select(all_names, ids, self.dataset)
+        self.root = root
+        super().__init__(
+            names, [images / f"{n}.png" for n in names], [labels / f"{n}.png" for n in names], size_mismatch
+        )
+
+
+class GTA5Reader(FlatPairReader):
     """GTA5: `root/images/NNNNN.png`, `root/labels/NNNNN.png` (palette PNGs whose indices are label ids).
 
     ids: None for every image, a sequence of names ("00001"), or the path of a list file (one name a line,
@@ -188,25 +212,7 @@ class GTA5Reader(PairReader):
     """
 
     dataset = "GTA5"
-
-    def __init__(
-        self, root: Path | str, ids: Sequence[str] | Path | str | None = None, size_mismatch: SizeMismatch = "error"
-    ) -> None:
-        root = Path(root)
-        _need_dir(root, self.dataset, GTA5_LAYOUT)
-        _need_dir(root / "images", self.dataset, GTA5_LAYOUT)
-        _need_dir(root / "labels", self.dataset, GTA5_LAYOUT)
-        all_names = sorted(p.stem for p in (root / "images").glob("*.png"))
-        if not all_names:
-            raise FileNotFoundError(f"{self.dataset}: no PNG images in {root / 'images'}; expected {GTA5_LAYOUT}")
-        names = _select(all_names, ids, self.dataset)
-        self.root = root
-        super().__init__(
-            names,
-            [root / "images" / f"{n}.png" for n in names],
-            [root / "labels" / f"{n}.png" for n in names],
-            size_mismatch,
-        )
+    image_dir, label_dir, layout = "images", "labels", GTA5_LAYOUT
 
     def _train_ids(self, path: Path) -> np.ndarray:
         ids = read_label_png(path)
@@ -254,29 +260,11 @@ class CityscapesReader(PairReader):
         return cityscapes_ids_to_train_ids(ids, path)
 
 
-class SynthiaReader(PairReader):
+class SynthiaReader(FlatPairReader):
     """SYNTHIA RAND-CITYSCAPES: `RGB/NNNNNNN.png`, `GT/LABELS/NNNNNNN.png` (16-bit, class id in the R channel)."""
 
     dataset = "SYNTHIA"
-
-    def __init__(
-        self, root: Path | str, ids: Sequence[str] | Path | str | None = None, size_mismatch: SizeMismatch = "error"
-    ) -> None:
-        root = Path(root)
-        _need_dir(root, self.dataset, SYNTHIA_LAYOUT)
-        _need_dir(root / "RGB", self.dataset, SYNTHIA_LAYOUT)
-        _need_dir(root / "GT" / "LABELS", self.dataset, SYNTHIA_LAYOUT)
-        all_names = sorted(p.stem for p in (root / "RGB").glob("*.png"))
-        if not all_names:
-            raise FileNotFoundError(f"{self.dataset}: no PNG images in {root / 'RGB'}; expected {SYNTHIA_LAYOUT}")
-        names = _select(all_names, ids, self.dataset)
-        self.root = root
-        super().__init__(
-            names,
-            [root / "RGB" / f"{n}.png" for n in names],
-            [root / "GT" / "LABELS" / f"{n}.png" for n in names],
-            size_mismatch,
-        )
+    image_dir, label_dir, layout = "RGB", "GT/LABELS", SYNTHIA_LAYOUT
 
     def _train_ids(self, path: Path) -> np.ndarray:
         raw = read_label_png(path)

@@ -124,39 +124,44 @@ def _write_member(src: Any, dest: Path, archive: Path, name: str) -> None:
         raise ArchiveError(f"{archive}: cannot extract member {name!r}: {exc}") from exc
 
 
+def _write_plan(
+    archive: Path,
+    dest: Path,
+    plan: Sequence[tuple[Any, PurePosixPath]],
+    is_dir: Callable[[Any], bool],
+    open_member: Callable[[Any], Any],
+    name_of: Callable[[Any], str],
+) -> int:
+    """Write each planned member (checked paths) below dest; the same for zip and tar members."""
+    for info, rel in plan:
+        target = dest / rel
+        if is_dir(info):
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        src = open_member(info)  # a zip member checks its CRC while it is read
+        if src is None:
+            raise ArchiveError(f"{archive}: member {name_of(info)!r} has no data")
+        with src:
+            _write_member(src, target, archive, name_of(info))
+    return len(plan)
+
+
 def _extract_zip(archive: Path, dest: Path) -> int:
     try:
         with zipfile.ZipFile(archive) as zf:
-            plan = _zip_plan(zf, archive)
-            for info, rel in plan:
-                target = dest / rel
-                if info.is_dir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                with zf.open(info) as src:  # reading checks each member's CRC
-                    _write_member(src, target, archive, info.filename)
+            return _write_plan(archive, dest, _zip_plan(zf, archive), zipfile.ZipInfo.is_dir, zf.open,
+                               lambda info: info.filename)
     except zipfile.BadZipFile as exc:
         raise ArchiveError(f"{archive}: not a valid zip archive: {exc}") from exc
-    return len(plan)
 
 
 def _extract_tar(archive: Path, dest: Path) -> int:
     try:
         with tarfile.open(archive) as tf:
-            plan = _tar_plan(tf, archive)
-            for info, rel in plan:
-                target = dest / rel
-                if info.isdir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                src = tf.extractfile(info)
-                if src is None:
-                    raise ArchiveError(f"{archive}: member {info.name!r} has no data")
-                with src:
-                    _write_member(src, target, archive, info.name)
+            return _write_plan(archive, dest, _tar_plan(tf, archive), tarfile.TarInfo.isdir, tf.extractfile,
+                               lambda info: info.name)
     except tarfile.TarError as exc:
         raise ArchiveError(f"{archive}: not a valid tar archive: {exc}") from exc
-    return len(plan)
 
 
 def _rar_commands(tool: str, archive: Path, dest: Path) -> tuple[list[str], list[str]]:
