@@ -1,4 +1,4 @@
-"""What every stage script shares: logging, params, the repository root and the run's tags.
+"""What the torch-side stage scripts share: params, the repository root, the run's tags (command line: _cli.py).
 
 This is the one place that reads the environment (DVC's experiment variables, git); `plca/` never does.
 """
@@ -15,8 +15,6 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
-
-from _cli import setup  # noqa: E402, F401  (stages call _common.setup)
 
 from plca.config import ConfigError  # noqa: E402
 from plca.engine.tracking import TrackingConfig  # noqa: E402

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import _common
-from _cli import pairs_line
+from _cli import pairs_line, setup
 
 from plca.data.download import DownloadError, load_sources
 from plca.data.extract import ArchiveError
@@ -28,7 +28,7 @@ PROFILES = Path("profiles")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _common.setup(__doc__)
+    parser = setup(__doc__)
     args = parser.parse_args(argv)
     params = _common.params_or_exit(args.params)
     data = params.data

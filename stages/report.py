@@ -6,13 +6,14 @@ import json
 from pathlib import Path
 
 import _common
+from _cli import setup
 
 from plca.experiment import make_reader
 from plca.report.build import ReportInputs, build_reports
 
 
 def main() -> None:
-    parser = _common.setup(__doc__)
+    parser = setup(__doc__)
     args = parser.parse_args()
     params = _common.params_or_exit(args.params)
     inputs = ReportInputs(

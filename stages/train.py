@@ -6,12 +6,13 @@ import json
 from pathlib import Path
 
 import _common
+from _cli import setup
 
 from plca.experiment import PRETRAIN, RunSpec, train_run
 
 
 def main() -> None:
-    parser = _common.setup(__doc__)
+    parser = setup(__doc__)
     parser.add_argument("--run", required=True, help=f"'{PRETRAIN}' or a variant name from params.variants")
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--stage", default="train", help="stage name, recorded as an MLflow tag")
