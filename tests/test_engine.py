@@ -233,3 +233,28 @@ def test_optimizer_choice_and_head_lr() -> None:
     assert n_params == len(list(model.parameters()))
     adam = make_optimizer(model, OptimConfig(name="adam", lr=0.01))
     assert isinstance(adam, torch.optim.Adam)
+
+
+def test_control_without_target_loss_moves_only_batchnorm_statistics() -> None:
+    """Table 1's control (PLCA with no target loss): the source gradients of source-only training, while the target
+    pass, run without autograd, still moves BatchNorm's running statistics toward the target."""
+    bn_model = DeepLabV2Config(num_classes=19, depth=18, width=0.125, norm="batch", aspp_rates=(1, 2))
+    rng = np.random.default_rng(0)
+    batch = {
+        "source_image": torch.from_numpy(rng.normal(0, 1, (2, 3, 32, 48)).astype(np.float32)),
+        "source_label": torch.from_numpy(np.kron(rng.integers(0, 19, (2, 4, 6)), np.ones((8, 8), np.int64))),
+        "target_image": torch.from_numpy(rng.normal(2, 3, (2, 3, 32, 48)).astype(np.float32)),
+    }
+    runs = {}
+    for name, method_name, options in (("control", "plca", {"fass": False, "cass": False, "lsr": False}),
+                                       ("source_only", "source_only", {"lovasz": True})):
+        torch.manual_seed(0)
+        model = build_model(bn_model).train()
+        method = build_method(method_name, model, options)
+        method.training_step(batch).loss.backward()
+        runs[name] = model
+    control, source_only = runs["control"], runs["source_only"]
+    for (name, a), b in zip(control.named_parameters(), source_only.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    stats_a, stats_b = control.backbone.bn1.running_mean, source_only.backbone.bn1.running_mean
+    assert not torch.allclose(stats_a, stats_b)  # the target pass moved them

@@ -35,18 +35,19 @@ def lovasz_softmax(probs: Tensor, labels: Tensor, ignore_index: int = 255) -> Te
     num_classes = probs.shape[1]
     flat_probs = probs.permute(0, 2, 3, 1).reshape(-1, num_classes)
     flat_labels = labels.reshape(-1)
-    keep = flat_labels != ignore_index
-    flat_probs, flat_labels = flat_probs[keep], flat_labels[keep]
-    present = torch.unique(flat_labels).tolist()
-    bad = [c for c in present if not 0 <= c < num_classes]
-    if bad:
+    keep = (flat_labels != ignore_index).nonzero().squeeze(1)
+    # index_select: its backward is a plain index_add, cheaper than a boolean mask's index_put
+    flat_probs, flat_labels = flat_probs.index_select(0, keep), flat_labels.index_select(0, keep)
+    if flat_labels.numel() and (int(flat_labels.min()) < 0 or int(flat_labels.max()) >= num_classes):
+        bad = torch.unique(flat_labels[(flat_labels < 0) | (flat_labels >= num_classes)]).tolist()
         raise ValueError(f"lovasz_softmax: labels {bad} outside [0, {num_classes}) and not ignore_index {ignore_index}")
+    present = torch.bincount(flat_labels, minlength=num_classes).nonzero().squeeze(1).tolist()  # no sort needed
     if not present:
         return probs.flatten()[:0].sum()
     # All present classes at once, one row per class: one batched sort of a contiguous [K, P] matrix is faster
     # than K sorts of P errors (measured 2.2x for the whole loss with its backward at 8 x 64 x 128 pixels).
     classes = torch.tensor(present, device=flat_labels.device)
     truth = (classes[:, None] == flat_labels[None, :]).to(flat_probs.dtype)
-    errors = (truth - flat_probs[:, classes].t()).abs()
+    errors = (truth - flat_probs.index_select(1, classes).t()).abs()
     errors_sorted, order = torch.sort(errors, dim=1, descending=True)
     return (errors_sorted * lovasz_gradient(torch.gather(truth, 1, order))).sum(1).mean()

@@ -53,7 +53,9 @@ class PLCA(Method):
         xs, ys, xt = batch["source_image"], batch["source_label"], batch["target_image"]
         # Source and target pass through the network separately, as in the released code.
         fs, ls = self.model(xs)
-        ft, lt = self.model(xt)
+        # With no target loss (the control), the target pass only moves normalisation statistics: skip autograd.
+        with torch.set_grad_enabled(cfg.fass or cfg.cass or cfg.lsr):
+            ft, lt = self.model(xt)
 
         up = upsample(ls, tuple(ys.shape[-2:]))
         ce = cross_entropy(up, ys, ignore_index=cfg.ignore_index)
