@@ -136,7 +136,7 @@ def test_test_time_alpha_invalidates_every_aggregated_evaluation(workspace: tupl
         path.write_text(original)
     assert res.returncode == 0, res.stderr
     status = json.loads(res.stdout)
-    aggregated = [v for v, spec in params["variants"].items() if spec.get("test_time_aggregation")]
+    aggregated = [v for v in params["table1"]["variants"] if params["variants"][v].get("test_time_aggregation")]
     assert "plca_no_sagg" in aggregated
     for variant in aggregated:
         assert "plca.alpha" in str(status.get(f"evaluate@{variant}-0")), (variant, status)

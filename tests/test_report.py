@@ -167,6 +167,17 @@ def test_table1_paper_columns_are_separate_and_labelled():
     assert [r[0] for r in _md_rows(md)[1:]] == [T.VARIANT_LABELS[v] for v in T.VARIANTS]
 
 
+def test_table1_explains_the_control_row_only_when_it_is_there():
+    records = _records()
+    md = T.table1_markdown(T.results_frame(records), dataset_label=LABEL)
+    (row,) = _md_rows(md, T.VARIANT_LABELS[T.CONTROL])
+    assert row[1] == T.NA and row[-2:] == [T.NA, T.NA]  # ours alone: no paper column, no paper figures
+    assert "(ours, no paper figure): trained as PLCA with no target loss" in md and "running statistics" in md
+    without = [r for r in records if r["variant"] != T.CONTROL]
+    md = T.table1_markdown(T.results_frame(without), dataset_label=LABEL)
+    assert "no target loss" not in md and "running statistics" not in md
+
+
 def test_paper_figures_are_self_consistent():
     # the per-class rows average to the published mIoU, and Table 1 agrees with Tables 2/3; both the per-class
     # IoUs and the mIoUs are rounded to 0.1, so the recomputed mean may differ by up to 0.1

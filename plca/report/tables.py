@@ -443,13 +443,14 @@ def _table1(results: pd.DataFrame, dataset_label: str, baseline: str) -> tuple[_
         f"Δ: gain over {_label(baseline)} paired by seed (each seed against the baseline run of the same seed): "
         "mean ± std of the per-seed differences.",
         "Columns `paper ...`: single runs published in Kang et al., NeurIPS 2020 (Table 1; DeepLab-v2 ResNet-101 "
-        "on the real benchmarks), for reference only: they are not our numbers. Our control and the oracle "
-        "(trained on target labels) have no paper figure.",
+        "on the real benchmarks), for reference only: they are not our numbers. The oracle (trained on target "
+        "labels) has no paper figure.",
     ]
     if CONTROL in summary:
-        intro.append(f"{_label(CONTROL)}: trained as PLCA with no target loss (no association, no smoothing); "
-                     "the target images only pass through the network, which with BatchNorm moves its running "
-                     "statistics toward the target. An adapted variant's gain over this row is what its losses add.")
+        intro.append(f"{_label(CONTROL)} (ours, no paper figure): trained as PLCA with no target loss (no "
+                     "association, no smoothing); the target images only pass through the network, which with "
+                     "BatchNorm moves its running statistics toward the target. An adapted variant's gain over "
+                     "this row is what its losses add.")
     if with_plain:
         intro.append("Variants evaluated with PLCA's test-time aggregation (Sec. 3.5) are also scored without it "
                      "(same models); Δ there is paired by seed against the same baseline.")
