@@ -185,9 +185,8 @@ def evaluate_run(
     if params.engine.threads:
         torch.set_num_threads(params.engine.threads)
     model = load_model(model_path, device)
-    # Sec. 3.5 aggregates at test time with the method's own alpha (dvc.yaml's evaluate stage declares plca.alpha)
-    alpha = float(params.method_options(spec.name).get("alpha", InferenceConfig.alpha))
-    icfg = InferenceConfig(test_time_aggregation=v.test_time_aggregation, alpha=alpha,
+    # dvc.yaml's evaluate stage declares plca.alpha and the variant's section, the two places the alpha comes from
+    icfg = InferenceConfig(test_time_aggregation=v.test_time_aggregation, alpha=params.test_time_alpha(spec.name),
                            input_size=params.data.eval_size, batch_size=params.evaluate.batch_size)
     tcfg = params.data.train_transform
     target_reader = make_reader(params.data.target, "val")

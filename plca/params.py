@@ -134,6 +134,13 @@ class Params:
         shared = {"source_only": self.source_only, "plca": self.plca}.get(v.method, {})
         return {**shared, **v.options}
 
+    def test_time_alpha(self, name: str) -> float:
+        """Sec. 3.5's aggregation weight when `name` is scored with test-time aggregation: the variant's own alpha
+        (its options, then `plca.alpha`), so a source-only model scored this way follows `plca.alpha` too."""
+        from plca.methods.plca import PLCAConfig
+
+        return float(self.method_options(name).get("alpha", self.plca.get("alpha", PLCAConfig.alpha)))
+
     @property
     def all_variants(self) -> list[str]:
         return list(self.table1.variants)

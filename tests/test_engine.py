@@ -245,14 +245,20 @@ def test_control_without_target_loss_moves_only_batchnorm_statistics() -> None:
         "source_label": torch.from_numpy(np.kron(rng.integers(0, 19, (2, 4, 6)), np.ones((8, 8), np.int64))),
         "target_image": torch.from_numpy(rng.normal(2, 3, (2, 3, 32, 48)).astype(np.float32)),
     }
-    runs = {}
+    runs, tracked = {}, {}
     for name, method_name, options in (("control", "plca", {"fass": False, "cass": False, "lsr": False}),
+                                       ("plca", "plca", {}),
                                        ("source_only", "source_only", {"lovasz": True})):
         torch.manual_seed(0)
         model = build_model(bn_model).train()
         method = build_method(method_name, model, options)
+        passes: list[bool] = []  # per forward pass: did autograd record it?
+        hook = model.register_forward_hook(lambda _m, _i, out, passes=passes: passes.append(out[1].requires_grad))
         method.training_step(batch).loss.backward()
-        runs[name] = model
+        hook.remove()
+        runs[name], tracked[name] = model, passes
+    # source pass then target pass; only PLCA's target losses need the target pass in the graph
+    assert tracked == {"control": [True, False], "plca": [True, True], "source_only": [True]}
     control, source_only = runs["control"], runs["source_only"]
     for (name, a), b in zip(control.named_parameters(), source_only.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, msg=name)

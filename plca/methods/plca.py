@@ -39,6 +39,11 @@ class PLCAConfig:
     #: Association kernels: "auto" = batched dense on small grids, memory-lean block-wise on large ones.
     impl: str = "auto"
 
+    @property
+    def target_losses(self) -> bool:
+        """Whether any term of the objective reads the target pass (a new target term belongs here too)."""
+        return self.fass or self.cass or self.lsr
+
 
 class PLCA(Method):
     name: ClassVar[str] = "plca"
@@ -54,7 +59,7 @@ class PLCA(Method):
         # Source and target pass through the network separately, as in the released code.
         fs, ls = self.model(xs)
         # With no target loss (the control), the target pass only moves normalisation statistics: skip autograd.
-        with torch.set_grad_enabled(cfg.fass or cfg.cass or cfg.lsr):
+        with torch.set_grad_enabled(cfg.target_losses):
             ft, lt = self.model(xt)
 
         up = upsample(ls, tuple(ys.shape[-2:]))
