@@ -88,8 +88,7 @@ def _phase_and_method(params: Params, name: str) -> tuple[PhaseConfig, str, dict
     """(phase, method, options, labelled stream source, start from pretrain?) of a run."""
     if name == PRETRAIN:
         p = params.pretrain
-        shared = {"source_only": params.source_only, "plca": params.plca}.get(p.method, {})
-        return p, p.method, {**shared, **p.options}, "source", False
+        return p, p.method, {**params.shared_options(p.method), **p.options}, "source", False
     v = params.variant(name)
     phase = params.oracle if name == params.table1.oracle_variant else params.adapt
     return phase, v.method, params.method_options(name), v.labelled, v.init == "pretrain"

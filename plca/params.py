@@ -128,11 +128,14 @@ class Params:
             raise ConfigError(f"params.variants: no variant '{name}'; defined: {sorted(self.variants)}")
         return self.variants[name]
 
+    def shared_options(self, method: str) -> dict[str, Any]:
+        """The options every variant of `method` shares (params `source_only:` or `plca:`; none for others)."""
+        return dict({"source_only": self.source_only, "plca": self.plca}.get(method, {}))
+
     def method_options(self, name: str) -> dict[str, Any]:
         """A variant's method options: the method's shared section, overridden by the variant's own options."""
         v = self.variant(name)
-        shared = {"source_only": self.source_only, "plca": self.plca}.get(v.method, {})
-        return {**shared, **v.options}
+        return {**self.shared_options(v.method), **v.options}
 
     def test_time_alpha(self, name: str) -> float:
         """Sec. 3.5's aggregation weight when `name` is scored with test-time aggregation: the variant's own alpha

@@ -264,3 +264,36 @@ def test_control_without_target_loss_moves_only_batchnorm_statistics() -> None:
         torch.testing.assert_close(a.grad, b.grad, msg=name)
     stats_a, stats_b = control.backbone.bn1.running_mean, source_only.backbone.bn1.running_mean
     assert not torch.allclose(stats_a, stats_b)  # the target pass moved them
+
+
+def test_minent_adds_the_weighted_target_entropy_to_source_only() -> None:
+    """MinEnt (a baseline beside PLCA): source-only's objective plus w_ent x the normalised entropy of the target
+    prediction at the input size; with w_ent = 0 it trains exactly like source-only."""
+    from plca.losses import entropy_loss
+    from plca.methods.base import upsample
+
+    cfg = DeepLabV2Config(num_classes=19, depth=18, width=0.125, aspp_rates=(1, 2))
+    rng = np.random.default_rng(1)
+    batch = {
+        "source_image": torch.from_numpy(rng.normal(0, 1, (2, 3, 32, 48)).astype(np.float32)),
+        "source_label": torch.from_numpy(np.kron(rng.integers(0, 19, (2, 4, 6)), np.ones((8, 8), np.int64))),
+        "target_image": torch.from_numpy(rng.normal(1, 2, (2, 3, 32, 48)).astype(np.float32)),
+    }
+    outs, grads = {}, {}
+    for name, method_name, options in (("source_only", "source_only", {}), ("off", "minent", {"w_ent": 0.0}),
+                                       ("on", "minent", {"w_ent": 0.5})):
+        torch.manual_seed(0)
+        model = build_model(cfg).train()
+        out = build_method(method_name, model, options).training_step(batch)
+        out.loss.backward()
+        outs[name], grads[name] = out, [p.grad.clone() for p in model.parameters()]
+        if name == "on":
+            _, lt = model(batch["target_image"])
+            expected_entropy = entropy_loss(upsample(lt, (32, 48))).item()
+    for a, b in zip(grads["off"], grads["source_only"], strict=True):
+        torch.testing.assert_close(a, b)
+    assert outs["on"].terms["entropy_t"] == pytest.approx(expected_entropy, rel=1e-5)
+    assert 0.0 < expected_entropy < 1.0
+    assert outs["on"].loss.item() == pytest.approx(outs["source_only"].loss.item() + 0.5 * expected_entropy,
+                                                   rel=1e-5)
+    assert any(not torch.allclose(a, b) for a, b in zip(grads["on"], grads["source_only"], strict=True))

@@ -370,3 +370,13 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
         atomic_write(path, boom)
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_every_known_variant_has_its_own_colour_and_unknown_ones_get_a_spare() -> None:
+    from plca.report.tables import VARIANTS
+
+    known = {v: F.variant_color(v) for v in VARIANTS}
+    assert len(set(known.values())) == len(VARIANTS)  # a figure never draws two known variants alike
+    unknown = {F.variant_color(name) for name in ("my_method", "plca_w03", "x")}
+    assert unknown and not unknown & set(known.values())
+    assert F.variant_color("my_method") == F.variant_color("my_method")

@@ -1,4 +1,5 @@
-"""PLCA's losses: association (Eq 1-10), adaptive label smoothing (Eq 13), Lovasz-softmax and cross-entropy."""
+"""PLCA's losses: association (Eq 1-10), adaptive label smoothing (Eq 13), Lovasz-softmax and cross-entropy;
+ADVENT's entropy (MinEnt) for a baseline."""
 
 from plca.losses.association import (
     AssociationConfig,
@@ -8,6 +9,7 @@ from plca.losses.association import (
     spatial_aggregate,
 )
 from plca.losses.cross_entropy import cross_entropy
+from plca.losses.entropy import entropy_loss, entropy_map
 from plca.losses.lovasz import lovasz_softmax
 from plca.losses.lsr import adaptive_lsr
 
@@ -18,6 +20,8 @@ __all__ = [
     "associate",
     "association_loss",
     "cross_entropy",
+    "entropy_loss",
+    "entropy_map",
     "lovasz_softmax",
     "spatial_aggregate",
 ]

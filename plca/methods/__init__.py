@@ -8,6 +8,7 @@ from torch import nn
 
 from plca.config import from_dict
 from plca.methods.base import Method, StepOutput, TrainContext
+from plca.methods.minent import MinEnt, MinEntConfig
 from plca.methods.plca import PLCA, PLCAConfig
 from plca.methods.source_only import SourceOnly, SourceOnlyConfig
 
@@ -15,6 +16,7 @@ from plca.methods.source_only import SourceOnly, SourceOnlyConfig
 METHODS: dict[str, tuple[type[Method], type]] = {
     "source_only": (SourceOnly, SourceOnlyConfig),
     "plca": (PLCA, PLCAConfig),
+    "minent": (MinEnt, MinEntConfig),
 }
 
 

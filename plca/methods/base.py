@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from plca.engine.optim import OptimConfig, make_optimizer
+from plca.losses import cross_entropy, lovasz_softmax
 
 
 @dataclass
@@ -81,3 +82,17 @@ def downsample_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tens
     if tuple(labels.shape[-2:]) == tuple(size):
         return labels
     return F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
+
+
+def source_supervision(logits: torch.Tensor, labels: torch.Tensor, *, lovasz: bool, w_lov: float,
+                       ignore_index: int) -> StepOutput:
+    """Eq. 14's first two terms on labelled images: CE (+ w_lov x Lovasz-softmax) of the logits upsampled to the
+    label size. Shared by every method that trains on source labels."""
+    up = upsample(logits, tuple(labels.shape[-2:]))
+    ce = cross_entropy(up, labels, ignore_index=ignore_index)
+    out = StepOutput(loss=ce, terms={"ce": float(ce.detach())})
+    if lovasz:
+        lov = lovasz_softmax(up.float().softmax(1), labels, ignore_index=ignore_index)
+        out.loss = out.loss + w_lov * lov
+        out.terms["lovasz"] = float(lov.detach())
+    return out

@@ -10,8 +10,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from plca.losses import adaptive_lsr, associate, cross_entropy, lovasz_softmax
-from plca.methods.base import Method, StepOutput, downsample_labels, upsample
+from plca.losses import adaptive_lsr, associate
+from plca.methods.base import Method, StepOutput, downsample_labels, source_supervision
 
 
 @dataclass
@@ -62,13 +62,8 @@ class PLCA(Method):
         with torch.set_grad_enabled(cfg.target_losses):
             ft, lt = self.model(xt)
 
-        up = upsample(ls, tuple(ys.shape[-2:]))
-        ce = cross_entropy(up, ys, ignore_index=cfg.ignore_index)
-        loss, terms = ce, {"ce": float(ce.detach())}
-        if cfg.lovasz:
-            lov = lovasz_softmax(up.float().softmax(1), ys, ignore_index=cfg.ignore_index)
-            loss = loss + cfg.w_lov * lov
-            terms["lovasz"] = float(lov.detach())
+        sup = source_supervision(ls, ys, lovasz=cfg.lovasz, w_lov=cfg.w_lov, ignore_index=cfg.ignore_index)
+        loss, terms = sup.loss, sup.terms
 
         ys_grid = downsample_labels(ys, tuple(fs.shape[-2:]))
         common = dict(aggregate_target=cfg.aggregate_target, alpha=cfg.alpha, ignore_index=cfg.ignore_index,

@@ -8,8 +8,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from plca.losses import cross_entropy, lovasz_softmax
-from plca.methods.base import Method, StepOutput, upsample
+from plca.methods.base import Method, StepOutput, source_supervision
 
 
 @dataclass
@@ -29,13 +28,7 @@ class SourceOnly(Method):
         self.cfg = cfg
 
     def training_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
-        image, label = batch["source_image"], batch["source_label"]
-        _, logits = self.model(image)
-        logits = upsample(logits, tuple(label.shape[-2:]))
-        ce = cross_entropy(logits, label, ignore_index=self.cfg.ignore_index)
-        loss, terms = ce, {"ce": float(ce.detach())}
-        if self.cfg.lovasz:
-            lov = lovasz_softmax(logits.float().softmax(1), label, ignore_index=self.cfg.ignore_index)
-            loss = loss + self.cfg.w_lov * lov
-            terms["lovasz"] = float(lov.detach())
-        return StepOutput(loss=loss, terms=terms)
+        _, logits = self.model(batch["source_image"])
+        cfg = self.cfg
+        return source_supervision(logits, batch["source_label"], lovasz=cfg.lovasz, w_lov=cfg.w_lov,
+                                  ignore_index=cfg.ignore_index)

@@ -21,7 +21,7 @@ from matplotlib.patches import Patch
 from plca.data.labels import CLASS_NAMES, NUM_CLASSES, PALETTE, colorize
 from plca.report import atomic_write
 from plca.report.paper import CLASS_ABBREV
-from plca.report.tables import VARIANT_LABELS, VARIANTS, check_results, order_variants
+from plca.report.tables import VARIANT_LABELS, check_results, order_variants
 
 #: Columns of a training log that index it rather than hold a logged term.
 LOG_INDEX = ("variant", "seed", "step")
@@ -30,6 +30,12 @@ LOG_INDEX = ("variant", "seed", "step")
 _TAB10 = (
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
 )  # fmt: skip
+#: A variant keeps its colour when others are added (tab10, in the order the variants were introduced).
+_VARIANT_COLOURS = dict(zip(
+    ("ce_only", "source_only", "fass", "fass_cass", "plca", "sim_plca", "plca_no_sagg", "target_stats", "oracle",
+     "minent"), _TAB10, strict=True))  # fmt: skip
+#: Light tab20 shades for variants we do not know.
+_SPARE = ("#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94")
 
 
 class FigureError(ValueError):
@@ -52,10 +58,10 @@ class FigureConfig:
 
 
 def variant_color(variant: str) -> str:
-    """Fixed colour of a variant (unknown names share the two spare colours, picked by a stable hash)."""
-    if variant in VARIANTS:
-        return _TAB10[VARIANTS.index(variant)]
-    return _TAB10[len(VARIANTS) + sum(variant.encode()) % (len(_TAB10) - len(VARIANTS))]
+    """Fixed colour of a variant (unknown names share the spare colours, picked by a stable hash)."""
+    if variant in _VARIANT_COLOURS:
+        return _VARIANT_COLOURS[variant]
+    return _SPARE[sum(variant.encode()) % len(_SPARE)]
 
 
 def _save(fig: Figure, path: Path | str, dpi: int) -> Path:
