@@ -235,16 +235,21 @@ def test_optimizer_choice_and_head_lr() -> None:
     assert isinstance(adam, torch.optim.Adam)
 
 
+def _source_target_batch(seed: int, target_mean: float, target_std: float) -> dict[str, torch.Tensor]:
+    """Two 32x48 source images with 8x8-block labels and two target images drawn from another distribution."""
+    rng = np.random.default_rng(seed)
+    return {
+        "source_image": torch.from_numpy(rng.normal(0, 1, (2, 3, 32, 48)).astype(np.float32)),
+        "source_label": torch.from_numpy(np.kron(rng.integers(0, 19, (2, 4, 6)), np.ones((8, 8), np.int64))),
+        "target_image": torch.from_numpy(rng.normal(target_mean, target_std, (2, 3, 32, 48)).astype(np.float32)),
+    }
+
+
 def test_control_without_target_loss_moves_only_batchnorm_statistics() -> None:
     """Table 1's control (PLCA with no target loss): the source gradients of source-only training, while the target
     pass, run without autograd, still moves BatchNorm's running statistics toward the target."""
     bn_model = DeepLabV2Config(num_classes=19, depth=18, width=0.125, norm="batch", aspp_rates=(1, 2))
-    rng = np.random.default_rng(0)
-    batch = {
-        "source_image": torch.from_numpy(rng.normal(0, 1, (2, 3, 32, 48)).astype(np.float32)),
-        "source_label": torch.from_numpy(np.kron(rng.integers(0, 19, (2, 4, 6)), np.ones((8, 8), np.int64))),
-        "target_image": torch.from_numpy(rng.normal(2, 3, (2, 3, 32, 48)).astype(np.float32)),
-    }
+    batch = _source_target_batch(0, 2.0, 3.0)
     runs, tracked = {}, {}
     for name, method_name, options in (("control", "plca", {"fass": False, "cass": False, "lsr": False}),
                                        ("plca", "plca", {}),
@@ -273,12 +278,7 @@ def test_minent_adds_the_weighted_target_entropy_to_source_only() -> None:
     from plca.methods.base import upsample
 
     cfg = DeepLabV2Config(num_classes=19, depth=18, width=0.125, aspp_rates=(1, 2))
-    rng = np.random.default_rng(1)
-    batch = {
-        "source_image": torch.from_numpy(rng.normal(0, 1, (2, 3, 32, 48)).astype(np.float32)),
-        "source_label": torch.from_numpy(np.kron(rng.integers(0, 19, (2, 4, 6)), np.ones((8, 8), np.int64))),
-        "target_image": torch.from_numpy(rng.normal(1, 2, (2, 3, 32, 48)).astype(np.float32)),
-    }
+    batch = _source_target_batch(1, 1.0, 2.0)
     outs, grads = {}, {}
     for name, method_name, options in (("source_only", "source_only", {}), ("off", "minent", {"w_ent": 0.0}),
                                        ("on", "minent", {"w_ent": 0.5})):
