@@ -16,7 +16,9 @@ from plca.engine.optim import OptimConfig, poly_factor
 from plca.engine.streams import KeyedDataset, StepBatchSampler
 from plca.engine.tracking import Tracker, TrackingConfig
 from plca.engine.trainer import EngineConfig, TrainConfig, Trainer, fingerprint
+from plca.losses import entropy_loss
 from plca.methods import build_method
+from plca.methods.base import upsample
 from plca.models.deeplabv2 import DeepLabV2Config, build_model
 
 TINY_MODEL = DeepLabV2Config(num_classes=19, depth=18, width=0.125, norm="group", groups=4, aspp_rates=(1, 2))
@@ -274,9 +276,6 @@ def test_control_without_target_loss_moves_only_batchnorm_statistics() -> None:
 def test_minent_adds_the_weighted_target_entropy_to_source_only() -> None:
     """MinEnt (a baseline beside PLCA): source-only's objective plus w_ent x the normalised entropy of the target
     prediction at the input size; with w_ent = 0 it trains exactly like source-only."""
-    from plca.losses import entropy_loss
-    from plca.methods.base import upsample
-
     cfg = DeepLabV2Config(num_classes=19, depth=18, width=0.125, aspp_rates=(1, 2))
     batch = _source_target_batch(1, 1.0, 2.0)
     outs, grads = {}, {}
