@@ -378,6 +378,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
 def test_every_known_variant_has_its_own_colour_and_unknown_ones_get_a_spare() -> None:
     known = {v: F.variant_color(v) for v in T.VARIANTS}
     assert len(set(known.values())) == len(T.VARIANTS)  # a figure never draws two known variants alike
+    assert set(known.values()).isdisjoint(F._SPARE)  # every known variant has a fixed colour, not a spare one
     unknown = {F.variant_color(name) for name in ("my_method", "plca_w03", "x")}
     assert unknown and not unknown & set(known.values())
     # an unknown variant's colour does not depend on the interpreter's string hashing, so reports rerun alike

@@ -258,6 +258,13 @@ def _paired_differences(values: pd.Series, base: pd.Series) -> tuple[list[int], 
     return common, (values[common] - base[common]).to_numpy(dtype=float)
 
 
+def _by_seed(rows: pd.DataFrame, column: str) -> pd.Series:
+    """An optional column's values indexed by seed, the missing ones dropped (empty when the column is absent)."""
+    if column not in rows:
+        return pd.Series(dtype=float)
+    return rows.set_index("seed")[column].dropna()
+
+
 def summarize(results: pd.DataFrame, baseline: str = BASELINE) -> dict[str, VariantSummary]:
     """Mean and std (ddof=1) of mIoU over seeds per variant, per-class means over seeds, and the gain over
     baseline: mean and std of the per-seed differences over the seeds both variants ran."""
@@ -272,11 +279,11 @@ def summarize(results: pd.DataFrame, baseline: str = BASELINE) -> dict[str, Vari
             common, diffs = _paired_differences(rows.set_index("seed")["miou"], base)
             if common:
                 gain = {"gain_mean": float(diffs.mean()), "gain_std": _std(diffs), "gain_seeds": tuple(common)}
-        if SOURCE_VAL in rows and rows[SOURCE_VAL].notna().any():
-            sv = rows[SOURCE_VAL].dropna().to_numpy(dtype=float)
-            gain.update(source_val_mean=float(sv.mean()), source_val_std=_std(sv))
-        if WITHOUT_TTA in rows and rows[WITHOUT_TTA].notna().any():
-            plain = rows.set_index("seed")[WITHOUT_TTA].dropna()
+        source_val = _by_seed(rows, SOURCE_VAL)
+        if len(source_val):
+            gain.update(source_val_mean=float(source_val.mean()), source_val_std=_std(source_val.to_numpy(dtype=float)))
+        plain = _by_seed(rows, WITHOUT_TTA)
+        if len(plain):
             gain.update(without_tta_mean=float(plain.mean()), without_tta_std=_std(plain.to_numpy(dtype=float)))
             common, diffs = _paired_differences(plain, base)
             if common and variant != baseline:
