@@ -48,8 +48,10 @@ class Method:
     #: The streams the engine must feed: "source" (images with labels), "target" (images only).
     streams: ClassVar[tuple[str, ...]] = ("source",)
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, cfg: Any = None) -> None:
         self.model = model
+        #: The method's options, validated against its config dataclass (`build_method`).
+        self.cfg = cfg
 
     def networks(self) -> dict[str, nn.Module]:
         return {"model": self.model}

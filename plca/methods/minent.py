@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from torch import nn
 
 from plca.losses import entropy_loss
 from plca.methods.base import Method, StepOutput, source_supervision, upsample
@@ -25,10 +24,7 @@ class MinEntConfig:
 class MinEnt(Method):
     name: ClassVar[str] = "minent"
     streams: ClassVar[tuple[str, ...]] = ("source", "target")
-
-    def __init__(self, model: nn.Module, cfg: MinEntConfig) -> None:
-        super().__init__(model)
-        self.cfg = cfg
+    cfg: MinEntConfig
 
     def training_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         cfg = self.cfg

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from torch import nn
 
 from plca.losses import adaptive_lsr, associate
 from plca.methods.base import Method, StepOutput, downsample_labels, source_supervision
@@ -48,10 +47,7 @@ class PLCAConfig:
 class PLCA(Method):
     name: ClassVar[str] = "plca"
     streams: ClassVar[tuple[str, ...]] = ("source", "target")
-
-    def __init__(self, model: nn.Module, cfg: PLCAConfig) -> None:
-        super().__init__(model)
-        self.cfg = cfg
+    cfg: PLCAConfig
 
     def training_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         cfg = self.cfg

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from torch import nn
 
 from plca.methods.base import Method, StepOutput, source_supervision
 
@@ -22,10 +21,7 @@ class SourceOnlyConfig:
 class SourceOnly(Method):
     name: ClassVar[str] = "source_only"
     streams: ClassVar[tuple[str, ...]] = ("source",)
-
-    def __init__(self, model: nn.Module, cfg: SourceOnlyConfig) -> None:
-        super().__init__(model)
-        self.cfg = cfg
+    cfg: SourceOnlyConfig
 
     def training_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         _, logits = self.model(batch["source_image"])
