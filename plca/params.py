@@ -17,6 +17,8 @@ from plca.data.transforms import TransformConfig
 from plca.engine.optim import OptimConfig
 from plca.engine.tracking import TrackingConfig
 from plca.engine.trainer import EngineConfig
+from plca.methods import METHODS
+from plca.methods.plca import PLCAConfig
 from plca.models.deeplabv2 import DeepLabV2Config
 
 
@@ -140,8 +142,6 @@ class Params:
     def test_time_alpha(self, name: str) -> float:
         """Sec. 3.5's aggregation weight when `name` is scored with test-time aggregation: the variant's own alpha
         (its options, then `plca.alpha`), so a source-only model scored this way follows `plca.alpha` too."""
-        from plca.methods.plca import PLCAConfig
-
         return float(self.method_options(name).get("alpha", self.plca.get("alpha", PLCAConfig.alpha)))
 
     @property
@@ -150,8 +150,6 @@ class Params:
 
 
 def _check(p: Params) -> None:
-    from plca.methods import METHODS
-
     t = p.table1
     groups = [*t.source_variants, *t.adapt_variants, t.oracle_variant]
     if sorted(groups) != sorted(t.variants) or len(set(t.variants)) != len(t.variants):
