@@ -24,6 +24,7 @@ from plca.engine import checkpoint as ckpt
 from plca.engine.streams import KeyedDataset
 from plca.engine.tracking import Tracker, TrackingConfig
 from plca.engine.trainer import STREAM_IDS, TrainConfig, Trainer, fingerprint, resolve_device
+from plca.evaluation.cycles import CycleConfig, cycle_diagnostics
 from plca.evaluation.inference import InferenceConfig, evaluate
 from plca.evaluation.metrics import summarize
 from plca.methods import build_method
@@ -202,6 +203,12 @@ def evaluate_run(
         src = evaluate(model, make_reader(params.data.source, "val"), tcfg, icfg, device, progress=progress,
                        desc=f"evaluate {spec.run_name} source-val")
         summary["source_val"] = summarize(src.matrix)
+    cycles = None
+    if params.evaluate.cycle_pairs and params.data.source.val is not None:
+        ccfg = CycleConfig(pairs=params.evaluate.cycle_pairs, batch_size=params.evaluate.batch_size,
+                           alpha=icfg.alpha, input_size=params.data.eval_size)
+        cycles = cycle_diagnostics(model, make_reader(params.data.source, "val"), target_reader, tcfg, ccfg, device)
+        summary["cycles"] = cycles
 
     out_dir.mkdir(parents=True, exist_ok=True)
     target.matrix.save(out_dir / "confusion.npy")
@@ -226,6 +233,8 @@ def evaluate_run(
         "miou_without_tta": summary.get("target_without_tta", {}).get("mIoU", {}).get(protocol),
         "iou": t["IoU"]["19"],
     }
+    if cycles is not None:
+        compact["cycles"] = cycles
     _write_json(compact, metrics_path)
 
     with Tracker(tracking, f"eval-{spec.run_name}", flatten({"run": spec.name, "seed": spec.seed,
@@ -235,6 +244,8 @@ def evaluate_run(
         for key, name in (("source_val_miou", "source_val/mIoU"), ("miou_without_tta", "target/mIoU_without_tta")):
             if compact[key] is not None:
                 flat[name] = compact[key]
+        if cycles is not None:
+            flat.update({f"cycles/{k}": x for k, x in flatten(cycles).items() if x is not None})
         tracker.log_metrics(flat)
         for f in ("metrics.json", "confusion.png", "samples.png"):
             if (out_dir / f).is_file():

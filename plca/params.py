@@ -105,6 +105,9 @@ class EvaluateConfig:
     source_val: bool = True
     #: For models evaluated with test-time aggregation, also score them without it (what aggregation adds).
     compare_without_tta: bool = True
+    #: Val pairs (source image k, target image k) on which PLCA's cycles are scored with target labels
+    #: (plca/evaluation/cycles.py, reports/cycles.md); 0 = off. Needs a source val split.
+    cycle_pairs: int = 100
 
 
 @dataclass
@@ -168,6 +171,9 @@ def _check(p: Params) -> None:
             raise ConfigError(f"params.table1.source_variants: '{name}' is not a source_only variant")
     if p.variant(p.table1.oracle_variant).labelled != "target":
         raise ConfigError(f"params.variants.{p.table1.oracle_variant}.labelled must be 'target' for the oracle")
+    if p.evaluate.cycle_pairs < 0:
+        raise ConfigError(f"params.evaluate.cycle_pairs: expected 0 (off) or a number of val pairs, got "
+                          f"{p.evaluate.cycle_pairs}")
     if len(set(p.seeds)) != len(p.seeds) or not p.seeds:
         raise ConfigError(f"params.seeds: expected distinct seeds, got {p.seeds}")
 

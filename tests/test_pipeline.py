@@ -76,7 +76,7 @@ def test_repro_writes_every_report(workspace: tuple[Path, dict[str, str]]) -> No
     assert results["miou"].between(0, 100).all()
     table1 = (ws / "reports" / "table1.md").read_text()
     assert "NOT GTA5/SYNTHIA" in table1 and "paper" in table1.lower()
-    for f in ("table1.tex", "table2.md", "table2.tex", "README.md", "summary.json",
+    for f in ("table1.tex", "table2.md", "table2.tex", "cycles.md", "README.md", "summary.json",
               "figures/qualitative.png", "figures/training_curves.png", "figures/class_iou.png"):
         assert (ws / "reports" / f).is_file(), f
     summary = json.loads((ws / "reports" / "summary.json").read_text())
@@ -87,6 +87,9 @@ def test_repro_writes_every_report(workspace: tuple[Path, dict[str, str]]) -> No
         assert (ws / "logs" / v / "s0.csv").is_file()
         m = json.loads((ws / "metrics" / v / "s0.json").read_text())
         assert m["variant"] == v and 0 <= m["miou"] <= 100
+        # the cycle diagnostics ran on the 4 val pairs, for every variant
+        assert m["cycles"]["pairs"] == 4 and 0 <= m["cycles"]["features"]["positive_rate"] <= 100
+    assert "4 val pairs" in (ws / "reports" / "cycles.md").read_text()
     assert next((ws / "data/embedded/target/gtFine/val").rglob("*_gtFine_labelIds.png"))
     assert next((ws / "data/embedded/source/labels").glob("*.png"))
     lock = yaml.safe_load((ws / "dvc.lock").read_text())

@@ -6,6 +6,7 @@ from plca.losses.association import (
     AssociationResult,
     associate,
     association_loss,
+    downsample_labels,
     spatial_aggregate,
 )
 from plca.losses.cross_entropy import cross_entropy
@@ -20,6 +21,7 @@ __all__ = [
     "associate",
     "association_loss",
     "cross_entropy",
+    "downsample_labels",
     "entropy_loss",
     "entropy_map",
     "lovasz_softmax",

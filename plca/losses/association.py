@@ -20,6 +20,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from plca.losses.chunked import (
     CN_EPS,
@@ -47,6 +48,7 @@ __all__ = [
     "Similarity",
     "associate",
     "association_loss",
+    "downsample_labels",
     "spatial_aggregate",
 ]
 
@@ -164,6 +166,14 @@ def spatial_aggregate(
             out = aggregate(rows, torch.log(rows + KL_EPS), rows, rows.new_ones(n, h * w), alpha=alpha,
                             block_rows=block_rows)
     return out.transpose(1, 2).reshape(n, c, h, w).to(x.dtype)
+
+
+def downsample_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
+    """[N, H, W] integer labels to the feature grid `size` = (h, w), nearest (spec: how source labels meet the
+    features); 255 stays 255. Shared by training (the source labels of a cycle) and its diagnostics."""
+    if tuple(labels.shape[-2:]) == tuple(size):
+        return labels
+    return F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
 
 
 def _check_inputs(source: Tensor, target: Tensor, labels: Tensor) -> None:

@@ -79,13 +79,6 @@ def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
-def downsample_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest downsampling of [N, H, W] int labels to the feature grid (spec: source labels, nearest)."""
-    if tuple(labels.shape[-2:]) == tuple(size):
-        return labels
-    return F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
-
-
 def source_supervision(logits: torch.Tensor, labels: torch.Tensor, *, lovasz: bool, w_lov: float,
                        ignore_index: int) -> StepOutput:
     """Eq. 14's first two terms on labelled images: CE (+ w_lov x Lovasz-softmax) of the logits upsampled to the

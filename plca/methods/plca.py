@@ -9,8 +9,8 @@ from typing import ClassVar
 
 import torch
 
-from plca.losses import adaptive_lsr, associate
-from plca.methods.base import Method, StepOutput, downsample_labels, source_supervision
+from plca.losses import adaptive_lsr, associate, downsample_labels
+from plca.methods.base import Method, StepOutput, source_supervision
 
 
 @dataclass

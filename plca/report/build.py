@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 from plca.report import atomic_write_text, write_readme
+from plca.report.cycle_table import write_cycle_table
 from plca.report.figures import class_iou_bars, load_training_logs, qualitative_grid, training_curves
 from plca.report.tables import (
     EXTRA_COLUMNS,
@@ -55,6 +56,8 @@ def collect_records(inp: ReportInputs) -> list[dict[str, Any]]:
             for extra in EXTRA_COLUMNS:
                 if m.get(extra) is not None:
                     rec[extra] = m[extra]
+            if m.get("cycles") is not None:
+                rec["cycles"] = m["cycles"]
             records.append(rec)
     return records
 
@@ -73,10 +76,12 @@ def _finite(x: float) -> float | None:
 def build_reports(inp: ReportInputs, target_val: Any, sample_indices: Sequence[int], out_dir: Path,
                   command: str) -> dict[str, Any]:
     """Write results.csv, Table 1/2 (md + tex), figures, summary.json and README.md into `out_dir`."""
-    results = results_frame(collect_records(inp))
+    records = collect_records(inp)
+    results = results_frame(records)
     write_results_csv(results, out_dir / "results.csv")
     write_table1(results, out_dir / "table1.md", out_dir / "table1.tex", dataset_label=inp.dataset_label)
     write_table2(results, out_dir / "table2.md", out_dir / "table2.tex", dataset_label=inp.dataset_label)
+    write_cycle_table(records, out_dir / "cycles.md", dataset_label=inp.dataset_label)
 
     figs = out_dir / "figures"
     seed = inp.seeds[0]
@@ -109,6 +114,7 @@ def build_reports(inp: ReportInputs, target_val: Any, sample_indices: Sequence[i
             ("table1.md", "Table 1 ablation: mean ± std over seeds, paired gain over source-only, paper figures apart"),
             ("table2.md", "Tables 2/3 layout: per-class IoU, mIoU over 19, 16 and 13 classes"),
             ("results.csv", "one row per variant and seed: mIoU and per-class IoU (target val)"),
+            ("cycles.md", "what PLCA's cycles pick on each variant's models, scored with target labels (a diagnostic)"),
             ("figures/qualitative.png", "Fig. 3 style: target image | ground truth | source-only | PLCA"),
             ("figures/training_curves.png", "every logged loss term per variant, mean over seeds with min-max band"),
             ("figures/class_iou.png", "per-class IoU: source-only vs PLCA vs oracle, mean ± std over seeds"),
