@@ -199,15 +199,17 @@ def evaluate_run(
         plain = evaluate(model, target_reader, tcfg, plain_cfg, device, progress=progress,
                          desc=f"evaluate {spec.run_name} target-val, no aggregation")
         summary["target_without_tta"] = summarize(plain.matrix)
-    if params.evaluate.source_val and params.data.source.val is not None:
-        src = evaluate(model, make_reader(params.data.source, "val"), tcfg, icfg, device, progress=progress,
+    source_reader = None if params.data.source.val is None else make_reader(params.data.source, "val")
+    if params.evaluate.source_val and source_reader is not None:
+        src = evaluate(model, source_reader, tcfg, icfg, device, progress=progress,
                        desc=f"evaluate {spec.run_name} source-val")
         summary["source_val"] = summarize(src.matrix)
     cycles = None
-    if params.evaluate.cycle_pairs and params.data.source.val is not None:
+    if params.evaluate.cycle_pairs and source_reader is not None:
+        # SAGG on the target with the alpha the association trains with (the variant's, else plca.alpha)
         ccfg = CycleConfig(pairs=params.evaluate.cycle_pairs, batch_size=params.evaluate.batch_size,
                            alpha=icfg.alpha, input_size=params.data.eval_size)
-        cycles = cycle_diagnostics(model, make_reader(params.data.source, "val"), target_reader, tcfg, ccfg, device)
+        cycles = cycle_diagnostics(model, source_reader, target_reader, tcfg, ccfg, device)
         summary["cycles"] = cycles
 
     out_dir.mkdir(parents=True, exist_ok=True)

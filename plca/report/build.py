@@ -75,7 +75,7 @@ def _finite(x: float) -> float | None:
 
 def build_reports(inp: ReportInputs, target_val: Any, sample_indices: Sequence[int], out_dir: Path,
                   command: str) -> dict[str, Any]:
-    """Write results.csv, Table 1/2 (md + tex), figures, summary.json and README.md into `out_dir`."""
+    """Write results.csv, Table 1/2 (md + tex), cycles.md, figures, summary.json and README.md into `out_dir`."""
     records = collect_records(inp)
     results = results_frame(records)
     write_results_csv(results, out_dir / "results.csv")

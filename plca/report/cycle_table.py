@@ -68,7 +68,7 @@ def cycle_table_markdown(records: Iterable[Mapping[str, Any]], *, dataset_label:
         rows.append(row)
     n_pairs = " / ".join(str(p) for p in sorted(pairs)) or NA
     intro = [
-        f"Our models on **{dataset_label}**; mean over seeds, in % of cells of the feature grid (output stride 8).",
+        f"Our models on **{dataset_label}**; mean over seeds, in % of cells of the feature grid.",
         f"Measured on {n_pairs} val pairs: source val image k with target val image k. The cycle is PLCA's "
         "(Eq. 2-3), on features (cosine) and on predictions (KL), with the target aggregated as in training "
         "(SAGG); target labels are used only to score, as training never sees them.",
