@@ -16,11 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from plca.data.transforms import TransformConfig, eval_transform
+from plca.data.transforms import TransformConfig
+from plca.evaluation.inference import read_labelled
 from plca.losses import associate, downsample_labels
 
-#: The two levels PLCA associates: (name in the outputs, similarity, what is compared).
+#: The two levels PLCA associates: (name in the outputs, similarity).
 LEVELS: tuple[tuple[str, str], ...] = (("features", "cosine"), ("predictions", "kl"))
+#: Who asks for labels, in the error raised for an unlabelled val item.
+NEEDS = "cycle diagnostics need"
 
 
 @dataclass
@@ -71,22 +74,14 @@ def _level_counts(source: torch.Tensor, target: torch.Tensor, ys: torch.Tensor, 
     scored = target_label != cfg.ignore_index
     cycle_ok = (source_label == target_label) & scored
     clf_ok = (predicted == target_label) & scored
-    chosen = sum(int(torch.unique(j_pos[pair == k]).numel()) for k in range(n))
+    cells = yt[0].numel()
+    chosen = int(torch.unique(pair * cells + j_pos).numel())  # distinct (pair, j*)
     return _Counts(
         labelled=res.num_valid_source, positive=res.num_positive, scored=int(scored.sum()),
         cycle_right=int(cycle_ok.sum()), classifier_right=int(clf_ok.sum()),
         corrects=int((cycle_ok & ~clf_ok).sum()), misleads=int((clf_ok & ~cycle_ok).sum()),
-        chosen=chosen, target_cells=n * yt[0].numel(),
+        chosen=chosen, target_cells=n * cells,
     )
-
-
-def _load(reader: Any, index: int, tcfg: TransformConfig,
-          size: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
-    sample = reader.read(index)
-    if sample.label is None:
-        raise ValueError(f"{reader.root}: cycle diagnostics need labels, but item {sample.name} has none")
-    image, label = eval_transform(sample, tcfg, size)
-    return image, label
 
 
 @torch.no_grad()
@@ -113,8 +108,8 @@ def cycle_diagnostics(model: Any, source_reader: Any, target_reader: Any, tcfg: 
     target_labelled = target_right = 0
     for start in range(0, pairs, cfg.batch_size):
         idx = range(start, min(start + cfg.batch_size, pairs))
-        src = [_load(source_reader, i, tcfg, cfg.input_size) for i in idx]
-        tgt = [_load(target_reader, i, tcfg, cfg.input_size) for i in idx]
+        src = [read_labelled(source_reader, i, tcfg, cfg.input_size, NEEDS) for i in idx]
+        tgt = [read_labelled(target_reader, i, tcfg, cfg.input_size, NEEDS) for i in idx]
         try:
             xs = torch.from_numpy(np.stack([s[0] for s in src])).to(device)
             xt = torch.from_numpy(np.stack([t[0] for t in tgt])).to(device)

@@ -46,19 +46,27 @@ class EvalResult:
     kept: dict[int, tuple[str, np.ndarray]] = field(default_factory=dict)
 
 
+def read_labelled(reader: Any, index: int, tcfg: TransformConfig, size: tuple[int, int] | None,
+                  needs: str = "evaluation needs") -> tuple[np.ndarray, np.ndarray, str]:
+    """Item `index` of `reader` as (network input, label, name); an error names the reader and the item when it
+    has no label (`needs` says who asked)."""
+    sample = reader.read(index)
+    if sample.label is None:
+        raise ValueError(f"{reader.root}: {needs} labels, but item {sample.name} has none")
+    image, label = eval_transform(sample, tcfg, size)
+    return image, label, sample.name
+
+
 def _batches(reader: Any, tcfg: TransformConfig, cfg: InferenceConfig) -> Iterator[list[tuple[int, Any, Any, str]]]:
     """Consecutive samples whose network input and label shapes agree, up to batch_size at a time."""
     batch: list[tuple[int, Any, Any, str]] = []
     for i in range(len(reader)):
-        sample = reader.read(i)
-        if sample.label is None:
-            raise ValueError(f"{reader.root}: evaluation needs labels, but item {sample.name} has none")
-        image, label = eval_transform(sample, tcfg, cfg.input_size)
+        image, label, name = read_labelled(reader, i, tcfg, cfg.input_size)
         if batch and (image.shape != batch[0][1].shape or label.shape != batch[0][2].shape
                       or len(batch) == cfg.batch_size):
             yield batch
             batch = []
-        batch.append((i, image, label, sample.name))
+        batch.append((i, image, label, name))
     if batch:
         yield batch
 

@@ -22,7 +22,8 @@ LEVEL_COLUMNS: tuple[tuple[str, str], ...] = (
     ("corrects", "cycle right, classifier wrong"),
     ("misleads", "classifier right, cycle wrong"),
 )
-LEVELS: tuple[tuple[str, str], ...] = (("features", "features"), ("predictions", "predictions"))
+#: The levels of plca/evaluation/cycles.py, in column order.
+LEVELS: tuple[str, ...] = ("features", "predictions")
 
 
 def _mean(values: list[float | None]) -> float:
@@ -43,7 +44,7 @@ def _field(cycles: Mapping[str, Any], path: tuple[str, ...], where: str) -> floa
 
 def cycle_table_markdown(records: Iterable[Mapping[str, Any]], *, dataset_label: str) -> str:
     """Mean over seeds of each variant's cycle figures; a page saying why when no record carries any."""
-    by_variant: dict[str, list[tuple[int, Mapping[str, Any]]]] = {}
+    by_variant: dict[str, list[Mapping[str, Any]]] = {}
     pairs: set[int] = set()
     for rec in records:
         if rec.get("cycles") is None:
@@ -51,20 +52,20 @@ def cycle_table_markdown(records: Iterable[Mapping[str, Any]], *, dataset_label:
         where = f"run {rec['variant']} seed {rec['seed']}"
         cycles = rec["cycles"]
         pairs.add(int(_field(cycles, ("pairs",), where) or 0))
-        by_variant.setdefault(rec["variant"], []).append((rec["seed"], cycles))
+        by_variant.setdefault(rec["variant"], []).append(cycles)
     if not by_variant:
         return _markdown([], "PLCA's cycles, scored with target labels", [
             f"No cycle figures for **{dataset_label}**: `evaluate.cycle_pairs` is 0, or the source domain has no "
             "val split to pair with target val (GTA5 and SYNTHIA have none)."])
     header = ["variant", "n seeds", "classifier right, all target cells"]
-    header += [f"{level_title}: {title}" for _, level_title in LEVELS for _, title in LEVEL_COLUMNS]
+    header += [f"{level}: {title}" for level in LEVELS for _, title in LEVEL_COLUMNS]
     rows = []
     for v in order_variants(by_variant):
         runs = by_variant[v]
         where = f"variant {v}"
-        row = [_label(v), str(len(runs)), _num(_mean([_field(c, ("classifier_right",), where) for _, c in runs]))]
-        for level, _ in LEVELS:
-            row += [_num(_mean([_field(c, (level, key), where) for _, c in runs])) for key, _ in LEVEL_COLUMNS]
+        row = [_label(v), str(len(runs)), _num(_mean([_field(c, ("classifier_right",), where) for c in runs]))]
+        for level in LEVELS:
+            row += [_num(_mean([_field(c, (level, key), where) for c in runs])) for key, _ in LEVEL_COLUMNS]
         rows.append(row)
     n_pairs = " / ".join(str(p) for p in sorted(pairs)) or NA
     intro = [
