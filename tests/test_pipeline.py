@@ -81,6 +81,9 @@ def test_repro_writes_every_report(workspace: tuple[Path, dict[str, str]]) -> No
         assert (ws / "reports" / f).is_file(), f
     summary = json.loads((ws / "reports" / "summary.json").read_text())
     assert set(summary) == set(variants)
+    # the index lists the hand-written pages that are there (benchmarks.md, from the fixture) and no others
+    index = (ws / "reports" / "README.md").read_text()
+    assert "(benchmarks.md)" in index and "embedded-pair-findings.md" not in index
     # every run kept its model, log and metrics; the source and target data are in the real formats
     for v in variants:
         assert (ws / "models" / v / "s0" / "model.pt").is_file()
