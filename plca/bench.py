@@ -5,7 +5,7 @@ up to the next one), leaving the other sections alone. Subcommands are registere
 
 `association`: one forward+backward of the association loss for one image pair, the block-wise
 implementation (`plca.losses.association_loss`) against the plain dense one
-(`plca/losses/dense_reference.py`). Every (input, size, implementation) is timed in a fresh process and its
+(`plca/losses/dense.py`). Every (input, size, implementation) is timed in a fresh process and its
 peak memory taken in another one: on CUDA torch.cuda.max_memory_allocated above what the inputs hold; on CPU
 the process's resident-set high-water mark (VmHWM, reset once the inputs exist) above the resident set at that
 moment, with glibc told to return every freed block of 64 KiB or more to the system so that the resident set
@@ -30,6 +30,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from plca.data.labels import IGNORE_INDEX
+from plca.io import atomic_write_text
+
 REPORT = Path("reports/benchmarks.md")
 ASSOCIATION_HEADING = "## Association loss"
 #: Coarse grid of the synthetic label layouts: 6 x 6 cells of one class each, two of them unlabelled.
@@ -49,7 +52,7 @@ WORKER = "_association-worker"
 
 def replace_section(path: Path, heading: str, body: str) -> None:
     """Put `heading` + `body` in place of that section of the markdown file (appended if absent), atomically."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
     lines = text.splitlines()
     section = [heading, "", *body.strip("\n").splitlines()]
     if heading in lines:
@@ -61,15 +64,7 @@ def replace_section(path: Path, heading: str, body: str) -> None:
         while lines and not lines[-1].strip():
             lines.pop()
         lines = [*lines, "", *section]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write("\n".join(lines) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def device_description(device: str) -> str:
@@ -117,7 +112,7 @@ def make_inputs(case: AssociationCase) -> tuple[torch.Tensor, torch.Tensor, torc
 
     def layout() -> torch.Tensor:
         cells = torch.randint(0, n_cls, (LAYOUT_CELLS * LAYOUT_CELLS,), generator=g)
-        cells[torch.randperm(cells.numel(), generator=g)[:IGNORED_CELLS]] = 255
+        cells[torch.randperm(cells.numel(), generator=g)[:IGNORED_CELLS]] = IGNORE_INDEX
         grid = cells.reshape(1, 1, LAYOUT_CELLS, LAYOUT_CELLS).float()
         return F.interpolate(grid, size=(case.side, case.side), mode="nearest").long()[:, 0]
 
@@ -126,12 +121,12 @@ def make_inputs(case: AssociationCase) -> tuple[torch.Tensor, torch.Tensor, torc
         embedding = torch.randn(n_cls + 1, case.channels, generator=g)  # row n_cls: unlabelled stuff
 
         def draw(y: torch.Tensor) -> torch.Tensor:
-            rows = embedding[torch.where(y == 255, n_cls, y)].permute(0, 3, 1, 2)
+            rows = embedding[torch.where(y == IGNORE_INDEX, n_cls, y)].permute(0, 3, 1, 2)
             return (rows + FEATURE_NOISE * torch.randn(rows.shape, generator=g)).relu()
     else:
 
         def draw(y: torch.Tensor) -> torch.Tensor:
-            onehot = F.one_hot(torch.where(y == 255, 0, y), n_cls).permute(0, 3, 1, 2).float()
+            onehot = F.one_hot(torch.where(y == IGNORE_INDEX, 0, y), n_cls).permute(0, 3, 1, 2).float()
             return (PREDICTION_MARGIN * onehot + torch.randn(onehot.shape, generator=g)).softmax(1)
 
     source, target = draw(ys), draw(yt)
@@ -168,7 +163,7 @@ def run_worker(case: AssociationCase, out_dir: Path) -> dict:
     """One implementation on one case, in this process: timed runs (saving loss and gradients) or one run
     measuring peak memory."""
     from plca.losses import associate
-    from plca.losses.dense_reference import dense_association_loss
+    from plca.losses.dense import dense_association_loss
 
     if case.threads is not None:
         torch.set_num_threads(case.threads)
@@ -295,7 +290,7 @@ def run_association(args: argparse.Namespace) -> str:
     body = "\n".join([
         "One forward+backward of the association loss (target aggregation on) for one image pair: the block-wise "
         "`plca.losses.association_loss` against the plain dense implementation of the same formulas "
-        "(`plca/losses/dense_reference.py`), each configuration in a fresh process. Block-wise modes (cosine "
+        "(`plca/losses/dense.py`), each configuration in a fresh process. Block-wise modes (cosine "
         "only; predictions always recompute): *cached* (default, `cache_similarities=True`) keeps the SAGG "
         "similarities (upper half) and D_st from forward to backward; *recompute* keeps no L x L matrix and "
         "recomputes blocks in backward.",

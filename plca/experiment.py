@@ -5,28 +5,25 @@ The stage scripts call these functions; they know params and paths, the engine a
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
 import torch
 
 from plca.config import flatten, to_dict
 from plca.data.datasets import CityscapesReader, GTA5Reader, SynthiaReader
 from plca.data.transforms import train_transform
 from plca.engine import checkpoint as ckpt
+from plca.engine.hooks import default_hooks
 from plca.engine.streams import KeyedDataset
 from plca.engine.tracking import Tracker, TrackingConfig
 from plca.engine.trainer import STREAM_IDS, TrainConfig, Trainer, fingerprint, resolve_device
 from plca.evaluation.cycles import CycleConfig, cycle_diagnostics
 from plca.evaluation.inference import InferenceConfig, evaluate
 from plca.evaluation.metrics import summarize
+from plca.io import atomic_write_json, atomic_write_png
 from plca.methods import build_method
 from plca.models.deeplabv2 import DeepLabV2, DeepLabV2Config, build_model
 from plca.params import DomainConfig, Params, PhaseConfig
@@ -90,8 +87,8 @@ def _phase_and_method(params: Params, name: str) -> tuple[PhaseConfig, str, dict
     if name == PRETRAIN:
         p = params.pretrain
         return p, p.method, {**params.shared_options(p.method), **p.options}, "source", False
-    v = params.variant(name)
-    phase = params.oracle if name == params.table1.oracle_variant else params.adapt
+    v = params.variant(name).train
+    phase = params.oracle if name == params.runs.oracle else params.adapt
     return phase, v.method, params.method_options(name), v.labelled, v.init == "pretrain"
 
 
@@ -107,7 +104,8 @@ def train_run(
     tags: dict[str, str],
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train one run and write `out_dir/model.pt`; resumes from `checkpoint_dir/last.pt` after a crash."""
+    """Train one run and write `out_dir/model.pt`; resumes from `checkpoint_dir/last.pt` after a crash (and returns
+    at once when that checkpoint is of the finished run). The caller removes the checkpoint when it has served."""
     phase, method_name, options, labelled, from_pretrain = _phase_and_method(params, spec.name)
     if params.engine.threads:
         torch.set_num_threads(params.engine.threads)
@@ -140,30 +138,15 @@ def train_run(
     run_fp = fingerprint(run_params)
     trainer = Trainer(tcfg)
     with Tracker(tracking, spec.run_name, flatten(run_params), tags) as tracker:
-        result = trainer.fit(method, {k: v for k, v in streams.items()}, checkpoint_path=checkpoint_dir / "last.pt",
-                             run_fingerprint=run_fp, log_csv=log_csv, tracker=tracker, progress=progress)
+        e = params.engine
+        hooks = default_hooks(steps_name=method.name, log_every=e.log_every, checkpoint_every=e.checkpoint_every,
+                              checkpoint_path=checkpoint_dir / "last.pt", fingerprint=run_fp, log_csv=log_csv,
+                              tracker=tracker, progress=progress)
+        result = trainer.fit(method, streams, hooks)
         save_model(model, out_dir / "model.pt", {"run": spec.run_name, "fingerprint": run_fp, "steps": result.steps})
         tracker.log_artifact(log_csv)
         tracker.log_metrics({"train/seconds": result.seconds})
-    (checkpoint_dir / "last.pt").unlink(missing_ok=True)  # the model is saved: the checkpoint has served
     return {"seconds": result.seconds, "resumed_from": result.resumed_from, "steps": result.steps}
-
-
-def _write_json(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=False)
-        fh.write("\n")
-    os.replace(tmp, path)
-
-
-def _write_png(image: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    if not cv2.imwrite(str(tmp), image):
-        raise OSError(f"{path}: could not write PNG")
-    os.replace(tmp, path)
 
 
 def evaluate_run(
@@ -180,12 +163,12 @@ def evaluate_run(
     """Score one trained model on target val (and source val); write metrics, confusion matrix, sample masks."""
     from plca.evaluation.run_figures import confusion_figure, sample_strip  # matplotlib only when evaluating
 
-    v = params.variant(spec.name)
+    v = params.variant(spec.name).train
     device = resolve_device(params.engine.device)
     if params.engine.threads:
         torch.set_num_threads(params.engine.threads)
     model = load_model(model_path, device)
-    # dvc.yaml's evaluate stage declares plca.alpha and the variant's section, the two places the alpha comes from
+    # dvc.yaml's evaluate stage declares `methods`, `evaluate` and the variant's `train`, where the alpha comes from
     icfg = InferenceConfig(test_time_aggregation=v.test_time_aggregation, alpha=params.test_time_alpha(spec.name),
                            input_size=params.data.eval_size, batch_size=params.evaluate.batch_size)
     tcfg = params.data.train_transform
@@ -206,7 +189,7 @@ def evaluate_run(
         summary["source_val"] = summarize(src.matrix)
     cycles = None
     if params.evaluate.cycle_pairs and source_reader is not None:
-        # SAGG on the target with the alpha the association trains with (the variant's, else plca.alpha)
+        # SAGG on the target with the alpha the association trains with (params.test_time_alpha)
         ccfg = CycleConfig(pairs=params.evaluate.cycle_pairs, batch_size=params.evaluate.batch_size,
                            alpha=icfg.alpha, input_size=params.data.eval_size)
         cycles = cycle_diagnostics(model, source_reader, target_reader, tcfg, ccfg, device)
@@ -217,12 +200,12 @@ def evaluate_run(
     confusion_figure(target.matrix.counts, out_dir / "confusion.png", title=f"{spec.run_name} (target val)")
     strip = []
     for i, (name, pred) in sorted(target.kept.items()):
-        _write_png(pred, out_dir / "samples" / f"{name}.png")
+        atomic_write_png(pred, out_dir / "samples" / f"{name}.png")
         sample = target_reader.read(i)
         strip.append((name, sample.image, sample.label, pred))
     if strip:
         sample_strip(strip, out_dir / "samples.png")
-    _write_json({"run": spec.run_name, "test_time_aggregation": v.test_time_aggregation, **summary},
+    atomic_write_json({"run": spec.run_name, "test_time_aggregation": v.test_time_aggregation, **summary},
                 out_dir / "metrics.json")
 
     protocol = str(params.data.protocol)
@@ -237,7 +220,7 @@ def evaluate_run(
     }
     if cycles is not None:
         compact["cycles"] = cycles
-    _write_json(compact, metrics_path)
+    atomic_write_json(compact, metrics_path)
 
     with Tracker(tracking, f"eval-{spec.run_name}", flatten({"run": spec.name, "seed": spec.seed,
                                                               "inference": to_dict(icfg)}), tags) as tracker:

@@ -1,12 +1,18 @@
 """The typed form of params.yaml: one dataclass per section, validated at stage start.
 
 An unknown key, a missing key or a wrong type stops the stage with an error that names the key
-(see `plca.config.from_dict`). Cross-section checks (every Table 1 variant defined, methods known) live here too.
+(see `plca.config.from_dict`). Cross-section checks (every variant that runs defined, methods known, the report's
+roles naming defined variants) live here too.
+
+A variant is one entry of `variants`: `train` is what its stages train and evaluate with, `show` what the report
+shows of it; dvc.yaml's training and evaluation stages depend on `variants.<name>.train` only, so relabelling a
+row reruns only the report. Which variants run is `runs` (plain lists: dvc.yaml's matrices iterate them).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,8 +23,8 @@ from plca.data.transforms import TransformConfig
 from plca.engine.optim import OptimConfig
 from plca.engine.tracking import TrackingConfig
 from plca.engine.trainer import EngineConfig
+from plca.losses.constants import DEFAULT_ALPHA
 from plca.methods import METHODS
-from plca.methods.plca import PLCAConfig
 from plca.models.deeplabv2 import DeepLabV2Config
 
 
@@ -65,16 +71,18 @@ class PhaseConfig:
 
 @dataclass
 class PretrainConfig(PhaseConfig):
-    """Source-only pretraining that every variant starts from (same seed): its method and options."""
+    """Source-only pretraining that every variant starts from (same seed): its method and options (over the
+    method's shared options, `methods.<method>`)."""
 
-    method: str = "source_only"
+    method: str = field(kw_only=True)
     options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
-class VariantConfig:
-    """One row of Table 1."""
+class TrainSpec:
+    """What a variant's stages train and evaluate with (params `variants.<name>.train`)."""
 
+    #: A method of the registry (plca.methods.METHODS).
     method: str
     #: Which labelled stream trains it: the source domain, or the target's own labels (the oracle).
     labelled: Literal["source", "target"] = "source"
@@ -82,18 +90,67 @@ class VariantConfig:
     init: Literal["pretrain", "scratch"] = "pretrain"
     #: Test-time aggregation of features then probabilities (Sec. 3.5); on for PLCA models.
     test_time_aggregation: bool = False
-    #: Method options; the method's shared section (e.g. `plca`) supplies the rest.
+    #: Method options; the method's shared options (`methods.<method>`) supply the rest.
     options: dict[str, Any] = field(default_factory=dict)
 
 
+#: The tables a variant can be a row of: Table 1 (ablation) and Tables 2/3 (per class).
+TABLES: tuple[str, ...] = ("table1", "table2")
+
+
 @dataclass
-class Table1Config:
-    #: Every variant in report order (evaluated and reported); it must be exactly the three groups below.
-    variants: list[str]
-    #: Variants trained by the source-only stage, by the adaptation stage, and the oracle.
-    source_variants: list[str]
-    adapt_variants: list[str]
-    oracle_variant: str = "oracle"
+class ShowConfig:
+    """What the report shows of a variant (params `variants.<name>.show`; plca.report.config.Presentation)."""
+
+    #: Its row label in the tables and its name in figure legends.
+    label: str
+    #: The tables it is a row of when it runs: table1, table2.
+    tables: list[Literal["table1", "table2"]]
+    #: A shorter name for figure column titles and the reports index (default: label).
+    short: str | None = None
+    #: Its colour in every figure, "#rrggbb" (default: a spare colour, stable for the name).
+    colour: str | None = None
+    #: The column of the paper's Table 1 it is compared with (plca.report.paper.TABLE1_COLUMNS, checked by the
+    #: report); null: ours alone, no paper figure.
+    paper: str | None = None
+
+
+@dataclass
+class ReportConfig:
+    """The report's roles (params `report`), each a variant; a role whose variant did not run is left out."""
+
+    #: Every gain (Δ) is paired by seed against it.
+    baseline: str
+    #: reports/README.md's sentence: this variant against the baseline (null: none).
+    headline: str | None
+    #: The prediction columns of figures/qualitative.png.
+    qualitative: list[str]
+    #: The bars of figures/class_iou.png.
+    class_iou: list[str]
+    #: The control row explained under Table 1: PLCA's training with no target loss (null: none).
+    control: str | None = None
+
+
+@dataclass
+class VariantConfig:
+    """One variant: what it trains with, apart from what the report shows of it."""
+
+    train: TrainSpec
+    show: ShowConfig
+
+
+@dataclass
+class RunsConfig:
+    """Which variants run, as the plain lists dvc.yaml's stages iterate (DVC cannot filter `variants` itself)."""
+
+    #: Stage train_source: source labels only, no target images, continued from the pretrained model.
+    train_source: list[str]
+    #: Stage adapt: source labels and target images, continued from the pretrained model.
+    adapt: list[str]
+    #: Stage oracle: the variant trained on target labels (the upper bound), for `oracle.steps`.
+    oracle: str
+    #: Stage evaluate: every variant above exactly once. The report shows them in `variants` order.
+    evaluate: list[str]
 
 
 @dataclass
@@ -108,6 +165,9 @@ class EvaluateConfig:
     #: Val pairs (source image k, target image k) on which PLCA's cycles are scored with target labels
     #: (plca/evaluation/cycles.py, reports/cycles.md); 0 = off. Needs a source val split.
     cycle_pairs: int = 100
+    #: Sec. 3.5's aggregation weight for a model scored with test-time aggregation whose method has no `alpha`
+    #: option (a method with one, PLCA, aggregates at test time with the alpha it trains with).
+    test_time_alpha: float = DEFAULT_ALPHA
 
 
 @dataclass
@@ -118,10 +178,11 @@ class Params:
     pretrain: PretrainConfig
     adapt: PhaseConfig
     oracle: PhaseConfig
-    source_only: dict[str, Any]
-    plca: dict[str, Any]
+    #: Per method, the options every variant of it shares (a variant's own options override them).
+    methods: dict[str, dict[str, Any]]
     variants: dict[str, VariantConfig]
-    table1: Table1Config
+    runs: RunsConfig
+    report: ReportConfig
     seeds: list[int]
     evaluate: EvaluateConfig
     tracking: TrackingConfig
@@ -134,43 +195,104 @@ class Params:
         return self.variants[name]
 
     def shared_options(self, method: str) -> dict[str, Any]:
-        """The options every variant of `method` shares (params `source_only:` or `plca:`; none for others)."""
-        return dict({"source_only": self.source_only, "plca": self.plca}.get(method, {}))
+        """The options every variant of `method` shares (params `methods.<method>`; none when it has no entry)."""
+        return dict(self.methods.get(method, {}))
 
     def method_options(self, name: str) -> dict[str, Any]:
-        """A variant's method options: the method's shared section, overridden by the variant's own options."""
-        v = self.variant(name)
+        """A variant's method options: its method's shared options, overridden by the variant's own options."""
+        v = self.variant(name).train
         return {**self.shared_options(v.method), **v.options}
 
+    def method_config(self, name: str) -> Any:
+        """A variant's method options as its method's config dataclass (the method's defaults filled in)."""
+        v = self.variant(name).train
+        if v.method not in METHODS:
+            raise ConfigError(f"params.variants.{name}.train.method: unknown method '{v.method}'; "
+                              f"known: {sorted(METHODS)}")
+        return from_dict(METHODS[v.method][1], self.method_options(name),
+                         f"params.methods.{v.method} + params.variants.{name}.train.options")
+
     def test_time_alpha(self, name: str) -> float:
-        """Sec. 3.5's aggregation weight when `name` is scored with test-time aggregation: the variant's own alpha
-        (its options, then `plca.alpha`), so a source-only model scored this way follows `plca.alpha` too."""
-        return float(self.method_options(name).get("alpha", self.plca.get("alpha", PLCAConfig.alpha)))
+        """Sec. 3.5's aggregation weight when `name` is scored with test-time aggregation: the `alpha` its method
+        trains with when the method has that option (PLCA: `methods.plca.alpha` or the variant's own), else
+        `evaluate.test_time_alpha`. dvc.yaml's evaluate stage depends on `methods` and `evaluate` for it."""
+        alpha = getattr(self.method_config(name), "alpha", None)
+        return self.evaluate.test_time_alpha if alpha is None else float(alpha)
 
     @property
     def all_variants(self) -> list[str]:
-        return list(self.table1.variants)
+        """Every variant that runs (`runs.evaluate`)."""
+        return list(self.runs.evaluate)
+
+
+_COLOUR = re.compile(r"#[0-9a-fA-F]{6}")
+
+
+def _check_runs(p: Params) -> None:
+    r = p.runs
+    groups = [*r.train_source, *r.adapt, r.oracle]
+    if sorted(groups) != sorted(r.evaluate) or len(set(r.evaluate)) != len(r.evaluate):
+        raise ConfigError(f"params.runs.evaluate {r.evaluate} must list each of runs.train_source, runs.adapt and "
+                          f"runs.oracle exactly once ({groups})")
+    for f in fields(r):
+        value = getattr(r, f.name)
+        for name in [value] if isinstance(value, str) else value:
+            if name not in p.variants:
+                raise ConfigError(f"params.runs.{f.name}: no variant '{name}'; defined: {sorted(p.variants)}")
+    for name in r.train_source:
+        method = p.variant(name).train.method
+        if "target" in METHODS[method][0].streams:
+            raise ConfigError(f"params.runs.train_source: '{name}' trains on target images (method '{method}'); "
+                              "list it under runs.adapt")
+    if p.variant(r.oracle).train.labelled != "target":
+        raise ConfigError(f"params.variants.{r.oracle}.train.labelled must be 'target' for the oracle (runs.oracle)")
+
+
+def _check_show(p: Params) -> None:
+    colours: dict[str, str] = {}
+    for name, v in p.variants.items():
+        where = f"params.variants.{name}.show"
+        if len(set(v.show.tables)) != len(v.show.tables):
+            raise ConfigError(f"{where}.tables: {v.show.tables} names a table twice; tables: {list(TABLES)}")
+        if v.show.colour is not None:
+            if not _COLOUR.fullmatch(v.show.colour):
+                raise ConfigError(f"{where}.colour: expected '#rrggbb', got {v.show.colour!r}")
+            other = colours.setdefault(v.show.colour.lower(), name)
+            if other != name:  # a figure must never draw two variants alike
+                raise ConfigError(f"{where}.colour: {v.show.colour} is variants.{other}'s colour too")
+    roles = p.report
+    named = [("baseline", roles.baseline), ("headline", roles.headline), ("control", roles.control)]
+    named += [(f"qualitative[{i}]", n) for i, n in enumerate(roles.qualitative)]
+    named += [(f"class_iou[{i}]", n) for i, n in enumerate(roles.class_iou)]
+    for key, name in named:
+        if name is not None and name not in p.variants:
+            raise ConfigError(f"params.report.{key}: no variant '{name}'; defined: {sorted(p.variants)}")
+    if roles.headline == roles.baseline:
+        raise ConfigError(f"params.report.headline: '{roles.headline}' is the baseline; the headline compares "
+                          "another variant with it")
+    for key in ("qualitative", "class_iou"):
+        names = getattr(roles, key)
+        if not names or len(set(names)) != len(names):
+            raise ConfigError(f"params.report.{key}: expected distinct variants, at least one, got {names}")
 
 
 def _check(p: Params) -> None:
-    t = p.table1
-    groups = [*t.source_variants, *t.adapt_variants, t.oracle_variant]
-    if sorted(groups) != sorted(t.variants) or len(set(t.variants)) != len(t.variants):
-        raise ConfigError(f"params.table1.variants {t.variants} must list each of source_variants, adapt_variants "
-                          f"and oracle_variant exactly once ({groups})")
-    for name in p.all_variants:
-        v = p.variant(name)
-        if v.method not in METHODS:
-            raise ConfigError(f"params.variants.{name}.method: unknown method '{v.method}'; known: {sorted(METHODS)}")
-        # the method's options now, not at training time: a typo in `plca:` stops every stage at once
-        from_dict(METHODS[v.method][1], p.method_options(name), f"params.{v.method} + params.variants.{name}.options")
+    for method in p.methods:
+        if method not in METHODS:
+            raise ConfigError(f"params.methods.{method}: unknown method; known: {sorted(METHODS)}")
+    # every defined variant's method and options now, not when it is first run: a typo stops every stage at once
+    for name in p.variants:
+        p.method_config(name)
     if p.pretrain.method not in METHODS:
-        raise ConfigError(f"params.pretrain.method: unknown method '{p.pretrain.method}'")
-    for name in p.table1.source_variants:
-        if p.variant(name).method != "source_only":
-            raise ConfigError(f"params.table1.source_variants: '{name}' is not a source_only variant")
-    if p.variant(p.table1.oracle_variant).labelled != "target":
-        raise ConfigError(f"params.variants.{p.table1.oracle_variant}.labelled must be 'target' for the oracle")
+        raise ConfigError(f"params.pretrain.method: unknown method '{p.pretrain.method}'; known: {sorted(METHODS)}")
+    if p.pretrain.method not in p.methods:
+        # dvc.yaml's pretrain stage depends on methods.${pretrain.method}: DVC stops on a missing key
+        raise ConfigError(f"params.methods: no entry for pretrain.method '{p.pretrain.method}' (`{{}}` when it "
+                          "shares no options)")
+    from_dict(METHODS[p.pretrain.method][1], {**p.shared_options(p.pretrain.method), **p.pretrain.options},
+              f"params.methods.{p.pretrain.method} + params.pretrain.options")
+    _check_runs(p)
+    _check_show(p)
     if p.evaluate.cycle_pairs < 0:
         raise ConfigError(f"params.evaluate.cycle_pairs: expected 0 (off) or a number of val pairs, got "
                           f"{p.evaluate.cycle_pairs}")
@@ -178,14 +300,19 @@ def _check(p: Params) -> None:
         raise ConfigError(f"params.seeds: expected distinct seeds, got {p.seeds}")
 
 
-def load_params(path: Path | str = "params.yaml") -> Params:
-    """Read and validate params.yaml; errors name the file and the key."""
-    raw = load_yaml(path)
+def validate_params(raw: dict[str, Any], where: str) -> Params:
+    """Validate a params mapping (a parsed params file, or profiles merged by plca.profiles); errors start with
+    `where` and name the key."""
     try:
         params = from_dict(Params, raw, "params")
         _check(params)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(f"{where}: {exc}") from None
     except (TypeError, ValueError) as exc:  # __post_init__ checks of a section's dataclass
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(f"{where}: {exc}") from None
     return params
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    """Read and validate params.yaml; errors name the file and the key."""
+    return validate_params(load_yaml(path), str(path))

@@ -11,10 +11,8 @@ exit status 0 on success, 2 on bad input (message on stderr).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from plca.data.labels import (
     cityscapes_ids_to_train_ids,
 )
 from plca.evaluation.metrics import PERCENT, ConfusionMatrix, iou, miou
+from plca.io import atomic_write_json
 
 GT_SUFFIX = "_gtFine_labelIds.png"
 PRED_SUFFIX = ".png"
@@ -193,24 +192,14 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def write_json(result: dict[str, Any], path: str | Path) -> None:
-    """Write the result as JSON atomically (temp file in the same folder, then rename)."""
+    """Write the result as JSON atomically (plca.io); a missing folder is an error, not created."""
     path = Path(path)
     if not path.parent.is_dir():
         raise ScoreError(f"{path}: folder {path.parent} does not exist")
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        atomic_write_json(result, path)
     except OSError as exc:
         raise ScoreError(f"{path}: cannot write ({exc})") from exc
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise ScoreError(f"{path}: cannot write ({exc})") from exc
-        raise
 
 
 def main(argv: Sequence[str] | None = None) -> int:

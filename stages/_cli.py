@@ -1,11 +1,21 @@
-"""The command line every stage shares, without importing torch (the data stages start in a fraction of a second)."""
+"""The command line every stage shares, without importing torch (the data stages start in a fraction of a second).
+
+Imported before anything imports `plca` (`_common` imports it first): it puts this repository's root first on
+sys.path, so a stage runs the `plca` beside it. The editable install points at one checkout; a queued
+`dvc exp run` (a copy under .dvc/tmp/exps) or a test's copy of the repository must run its own code.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Mapping
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if not sys.path or sys.path[0] != str(ROOT):
+    sys.path.insert(0, str(ROOT))
 
 
 def setup(description: str | None) -> argparse.ArgumentParser:

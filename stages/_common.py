@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 
+import _cli  # noqa: F401  (first: puts this repository's root first on sys.path, before plca is imported)
+
 # Before torch loads OpenMP: busy-waiting worker threads make a 2-core machine that is running anything else
 # 30x slower (measured: 2.8 s instead of 0.1 s a training step); passive waiting costs little when alone.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

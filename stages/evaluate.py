@@ -1,4 +1,5 @@
-"""DVC stage: score one trained variant/seed on target val (and source val)."""
+"""DVC stage: score one trained variant on target val (and source val), every seed (or the seeds given), in one
+process."""
 
 from __future__ import annotations
 
@@ -14,20 +15,21 @@ from plca.experiment import RunSpec, evaluate_run
 def main() -> None:
     parser = setup(__doc__)
     parser.add_argument("--run", required=True, help="a variant name from params.variants")
-    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--seed", type=int, action="append", help="a seed (repeatable); default: params.seeds")
     args = parser.parse_args()
     params = _common.params_or_exit(args.params)
-    spec = RunSpec(args.run, args.seed)
-    result = evaluate_run(
-        params, spec,
-        model_path=Path("models") / args.run / f"s{args.seed}" / "model.pt",
-        out_dir=Path("eval") / args.run / f"s{args.seed}",
-        metrics_path=Path("metrics") / args.run / f"s{args.seed}.json",
-        tracking=_common.tracking_config(params),
-        tags=_common.tags(params, "evaluate", args.run, args.seed),
-        progress=not args.no_progress,
-    )
-    print(json.dumps({k: result[k] for k in ("variant", "seed", "miou", "source_val_miou")}))
+    tracking = _common.tracking_config(params)
+    for seed in args.seed or params.seeds:
+        result = evaluate_run(
+            params, RunSpec(args.run, seed),
+            model_path=Path("models") / args.run / f"s{seed}" / "model.pt",
+            out_dir=Path("eval") / args.run / f"s{seed}",
+            metrics_path=Path("metrics") / args.run / f"s{seed}.json",
+            tracking=tracking,
+            tags=_common.tags(params, "evaluate", args.run, seed),
+            progress=not args.no_progress,
+        )
+        print(json.dumps({k: result[k] for k in ("variant", "seed", "miou", "source_val_miou")}), flush=True)
 
 
 if __name__ == "__main__":

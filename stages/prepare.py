@@ -1,6 +1,7 @@
 """DVC stage: prepare the data into data.root. The default profile generates the embedded domain pair in the
-GTA5 and Cityscapes on-disk formats; the paper profiles (profiles/gta5.yaml, profiles/synthia.yaml) download,
-verify and pre-resize the real datasets named in data.prepare (plca.data.prepare).
+GTA5 and Cityscapes on-disk formats; the paper profiles (the overlays profiles/gta5.yaml, profiles/synthia.yaml,
+selected with `python -m plca.profile gta5`) download, verify and pre-resize the real datasets named in
+data.prepare (plca.data.prepare).
 
 Cityscapes credentials come from CITYSCAPES_USERNAME / CITYSCAPES_PASSWORD or a ~/.netrc entry for
 www.cityscapes-dataset.com; they are never read from params nor logged. Without network, put the archives in
@@ -17,14 +18,26 @@ from pathlib import Path
 import _common
 from _cli import pairs_line, setup
 
+from plca.config import ConfigError, load_yaml
 from plca.data.download import DownloadError, load_sources
 from plca.data.extract import ArchiveError
 from plca.data.prepare import check_domain_roots, credentials_for, prepare_datasets
 from plca.data.resize import ResizeError
 from plca.data.verify import DatasetError
+from plca.profiles import overlay_file, profile_names
 
-#: The paper profiles, complete params files named <profile>.yaml (relative to the repository root).
+#: The overlays `python -m plca.profile` merges onto the default, named <name>.yaml (relative to the repository root).
 PROFILES = Path("profiles")
+
+
+def _sets_real_data(name: str, root: Path) -> bool:
+    """Whether the overlay `name` of a profile key switches to the real datasets (sets data.prepare)."""
+    try:
+        _, path = overlay_file(name, root / PROFILES)
+        data = load_yaml(path if path.is_absolute() else root / path).get("data")
+    except ConfigError:
+        return False  # not a readable overlay (e.g. the default's own name): nothing to compare with
+    return isinstance(data, dict) and isinstance(data.get("prepare"), dict)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,10 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.no_progress
     if data.embedded is not None and data.prepare is not None:
         sys.exit(f"error: {args.params}: data.embedded and data.prepare are both set; a profile has one of them")
-    if data.embedded is not None and (_common.repo_root() / PROFILES / f"{params.profile}.yaml").is_file():
-        # `dvc exp run -S profile=gta5` only relabels the toy profile; a paper profile is a whole params file
+    names = profile_names(params.profile)
+    if data.embedded is not None and any(_sets_real_data(n, _common.repo_root()) for n in names):
+        # `dvc exp run -S profile=gta5` only relabels the toy params; selecting a profile merges its overlays
         sys.exit(f"error: {args.params}: profile is '{params.profile}' but the params are the embedded toy pair's; "
-                 f"select the profile with: cp {PROFILES}/{params.profile}.yaml params.yaml")
+                 f"select the profile with: python -m plca.profile {' '.join(names)}")
     if data.embedded is not None:
         from plca.data.embedded import generate_pair
 

@@ -1,8 +1,11 @@
-"""DVC stage: train one run — the source-only pretraining, or one Table 1 variant for one seed."""
+"""DVC stage: train one run for every seed (or the seeds given), one after another in one process — the
+source-only pretraining, or one variant. A run killed at any point resumes from its checkpoint; a seed that had
+finished is restored from its final checkpoint instead of retrained. The checkpoints go once every seed is done."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import _common
@@ -14,24 +17,28 @@ from plca.experiment import PRETRAIN, RunSpec, train_run
 def main() -> None:
     parser = setup(__doc__)
     parser.add_argument("--run", required=True, help=f"'{PRETRAIN}' or a variant name from params.variants")
-    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--seed", type=int, action="append", help="a seed (repeatable); default: params.seeds")
     parser.add_argument("--stage", default="train", help="stage name, recorded as an MLflow tag")
     args = parser.parse_args()
     params = _common.params_or_exit(args.params)
-    spec = RunSpec(args.run, args.seed)
-    out = Path("models") / args.run / f"s{args.seed}"
-    init = None if args.run == PRETRAIN else Path("models") / PRETRAIN / f"s{args.seed}" / "model.pt"
-    result = train_run(
-        params, spec,
-        out_dir=out,
-        log_csv=Path("logs") / args.run / f"s{args.seed}.csv",
-        checkpoint_dir=Path("checkpoints") / spec.run_name,
-        init_model=init,
-        tracking=_common.tracking_config(params),
-        tags=_common.tags(params, args.stage, args.run, args.seed),
-        progress=not args.no_progress,
-    )
-    print(json.dumps({"run": spec.run_name, **result}))
+    tracking = _common.tracking_config(params)
+    specs = [RunSpec(args.run, seed) for seed in (args.seed or params.seeds)]
+    for spec in specs:
+        seed = spec.seed
+        init = None if args.run == PRETRAIN else Path("models") / PRETRAIN / f"s{seed}" / "model.pt"
+        result = train_run(
+            params, spec,
+            out_dir=Path("models") / args.run / f"s{seed}",
+            log_csv=Path("logs") / args.run / f"s{seed}.csv",
+            checkpoint_dir=Path("checkpoints") / spec.run_name,
+            init_model=init,
+            tracking=tracking,
+            tags=_common.tags(params, args.stage, args.run, seed),
+            progress=not args.no_progress,
+        )
+        print(json.dumps({"run": spec.run_name, **result}), flush=True)
+    for spec in specs:  # every model is saved: the checkpoints have served
+        shutil.rmtree(Path("checkpoints") / spec.run_name, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,14 @@ from torch.nn import functional as F
 from plca.data.datasets import Sample
 from plca.data.transforms import TransformConfig
 from plca.evaluation.cycles import CycleConfig, cycle_diagnostics
+from plca.models.output import FEATURES, LOGITS
+from plca.params import load_params
+from plca.report.config import Presentation
 from plca.report.cycle_table import cycle_table_markdown, write_cycle_table
 from plca.report.tables import ResultsError
 
+_PARAMS = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+SHOW = Presentation({name: v.show for name, v in _PARAMS.variants.items()}, _PARAMS.report)
 C = 4
 # raw pixel values reach the model: channel 0 of the image is the class id
 RAW = TransformConfig(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), scale=255)
@@ -32,11 +37,11 @@ class ClassCodeModel(nn.Module):
         super().__init__()
         self.shift = shift
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         code = F.avg_pool2d(x[:, :1], 8)[:, 0].round().long()
         features = F.one_hot(code, C).permute(0, 3, 1, 2).float()
         logits = 10.0 * F.one_hot((code + self.shift) % C, C).permute(0, 3, 1, 2).float()
-        return features, logits
+        return {FEATURES: features, LOGITS: logits}
 
 
 class ListReader:
@@ -119,10 +124,10 @@ def _record(variant: str, seed: int, positive: float | None) -> dict:
             "cycles": {"pairs": 100, "classifier_right": 66.0, "features": level, "predictions": dict(level)}}
 
 
-def test_cycle_table_averages_seeds_in_table1_order(tmp_path: Path) -> None:
+def test_cycle_table_averages_seeds_in_params_order(tmp_path: Path) -> None:
     records = [_record("plca", 0, 70.0), _record("plca", 1, 80.0), _record("source_only", 0, 60.0),
                {"variant": "oracle", "seed": 0}]  # a run without cycle figures is left out
-    path = write_cycle_table(records, tmp_path / "cycles.md", dataset_label="toy pair")
+    path = write_cycle_table(records, tmp_path / "cycles.md", dataset_label="toy pair", show=SHOW)
     text = path.read_text()
     assert "**toy pair**" in text and "100 val pairs" in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and "seeds" not in line]
@@ -132,13 +137,13 @@ def test_cycle_table_averages_seeds_in_table1_order(tmp_path: Path) -> None:
 
 
 def test_cycle_table_without_figures_says_why_and_bad_figures_are_named(tmp_path: Path) -> None:
-    text = cycle_table_markdown([{"variant": "plca", "seed": 0}], dataset_label="toy pair")
+    text = cycle_table_markdown([{"variant": "plca", "seed": 0}], dataset_label="toy pair", show=SHOW)
     assert "`evaluate.cycle_pairs` is 0" in text and "|" not in text
     bad = _record("plca", 0, 70.0)
     del bad["cycles"]["features"]["cycle_right"]
     with pytest.raises(ResultsError, match="variant plca: cycle figures lack 'features.cycle_right'"):
-        cycle_table_markdown([bad], dataset_label="toy pair")
+        cycle_table_markdown([bad], dataset_label="toy pair", show=SHOW)
     bad = _record("plca", 0, 70.0)
     bad["cycles"]["predictions"]["misleads"] = "many"
     with pytest.raises(ResultsError, match="'predictions.misleads' must be a number or null, got 'many'"):
-        cycle_table_markdown([bad], dataset_label="toy pair")
+        cycle_table_markdown([bad], dataset_label="toy pair", show=SHOW)

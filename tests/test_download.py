@@ -1,16 +1,12 @@
 """Downloads against a loopback HTTP server serving fixture archives in the real layouts: full, resumed,
-corrupted, retried, offline then manual, credentials (missing, wrong, never logged), and the stage script."""
+corrupted, retried, offline then manual, credentials (missing, wrong, never logged)."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import shutil
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from fixture_archives import (
     cityscapes_archives,
     fake_unrar,
@@ -428,49 +424,3 @@ def test_credentials_from_a_netrc_file(tmp_path: Path) -> None:
     with pytest.raises(CredentialsError) as err:
         resolve_credentials(auth, {}, netrc_file)
     assert "cannot parse" in str(err.value) and PASSWORD not in str(err.value) and USER not in str(err.value)
-
-
-# ------------------------------------------------------------------------------------------------ stage script
-
-
-def load_stage(name: str):  # noqa: ANN201
-    """Import stages/<name>.py under a private module name."""
-    path = Path(__file__).resolve().parents[1] / "stages" / f"{name}.py"
-    if str(path.parent) not in sys.path:  # as when DVC runs `python stages/<name>.py`
-        sys.path.insert(0, str(path.parent))
-    spec = importlib.util.spec_from_file_location(f"_stage_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_stage_script_downloads_with_params_and_env_credentials(
-    tmp_path: Path, cs_zips: dict[str, bytes], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    stage = load_stage("download")
-    with LoopbackServer(cs_behaviour(cs_zips)) as srv:
-        sources = write_sources(tmp_path / "sources.yaml", {"cityscapes": cs_spec(srv, cs_zips)})
-        section = {"out_dir": str(tmp_path / "raw"), "sources": str(sources),
-                   "fetch": {"archive_dir": str(tmp_path / "archives"), "manual_dir": None, "retries": 0,
-                             "progress": False},
-                   "verify": {"workers": 1}}
-        params_file = tmp_path / "params.yaml"
-        params_file.write_text(yaml.safe_dump({"download": section, "other_stage": {"x": 1}}))
-        assert from_dict(DownloadParams, section, "download").fetch.manual_dir is None
-        monkeypatch.setenv("CITYSCAPES_USERNAME", USER)
-        monkeypatch.setenv("CITYSCAPES_PASSWORD", PASSWORD)
-        monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc of the machine running the tests
-        with caplog.at_level(logging.DEBUG):
-            assert stage.main(["--params", str(params_file), "cityscapes"]) == 0
-    out = capsys.readouterr()
-    assert "cityscapes" in out.out and "train: 2" in out.out
-    assert (tmp_path / "raw/cityscapes/.complete.json").is_file()
-    for secret in (USER, PASSWORD):
-        assert secret not in out.out + out.err + caplog.text + params_file.read_text()
-    monkeypatch.delenv("CITYSCAPES_PASSWORD")
-    shutil.rmtree(tmp_path / "raw")
-    shutil.rmtree(tmp_path / "archives")
-    with pytest.raises(SystemExit) as exit_info:
-        stage.main(["--params", str(params_file), "cityscapes"])
-    assert "CITYSCAPES_PASSWORD" in str(exit_info.value.code)

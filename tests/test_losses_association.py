@@ -10,7 +10,7 @@ import torch
 
 import plca.losses.association as association_module
 from plca.losses import AssociationConfig, associate, association_loss, spatial_aggregate
-from plca.losses.dense_reference import dense_association_loss, dense_spatial_aggregate
+from plca.losses.dense import dense_association_loss, dense_spatial_aggregate
 
 F64 = torch.float64
 
@@ -186,7 +186,7 @@ def test_float32_matches_dense() -> None:
 
 
 def test_cn_statistics_carry_no_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
-    import plca.losses.dense_reference as dense
+    import plca.losses.dense as dense
 
     src, tgt, lab = random_batch("cosine", n=1, seed=11)
     ours = loss_and_grads(association_loss, src, tgt, lab, aggregate_target=False)

@@ -1,12 +1,29 @@
-"""The batched dense path of the association (chosen by impl="auto" on small grids) equals the block-wise one."""
+"""The batched dense path of the association (chosen by impl="auto" on small grids) equals the block-wise one;
+association.py and dense.py import without a circle; the defaults come from one constant each."""
 
 from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
 
 import pytest
 import torch
 
-from plca.losses import associate, spatial_aggregate
+import plca.losses
+import plca.losses.association as association_module
+import plca.losses.dense as dense
+from plca.data.labels import IGNORE_INDEX
+from plca.losses import (
+    AssociationConfig,
+    associate,
+    association_loss,
+    cross_entropy,
+    lovasz_softmax,
+    spatial_aggregate,
+)
 from plca.losses.association import DENSE_MAX_ENTRIES
+from plca.losses.constants import DEFAULT_ALPHA
 
 
 def inputs(similarity: str, seed: int, n: int = 3, h: int = 4, w: int = 6, c: int = 5):
@@ -78,3 +95,39 @@ def test_unknown_impl_is_refused() -> None:
     s, t, y = inputs("cosine", 0)
     with pytest.raises(ValueError, match="impl must be"):
         associate(s, t, y, impl="fast")
+
+
+def _imports(path: Path) -> list[tuple[str, bool]]:
+    """(module, inside a function) for every `from X import ...` / `import X` of a source file."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    nested = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) for n in ast.walk(f)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.append((node.module, id(node) in nested))
+        elif isinstance(node, ast.Import):
+            found += [(alias.name, id(node) in nested) for alias in node.names]
+    return found
+
+
+def test_no_import_circle_between_association_and_dense() -> None:
+    """association.py imports dense.py at module level; dense.py needs nothing from association.py (the shared
+    constants are in constants.py), so neither imports the other lazily inside a function."""
+    losses = Path(plca.losses.__file__).parent
+    dense_imports = _imports(losses / "dense.py")
+    assert not [m for m, _ in dense_imports if m.startswith("plca.losses.association")]
+    association_imports = _imports(losses / "association.py")
+    assert ("plca.losses.dense", False) in association_imports
+    assert not [m for m, lazy in association_imports if lazy and m.startswith("plca.")]
+
+
+def test_defaults_are_the_spec_values_defined_once() -> None:
+    """The public API keeps the spec's defaults (alpha=0.5, ignore_index=255), taken from the one constant each."""
+    assert DEFAULT_ALPHA == 0.5 and IGNORE_INDEX == 255
+    for fn in (association_loss, spatial_aggregate, associate, dense.dense_spatial_aggregate,
+               dense.dense_association_loss):
+        assert inspect.signature(fn).parameters["alpha"].default is DEFAULT_ALPHA, fn.__name__
+    for fn in (association_loss, associate, lovasz_softmax, cross_entropy, dense.dense_association_loss):
+        assert inspect.signature(fn).parameters["ignore_index"].default is IGNORE_INDEX, fn.__name__
+    assert AssociationConfig().alpha == DEFAULT_ALPHA and AssociationConfig().ignore_index == IGNORE_INDEX
+    assert association_module.KL_EPS == 1e-10 and association_module.LOG_CLAMP == -100.0

@@ -12,6 +12,13 @@ from plca.models import (
     build_model,
     load_imagenet_weights,
 )
+from plca.models.output import FEATURES, LOGITS
+
+
+def fl(out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, logits) of a model's output dict."""
+    return out[FEATURES], out[LOGITS]
+
 
 TOY = DeepLabV2Config(depth=18, width=0.25, norm="group", groups=8)
 
@@ -35,14 +42,14 @@ def _save_with_fc(backbone: ResNet, path, num_fc_out: int = 10) -> dict[str, tor
 def test_features_and_logits_at_output_stride_8(depth: int, channels: int) -> None:
     model = DeepLabV2(DeepLabV2Config(num_classes=5, depth=depth, width=0.125, norm="batch")).eval()
     with torch.no_grad():
-        features, logits = model(torch.randn(1, 3, 64, 96))
+        features, logits = fl(model(torch.randn(1, 3, 64, 96)))
     assert features.shape == (1, channels, 8, 12)
     assert logits.shape == (1, 5, 8, 12)
     assert model.feature_channels == channels
 
 
 def test_toy_default_shapes() -> None:
-    features, logits = DeepLabV2(TOY)(torch.randn(2, 3, 64, 128))
+    features, logits = fl(DeepLabV2(TOY)(torch.randn(2, 3, 64, 128)))
     assert features.shape == (2, 128, 8, 16)
     assert logits.shape == (2, 19, 8, 16)
 
@@ -51,7 +58,7 @@ def test_paper_crop_gives_92x92() -> None:
     # 730 -> stem conv s2 -> 365 -> maxpool s2 -> 183 -> layer2 s2 -> 92; meta tensors: shapes without compute.
     with torch.device("meta"):
         model = DeepLabV2(DeepLabV2Config())
-        features, logits = model(torch.empty(1, 3, 730, 730))
+        features, logits = fl(model(torch.empty(1, 3, 730, 730)))
     assert features.shape == (1, 2048, 92, 92)
     assert logits.shape == (1, 19, 92, 92)
 
@@ -195,7 +202,7 @@ def test_wrapped_checkpoint_gets_a_hint(tmp_path) -> None:
 
 def test_gradients_reach_the_stem() -> None:
     model = DeepLabV2(TOY)
-    features, logits = model(torch.randn(2, 3, 64, 64))
+    features, logits = fl(model(torch.randn(2, 3, 64, 64)))
     (logits.square().mean() + features.mean()).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -207,8 +214,8 @@ def test_group_norm_has_no_running_statistics() -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        train_out = model.train()(x)[1]
-        eval_out = model.eval()(x)[1]
+        train_out = model.train()(x)[LOGITS]
+        eval_out = model.eval()(x)[LOGITS]
     torch.testing.assert_close(train_out, eval_out)  # seeing images changes nothing in train mode
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
@@ -221,21 +228,12 @@ def test_group_norm_groups_must_divide_channels() -> None:
 def test_classify_equals_forward_logits_and_head_init() -> None:
     model = DeepLabV2(TOY).eval()
     with torch.no_grad():
-        features, logits = model(torch.randn(1, 3, 64, 64))
+        features, logits = fl(model(torch.randn(1, 3, 64, 64)))
         torch.testing.assert_close(model.classify(features), logits)
     for conv in model.classifier.branches:
         assert torch.count_nonzero(conv.bias) == 0
         assert 0.008 < conv.weight.std().item() < 0.012
     assert [c.dilation for c in model.classifier.branches] == [(r, r) for r in (6, 12, 18, 24)]
-
-
-def test_param_groups_cover_every_parameter_once() -> None:
-    model = DeepLabV2(TOY)
-    groups = model.param_groups(0.01, head_lr_mult=10.0)
-    assert [g["lr"] for g in groups] == [0.01, pytest.approx(0.1)]
-    ids = [id(p) for g in groups for p in g["params"]]
-    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
-    assert model.param_groups(0.5)[1]["lr"] == 0.5
 
 
 def test_config_from_params_and_validation() -> None:

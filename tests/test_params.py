@@ -1,27 +1,137 @@
-"""plca.params: cross-section rules of params.yaml."""
+"""plca.params: cross-section rules of params.yaml, and a variant's identity living in params alone."""
 
 from __future__ import annotations
 
+import ast
+import copy
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import pytest
 import yaml
 
-from plca.params import load_params
+from plca.config import ConfigError
+from plca.params import load_params, validate_params
+from plca.report.config import Presentation
+from plca.report.paper import TABLE1_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
+RAW = yaml.safe_load((REPO / "params.yaml").read_text())
 
 
-def test_test_time_alpha_follows_plca_alpha_unless_the_variant_sets_its_own(tmp_path: Path) -> None:
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["plca"]["alpha"] = 0.3
-    raw["variants"]["source_only"]["test_time_aggregation"] = True  # a source-only model scored with Sec. 3.5
-    raw["variants"]["fass"]["options"]["alpha"] = 0.2
+def _params(edit: Callable[[dict[str, Any]], None]) -> Any:
+    raw = copy.deepcopy(RAW)
+    edit(raw)
+    return validate_params(raw, "p.yaml")
+
+
+def _error(edit: Callable[[dict[str, Any]], None]) -> str:
+    with pytest.raises(ConfigError) as err:
+        _params(edit)
+    return str(err.value)
+
+
+def test_test_time_alpha_is_the_alpha_the_method_trains_with_else_evaluates_with(tmp_path: Path) -> None:
+    raw = copy.deepcopy(RAW)
+    raw["methods"]["plca"]["alpha"] = 0.3
+    raw["evaluate"]["test_time_alpha"] = 0.7
+    raw["variants"]["source_only"]["train"]["test_time_aggregation"] = True  # a source-only model scored so
+    raw["variants"]["fass"]["train"]["options"]["alpha"] = 0.2
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     params = load_params(path)
-    assert params.test_time_alpha("plca") == 0.3
-    assert params.test_time_alpha("source_only") == 0.3  # not a default hidden in the code
-    assert params.test_time_alpha("fass") == 0.2
-    del raw["plca"]["alpha"]
+    assert params.test_time_alpha("plca") == 0.3  # methods.plca.alpha
+    assert params.test_time_alpha("fass") == 0.2  # the variant's own
+    assert params.test_time_alpha("source_only") == 0.7  # its method has no alpha: evaluate.test_time_alpha
+    del raw["methods"]["plca"]["alpha"]
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    assert load_params(path).test_time_alpha("source_only") == 0.5  # PLCAConfig's default, the paper's value
+    assert load_params(path).test_time_alpha("plca") == 0.5  # PLCA's own default, not evaluate's 0.7
+
+
+def test_the_default_aggregates_every_aggregated_variant_with_the_papers_alpha() -> None:
+    params = load_params(REPO / "params.yaml")
+    aggregated = [v for v in params.variants if params.variant(v).train.test_time_aggregation]
+    assert "plca_no_sagg" in aggregated and all(params.test_time_alpha(v) == 0.5 for v in aggregated)
+
+
+def test_shared_options_come_from_the_methods_section_under_the_variants_own() -> None:
+    params = _params(lambda raw: raw["methods"]["plca"].update(tau=5.0))
+    assert params.method_options("plca")["tau"] == 5.0 and params.method_options("fass")["cass"] is False
+    assert params.shared_options("minent") == {}  # a method without an entry shares nothing
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda r: r["variants"]["plca"]["show"].update(lable="x"), "params.variants.plca.show: unknown key(s)"),
+        (lambda r: r["variants"]["plca"]["show"].update(tables=["table3"]), "params.variants.plca.show.tables[0]"),
+        (lambda r: r["variants"]["plca"]["show"].update(colour="purple"), "params.variants.plca.show.colour"),
+        (lambda r: r["variants"]["plca"]["show"].update(colour="#2CA02C"), "variants.fass's colour too"),
+        (lambda r: r["variants"]["plca"]["train"].update(alpah=0.3), "params.variants.plca.train: unknown key"),
+        (lambda r: r["methods"]["plca"].update(alpah=0.3), "params.methods.plca + params.variants.fass.train.options"),
+        (lambda r: r["methods"].update(nope={}), "params.methods.nope: unknown method"),
+        (lambda r: r["variants"]["minent"]["train"].update(method="nope"), "params.variants.minent.train.method"),
+        (lambda r: r["pretrain"].pop("method"), "params.pretrain: missing required key 'method'"),
+        (lambda r: r["methods"].pop("source_only"), "params.methods: no entry for pretrain.method 'source_only'"),
+        (lambda r: r["runs"].update(oracle="source_only"), "params.runs.evaluate"),
+        (lambda r: r["runs"]["adapt"].append("nope") or r["runs"]["evaluate"].append("nope"),
+         "params.runs.adapt: no variant 'nope'"),
+        (lambda r: r["runs"]["train_source"].append("fass") or r["runs"]["adapt"].remove("fass"),
+         "params.runs.train_source: 'fass' trains on target images"),
+        (lambda r: r["runs"].update(oracle="ce_only", train_source=["source_only"]) or r["runs"].update(
+            evaluate=["source_only", *r["runs"]["adapt"], "ce_only"]), "params.variants.ce_only.train.labelled"),
+        (lambda r: r["report"].update(baseline="nope"), "params.report.baseline: no variant 'nope'"),
+        (lambda r: r["report"]["class_iou"].append("nope"), "params.report.class_iou[3]: no variant 'nope'"),
+        (lambda r: r["report"].update(control="nope"), "params.report.control: no variant 'nope'"),
+        (lambda r: r["report"].update(headline="source_only"), "params.report.headline: 'source_only' is the baseline"),
+        (lambda r: r["report"].update(qualitative=[]), "params.report.qualitative: expected distinct variants"),
+        (lambda r: r.update(table1={}), "params: unknown key(s) ['table1']"),
+    ],
+)
+def test_bad_params_stop_with_the_key(edit: Callable[[dict[str, Any]], None], message: str) -> None:
+    assert message in _error(edit)
+
+
+def test_every_paper_column_a_variant_names_is_the_papers_and_a_wrong_one_is_named() -> None:
+    params = load_params(REPO / "params.yaml")
+    named = {v.show.paper for v in params.variants.values()} - {None}
+    assert named == set(TABLE1_COLUMNS)  # every column of the paper's Table 1 has its variant
+    show = {name: v.show for name, v in params.variants.items()}
+    Presentation(show, params.report)
+    show["fass"] = replace(show["fass"], paper="+ L_fas")
+    with pytest.raises(ValueError, match=r"variants.fass.show.paper: '\+ L_fas' is not a column"):
+        Presentation(show, params.report)
+
+
+def test_every_variant_has_its_own_colour() -> None:
+    colours = [v.show.colour for v in load_params(REPO / "params.yaml").variants.values()]
+    assert None not in colours and len(set(colours)) == len(colours)  # a figure never draws two variants alike
+
+
+# ---------------------------------------------------------------------------------------------- no names in plca/
+
+
+def _variant_literals(root: Path, names: set[str]) -> list[str]:
+    """`file:line: 'name'` for every string constant in a .py under root (plca/methods/ aside) equal to a name."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root.parent)
+        if rel.parts[:2] == ("plca", "methods"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
+                found.append(f"{rel}:{node.lineno}: {node.value!r}")
+    return found
+
+
+def test_no_variant_name_is_a_string_literal_in_plca_outside_the_methods(tmp_path: Path) -> None:
+    # a variant's identity (method, options, label, tables, roles) lives in params.yaml alone
+    names = set(RAW["variants"])
+    assert _variant_literals(REPO / "plca", names) == []
+    # the walk sees what it must: a literal in a module, in a default argument, in an f-string's constant part
+    (tmp_path / "plca" / "methods").mkdir(parents=True)
+    (tmp_path / "plca" / "report.py").write_text('X = 1\n\n\ndef f(v="plca"):\n    return f"{v}" + "oracle"\n')
+    (tmp_path / "plca" / "methods" / "m.py").write_text('NAME = "plca"\n')  # methods name themselves
+    assert _variant_literals(tmp_path / "plca", names) == ["plca/report.py:4: 'plca'", "plca/report.py:5: 'oracle'"]

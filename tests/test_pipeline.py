@@ -1,16 +1,23 @@
 """End to end: `dvc repro` of the whole pipeline at tiny sizes in a temporary copy of the repository, then
-the caching a user relies on (one param changes, only what depends on it reruns) and an experiment."""
+the caching a user relies on (one param changes, only what depends on it reruns) and an experiment.
+
+The copy also gets a new method the way the README says to add one (one file in plca/methods/, one name in the
+registry's import line, one variant in params.yaml), and it must reach results.csv, the tables and the figures."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -35,6 +42,70 @@ def tiny_params(params: dict) -> dict:
     return p
 
 
+#: A method that exists only in the test's copy: source supervision plus a small weight on the target's mean
+#: squared logit (any target term will do; it must train, be evaluated and be reported like any other).
+THROWAWAY_METHOD = '''"""A throwaway method, written by tests/test_pipeline.py into its copy of the repository."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from plca.engine.contract import Method, StepOutput
+from plca.methods.base import source_supervision
+from plca.methods.registry import register
+from plca.models.output import LOGITS
+
+
+@dataclass
+class ThrowawayConfig:
+    w_target: float = 0.01
+    lovasz: bool = False
+    w_lov: float = 0.75
+    ignore_index: int = 255
+
+
+@register(ThrowawayConfig)
+class Throwaway(Method):
+    name: ClassVar[str] = "throwaway"
+    streams: ClassVar[tuple[str, ...]] = ("source", "target")
+    cfg: ThrowawayConfig
+
+    def training_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
+        cfg = self.cfg
+        out = source_supervision(self.model, self.model(batch["source_image"])[LOGITS], batch["source_label"],
+                                 lovasz=cfg.lovasz, w_lov=cfg.w_lov, ignore_index=cfg.ignore_index)
+        target = self.model(batch["target_image"])[LOGITS].float().pow(2).mean()
+        out.loss = out.loss + cfg.w_target * target
+        out.terms["target_sq"] = float(target.detach())
+        return out
+'''
+THROWAWAY = "throwaway"
+THROWAWAY_LABEL = "Throwaway (test method)"
+THROWAWAY_RGB = (0, 255, 0)  # a colour no other variant has, to find it in the figures
+
+
+def add_throwaway_method(ws: Path, params: dict) -> None:
+    """One file in plca/methods/, one name in its import line, one variant (adapted, in both tables, in the
+    figures' roles)."""
+    (ws / "plca" / "methods" / f"{THROWAWAY}.py").write_text(THROWAWAY_METHOD)
+    init = ws / "plca" / "methods" / "__init__.py"
+    line = re.compile(r"^(from plca\.methods import [\w, ]+?)(\s+#.*)?$", re.MULTILINE)
+    text, n = line.subn(lambda m: f"{m.group(1)}, {THROWAWAY}{m.group(2) or ''}", init.read_text(), count=1)
+    assert n == 1, f"no registry import line in {init}"
+    init.write_text(text)
+    params["variants"][THROWAWAY] = {
+        "train": {"method": THROWAWAY, "options": {"w_target": 0.01}},
+        "show": {"label": THROWAWAY_LABEL, "tables": ["table1", "table2"], "colour": "#00ff00"},
+    }
+    params["runs"]["adapt"].append(THROWAWAY)
+    params["runs"]["evaluate"].append(THROWAWAY)
+    params["report"]["qualitative"].append(THROWAWAY)
+    params["report"]["class_iou"].append(THROWAWAY)
+
+
 def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
@@ -52,6 +123,8 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
             (ws / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, ws / rel)
     params = tiny_params(yaml.safe_load((REPO / "params.yaml").read_text()))
+    # the stages must import the copy's plca (stages/_cli.py), not the editable install's: only the copy has it
+    add_throwaway_method(ws, params)
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # benchmarks.md is written by plca.bench, not by the pipeline; the reports index links it
     (ws / "reports").mkdir(exist_ok=True)
@@ -69,10 +142,11 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
 
 def test_repro_writes_every_report(workspace: tuple[Path, dict[str, str]]) -> None:
     ws, _ = workspace
-    variants = yaml.safe_load((ws / "params.yaml").read_text())["table1"]["variants"]
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    variants = params["runs"]["evaluate"]
     results = pd.read_csv(ws / "reports" / "results.csv")
     assert list(results.columns) == ["variant", "seed", "miou", *CLASS_NAMES]
-    assert list(results["variant"]) == variants
+    assert list(results["variant"]) == [v for v in params["variants"] if v in variants]  # params order
     assert results["miou"].between(0, 100).all()
     table1 = (ws / "reports" / "table1.md").read_text()
     assert "NOT GTA5/SYNTHIA" in table1 and "paper" in table1.lower()
@@ -96,7 +170,35 @@ def test_repro_writes_every_report(workspace: tuple[Path, dict[str, str]]) -> No
     assert next((ws / "data/embedded/target/gtFine/val").rglob("*_gtFine_labelIds.png"))
     assert next((ws / "data/embedded/source/labels").glob("*.png"))
     lock = yaml.safe_load((ws / "dvc.lock").read_text())
-    assert {"prepare", "pretrain@0", "adapt@plca-0", "evaluate@oracle-0", "report"} <= set(lock["stages"])
+    assert {"prepare", "pretrain", "adapt@plca", "evaluate@oracle", "report"} <= set(lock["stages"])
+
+
+def _png(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    assert image is not None, path
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _near(image: np.ndarray, rgb: tuple[int, int, int], tol: int = 25) -> int:
+    return int((np.abs(image.astype(int) - np.array(rgb)).max(axis=-1) <= tol).sum())
+
+
+def test_a_new_method_reaches_the_results_the_tables_and_the_figures(workspace: tuple[Path, dict[str, str]]) -> None:
+    ws, _ = workspace
+    reports = ws / "reports"
+    results = pd.read_csv(reports / "results.csv")
+    assert list(results["variant"])[-1] == THROWAWAY and results["miou"].between(0, 100).all()
+    assert json.loads((ws / "metrics" / THROWAWAY / "s0.json").read_text())["variant"] == THROWAWAY
+    assert "target_sq" in pd.read_csv(ws / "logs" / THROWAWAY / "s0.csv").columns  # its own loss term, logged
+    table1 = (reports / "table1.md").read_text().splitlines()
+    assert any(line.startswith(f"| {THROWAWAY_LABEL} | – | 1 | ") for line in table1)  # ours alone: no paper column
+    assert (reports / "table2.md").read_text().count(f"| ours: {THROWAWAY_LABEL} (n=1) |") == 2  # both blocks
+    assert THROWAWAY in json.loads((reports / "summary.json").read_text())
+    # drawn in its colour: a line (and legend entry) in the training curves, bars or a legend patch in class_iou
+    for figure in ("training_curves.png", "class_iou.png"):
+        assert _near(_png(reports / "figures" / figure), THROWAWAY_RGB) > 50, figure
+    index = (reports / "README.md").read_text()
+    assert f"| {THROWAWAY_LABEL}" in index and f"vs {THROWAWAY_LABEL}, mean" in index  # qualitative and bars
 
 
 def test_mlflow_recorded_training_and_evaluation_runs(workspace: tuple[Path, dict[str, str]]) -> None:
@@ -118,22 +220,20 @@ def test_one_param_reruns_only_what_depends_on_it(workspace: tuple[Path, dict[st
     ws, env = workspace
     assert "up to date" in run([str(BIN / "dvc"), "status"], ws, env).lower()
     params = yaml.safe_load((ws / "params.yaml").read_text())
-    params["variants"]["fass"]["options"]["w_ass"] = 0.2
+    params["variants"]["fass"]["train"]["options"]["w_ass"] = 0.2
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run([str(BIN / "dvc"), "repro"], ws, env)
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     # the report reruns only if the new metrics differ, which four tiny steps need not produce
-    assert {"adapt@fass-0", "evaluate@fass-0"} <= ran <= {"adapt@fass-0", "evaluate@fass-0", "report"}
+    assert {"adapt@fass", "evaluate@fass"} <= ran <= {"adapt@fass", "evaluate@fass", "report"}
 
 
-def test_test_time_alpha_invalidates_every_aggregated_evaluation(workspace: tuple[Path, dict[str, str]]) -> None:
-    # plca_no_sagg trains without aggregation, so a new plca.alpha leaves its model byte-identical; its evaluation
-    # still aggregates at test time with that alpha and must rerun
-    ws, env = workspace
+def _status_after(ws: Path, env: dict[str, str], edit: Callable[[dict], None]) -> dict:
+    """`dvc status --json` with params.yaml edited, then restored."""
     path = ws / "params.yaml"
     original = path.read_text()
     params = yaml.safe_load(original)
-    params["plca"]["alpha"] = 0.25
+    edit(params)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     try:
         res = subprocess.run([str(BIN / "dvc"), "status", "--json"], cwd=ws, env=env, capture_output=True, text=True,
@@ -141,18 +241,37 @@ def test_test_time_alpha_invalidates_every_aggregated_evaluation(workspace: tupl
     finally:
         path.write_text(original)
     assert res.returncode == 0, res.stderr
-    status = json.loads(res.stdout)
-    aggregated = [v for v in params["table1"]["variants"] if params["variants"][v].get("test_time_aggregation")]
+    return json.loads(res.stdout)
+
+
+def test_test_time_alpha_invalidates_every_aggregated_evaluation(workspace: tuple[Path, dict[str, str]]) -> None:
+    # plca_no_sagg trains without aggregation, so a new methods.plca.alpha leaves its model byte-identical; its
+    # evaluation still aggregates at test time with that alpha and must rerun
+    ws, env = workspace
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    status = _status_after(ws, env, lambda p: p["methods"]["plca"].update(alpha=0.25))
+    aggregated = [v for v in params["runs"]["evaluate"] if params["variants"][v]["train"].get("test_time_aggregation")]
     assert "plca_no_sagg" in aggregated
     for variant in aggregated:
-        assert "plca.alpha" in str(status.get(f"evaluate@{variant}-0")), (variant, status)
-    assert "adapt@plca_no_sagg-0" in status and "train_source@source_only-0" not in status
+        assert "methods" in str(status.get(f"evaluate@{variant}")), (variant, status)
+    assert "adapt@plca_no_sagg" in status and "pretrain" not in status and "prepare" not in status
+
+
+def test_relabelling_a_variant_reruns_only_the_report(workspace: tuple[Path, dict[str, str]]) -> None:
+    ws, env = workspace
+
+    def relabel(params: dict) -> None:
+        show = params["variants"]["fass"]["show"]
+        show.update(label="feature association", colour="#123456", tables=["table2"])
+        params["report"]["class_iou"].append("fass")
+
+    assert set(_status_after(ws, env, relabel)) == {"report"}
 
 
 def test_bad_param_stops_with_its_name(workspace: tuple[Path, dict[str, str]]) -> None:
     ws, env = workspace
     params = yaml.safe_load((ws / "params.yaml").read_text())
-    params["plca"]["alpah"] = 0.3
+    params["methods"]["plca"]["alpah"] = 0.3
     bad = ws / "bad.yaml"
     bad.write_text(yaml.safe_dump(params))
     res = subprocess.run([sys.executable, "stages/train.py", "--params", str(bad), "--run", "plca", "--seed", "0"],
@@ -165,7 +284,8 @@ def test_experiment_in_a_temporary_workspace_records_into_the_repository(
     workspace: tuple[Path, dict[str, str]],
 ) -> None:
     ws, env = workspace
-    run([str(BIN / "dvc"), "exp", "run", "--temp", "-n", "tiny-lsr", "-S", "variants.fass.options.lsr=true"], ws, env)
+    run([str(BIN / "dvc"), "exp", "run", "--temp", "-n", "tiny-lsr", "-S", "variants.fass.train.options.lsr=true"], ws,
+        env)
     res = subprocess.run([str(BIN / "dvc"), "exp", "show", "--json"], cwd=ws, env=env, capture_output=True,
                          text=True, timeout=120, check=True)
     shown = json.loads(res.stdout)
@@ -177,4 +297,4 @@ def test_experiment_in_a_temporary_workspace_records_into_the_repository(
     con.close()
     assert tagged >= 2  # the fass training run and its evaluation
     # the workspace itself is untouched
-    assert yaml.safe_load((ws / "params.yaml").read_text())["variants"]["fass"]["options"]["lsr"] is False
+    assert yaml.safe_load((ws / "params.yaml").read_text())["variants"]["fass"]["train"]["options"]["lsr"] is False

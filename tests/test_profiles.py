@@ -1,4 +1,5 @@
-"""The paper profiles (profiles/gta5.yaml, profiles/synthia.yaml): they validate, carry the released code's setup,
+"""The paper profiles (the overlays profiles/gta5.yaml, profiles/synthia.yaml on profiles/default.yaml): the overlay
+rules and the command that selects them (python -m plca.profile); merged, they carry the released code's setup,
 stop at once without ImageNet weights, train and evaluate end to end at tiny sizes on fixtures in the real
 layouts, and their prepare stage downloads, verifies and pre-resizes the real datasets (loopback server)."""
 
@@ -8,6 +9,7 @@ import copy
 import importlib.util
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,15 +24,18 @@ from fixture_archives import cityscapes_archives, fake_unrar, gta5_archives, sha
 from loopback import Behaviour, LoopbackServer, closed_port_url
 from real_formats import write_cityscapes, write_gta5, write_synthia
 
-from plca.config import from_dict
+from plca.config import ConfigError, from_dict, load_yaml
 from plca.data.extract import is_complete
 from plca.data.labels import IGNORE_INDEX, cityscapes_ids_to_train_ids
 from plca.data.prepare import RECORD, RealDataConfig, check_domain_roots
 from plca.experiment import PRETRAIN, RunSpec, evaluate_run, load_model, make_reader, train_run
 from plca.models.resnet import ResNet
 from plca.params import Params, load_params
+from plca.profile import build, main
+from plca.profiles import Merged, Overlay, compose
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT = REPO / "profiles" / "default.yaml"
 PROFILES = {"gta5": REPO / "profiles" / "gta5.yaml", "synthia": REPO / "profiles" / "synthia.yaml"}
 SOURCE = {"gta5": "gta5", "synthia": "synthia"}
 USER, PASSWORD = "bob@example.org", "Pr0file-s3cret"
@@ -43,8 +48,13 @@ def _one_thread() -> None:
     torch.set_num_threads(1)  # the machine is shared; tiny tensors gain nothing from more
 
 
+def merged(name: str) -> Merged:
+    """The default with profiles/<name>.yaml merged on: what `python -m plca.profile <name>` writes."""
+    return compose(load_yaml(DEFAULT), [Overlay(name, PROFILES[name], load_yaml(PROFILES[name]))], DEFAULT)
+
+
 def raw_profile(name: str) -> dict[str, Any]:
-    return yaml.safe_load(PROFILES[name].read_text())
+    return merged(name).raw
 
 
 def write_params(raw: dict[str, Any], path: Path) -> Params:
@@ -57,7 +67,7 @@ def write_params(raw: dict[str, Any], path: Path) -> Params:
 
 @pytest.mark.parametrize("name", sorted(PROFILES))
 def test_profile_has_the_released_codes_setup(name: str) -> None:
-    p = load_params(PROFILES[name])
+    p = merged(name).params
     assert p.profile == name
     gta5 = name == "gta5"
     assert (p.data.protocol, p.adapt.steps, p.adapt.optim.poly_horizon) == ((19, 10416, 11160) if gta5
@@ -75,8 +85,14 @@ def test_profile_has_the_released_codes_setup(name: str) -> None:
     t = p.data.train_transform
     assert (t.short_edge, t.crop, t.flip, t.channel_order) == ((760, 988), (730, 730), True, "rgb")
     assert p.data.eval_size == (1460, 730)
-    assert p.plca == {"w_lov": 0.75, "w_ass": 0.1, "w_lsr": 0.01, "alpha": 0.5, "tau": 10.0}
-    assert p.seeds == [0] and "plca" in p.table1.adapt_variants and p.variant("plca").test_time_aggregation
+    assert p.methods["plca"] == {"w_lov": 0.75, "w_ass": 0.1, "w_lsr": 0.01, "alpha": 0.5, "tau": 10.0}
+    assert p.seeds == [0] and "plca" in p.runs.adapt and p.variant("plca").train.test_time_aggregation
+    assert p.test_time_alpha("plca") == 0.5  # the alpha PLCA trains with (Sec. 3.5)
+    # Table 2's two rows and the oracle (the default's runs.oracle); every report role that runs is one of them
+    assert (p.runs.train_source, p.runs.adapt, p.runs.oracle, p.runs.evaluate) == (
+        ["source_only"], ["plca"], "oracle", ["source_only", "plca", "oracle"])
+    assert (p.report.baseline, p.report.headline, p.report.class_iou) == ("source_only", "plca",
+                                                                          ["source_only", "plca", "oracle"])
     # real data only: every item of the source, Cityscapes splits, each domain a prepared dataset in data.root
     assert p.data.embedded is None and p.data.prepare is not None
     assert p.data.prepare.datasets == [SOURCE[name], "cityscapes"]
@@ -84,26 +100,216 @@ def test_profile_has_the_released_codes_setup(name: str) -> None:
     assert (p.data.target.format, p.data.target.train, p.data.target.val) == ("cityscapes", "train", "val")
     check_domain_roots(p.data.root, p.data.prepare, [p.data.source.root, p.data.target.root])
     assert p.data.prepare.full_size == {"cityscapes": ["val"]}  # evaluation on the 2048x1024 labels
+    # what the overlay leaves to the default must still be the released code's setup
+    assert (t.mean, t.std, t.scale) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 1)
+    assert (p.engine.batch_size, p.engine.grad_accum, p.engine.amp) == (4, 2, False)
+    assert p.oracle.optim == p.adapt.optim and p.pretrain.options == {"lovasz": True}
+    po = p.pretrain.optim
+    assert (po.name, po.lr, po.momentum, po.weight_decay, po.head_lr_mult) == ("sgd", 2.5e-4, 0.9, 5e-4, 1.0)
+    assert p.methods["source_only"] == {"w_lov": 0.75} and p.variant("source_only").train.options == {"lovasz": True}
 
 
-def _keys(d: Any, prefix: str = "") -> set[str]:
-    if not isinstance(d, dict):
-        return set()
-    out = set()
-    for k, v in d.items():
-        out.add(f"{prefix}{k}")
-        if k not in ("variants",):  # variant definitions may differ in their options
-            out |= _keys(v, f"{prefix}{k}.")
+def _leaves(overlay: dict[str, Any], base: Any, path: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, overlay value, base value) of every value an overlay replaces."""
+    out = []
+    for k, v in overlay.items():
+        b = base.get(k, ...) if isinstance(base, dict) else ...
+        if isinstance(v, dict) and isinstance(b, dict):
+            out += _leaves(v, b, f"{path}{k}.")
+        else:
+            out.append((f"{path}{k}", v, b))
     return out
 
 
 @pytest.mark.parametrize("name", sorted(PROFILES))
-def test_profile_sets_every_knob_of_params_yaml(name: str) -> None:
-    default = yaml.safe_load((REPO / "params.yaml").read_text())
-    profile = raw_profile(name)
-    missing = {k for k in _keys(default) - _keys(profile) if not k.startswith("data.embedded.")}
-    assert not missing, f"{PROFILES[name]} lacks {sorted(missing)} that params.yaml sets"
-    assert set(profile["variants"]) == set(default["variants"])
+def test_profile_overlay_holds_only_what_differs_from_the_default(name: str) -> None:
+    default, overlay = load_yaml(DEFAULT), load_yaml(PROFILES[name])
+    same = [key for key, v, b in _leaves(overlay, default) if v == b]
+    assert not same, f"{PROFILES[name]} repeats the default at {same}"
+    # methods' shared options, variant definitions and the report's roles are the default's (a recipe overlay's
+    # business, not a benchmark's)
+    assert not {"methods", "variants", "report", "tracking", "profile"} & set(overlay)
+
+
+def write_overlay(path: Path, values: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+    return path
+
+
+def overlay(path: Path) -> Overlay:
+    return Overlay(path.stem, path, load_yaml(path))
+
+
+def test_an_overlay_key_the_default_lacks_is_an_error_naming_the_file_and_the_key(tmp_path: Path) -> None:
+    base = load_yaml(DEFAULT)
+    new_variant = {"train": {"method": "plca"}, "shw": {"label": "x", "tables": []}}  # a new variant: checked too
+    for values, key in (({"adapt": {"optim": {"lrr": 0.1}}}, "adapt.optim.lrr"), ({"modle": {"depth": 50}}, "modle"),
+                        ({"data": {"source": {"rot": "x"}}}, "data.source.rot"),
+                        ({"variants": {"plca": {"train": {"optoins": {}}}}}, "variants.plca.train.optoins"),
+                        ({"variants": {"mine": new_variant}}, "variants.mine.shw"),
+                        ({"runs": {"adpat": ["plca"]}}, "runs.adpat"), ({"plca": {"tau": 5.0}}, "plca")):
+        bad = overlay(write_overlay(tmp_path / "typo.yaml", values))
+        with pytest.raises(ConfigError) as err:
+            compose(base, [bad], DEFAULT)
+        assert str(err.value).startswith(f"{tmp_path / 'typo.yaml'}: unknown key '{key}'")
+    # the command records the profile itself
+    with pytest.raises(ConfigError, match=r"recipe.yaml: 'profile' is not an overlay's to set"):
+        compose(base, [overlay(write_overlay(tmp_path / "recipe.yaml", {"profile": "mine"}))], DEFAULT)
+
+
+def test_free_form_mappings_and_declared_settings_take_new_keys(tmp_path: Path) -> None:
+    default = load_yaml(DEFAULT)
+    assert "options" not in default["variants"]["plca"]["train"]  # declared by the schema, absent in the default
+    assert "minent" not in default["methods"]
+    recipe = write_overlay(tmp_path / "tau.yaml", {
+        "variants": {"plca": {"train": {"options": {"tau": 5.0}}},  # a setting of TrainSpec the default leaves out
+                     "plca_alpha": {"train": {"method": "plca", "test_time_aggregation": True,  # a new variant
+                                              "options": {"alpha": 0.25}},
+                                    "show": {"label": "PLCA (alpha 0.25)", "tables": ["table1"]}}},
+        "methods": {"plca": {"cass": True},  # a method option the default's shared options do not set
+                    "minent": {"lovasz": False}},  # shared options for a method the default has none for
+        "pretrain": {"options": {"w_lov": 0.5}},  # a method option the default's pretrain does not set
+    })
+    p = compose(default, [overlay(recipe)], DEFAULT).params
+    assert p.method_options("plca")["tau"] == 5.0 and p.method_options("fass")["tau"] == 10.0
+    assert p.method_options("fass")["cass"] is False and p.method_options("plca")["cass"] is True  # own options win
+    assert p.method_options("minent") == {"lovasz": False, "w_ent": 0.001, "w_lov": 0.75}
+    assert p.variant("plca_alpha").train.options == {"alpha": 0.25} and p.test_time_alpha("plca_alpha") == 0.25
+    assert p.variant("plca_alpha").show.label == "PLCA (alpha 0.25)"
+    assert p.pretrain.options == {"lovasz": False, "w_lov": 0.5}  # merged key by key
+    assert p.profile == "tau"
+    # free-form at the merge, checked at validation: an unknown method, an option no method has
+    for values, message in (({"methods": {"nope": {}}}, "params.methods.nope: unknown method"),
+                            ({"methods": {"plca": {"taw": 1.0}}}, "params.methods.plca + params.variants.")):
+        with pytest.raises(ConfigError, match=rf"^\S*bad.yaml: {re.escape(message)}"):
+            compose(default, [overlay(write_overlay(tmp_path / "bad.yaml", values))], DEFAULT)
+
+
+def test_overlays_compose_in_order_later_ones_win(tmp_path: Path) -> None:
+    a = overlay(write_overlay(tmp_path / "a.yaml", {"seeds": [5, 6], "adapt": {"steps": 7}}))
+    b = overlay(write_overlay(tmp_path / "b.yaml", {"seeds": [8], "adapt": {"optim": {"lr": 0.5}}}))
+    base = load_yaml(DEFAULT)
+    ab, ba = compose(base, [a, b], DEFAULT), compose(base, [b, a], DEFAULT)
+    assert (ab.params.seeds, ab.params.profile) == ([8], "a+b")  # lists replace, never concatenate
+    assert (ba.params.seeds, ba.params.profile) == ([5, 6], "b+a")
+    for m in (ab, ba):  # keys only one overlay sets survive either order; the rest is the default's
+        assert (m.params.adapt.steps, m.params.adapt.optim.lr, m.params.adapt.optim.momentum) == (7, 0.5, 0.9)
+    assert base == load_yaml(DEFAULT)  # the base mapping is not modified
+
+
+def test_a_recipe_overlay_on_top_of_a_benchmark_overlay(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    recipe = write_overlay(tmp_path / "plca-tau5.yaml", {
+        "methods": {"plca": {"tau": 5.0}},
+        "variants": {"plca_tau20": {"train": {"method": "plca", "test_time_aggregation": True,
+                                              "options": {"tau": 20.0}},
+                                    "show": {"label": "PLCA (tau 20)", "tables": ["table1", "table2"]}}},
+        "runs": {"adapt": ["plca", "plca_tau20"], "evaluate": ["source_only", "plca", "plca_tau20", "oracle"]},
+        "adapt": {"steps": 100},
+    })
+    out = tmp_path / "params.yaml"
+    assert main(["gta5", str(recipe), "--params", str(out), "--base", str(DEFAULT)]) == 0
+    p = load_params(out)
+    assert p.profile == f"gta5+{tmp_path / 'plca-tau5.yaml'}"  # a path outside profiles/ is recorded as given
+    assert capsys.readouterr().out.strip() == f"{out}: profile '{p.profile}'"
+    # the benchmark's setup, the recipe's changes on top
+    assert (p.model.depth, p.data.eval_size, p.adapt.optim.poly_horizon, p.seeds) == (101, (1460, 730), 11160, [0])
+    assert p.adapt.steps == 100 and p.oracle.steps == 10416
+    assert p.methods["plca"]["tau"] == 5.0 and p.method_options("plca_tau20")["tau"] == 20.0
+    assert p.runs.adapt == ["plca", "plca_tau20"] and p.runs.train_source == ["source_only"]
+    assert p.runs.oracle == "oracle" and p.all_variants == ["source_only", "plca", "plca_tau20", "oracle"]
+    # the file says how it was made, and the same command rebuilds it byte for byte
+    text = out.read_text()
+    assert text.startswith(f"# GENERATED by `python -m plca.profile gta5 {recipe}`: {DEFAULT} + {PROFILES['gta5']}")
+    assert build(["gta5", str(recipe)], DEFAULT)[0] == out.read_bytes()
+    assert build([str(PROFILES["gta5"]), str(recipe)], DEFAULT)[0] == out.read_bytes()  # a path to profiles/gta5.yaml
+    assert "eval_size: [1460, 730]" in text  # flow lists: reads like the hand-written files
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")]  # no temporary file left behind
+
+
+def test_a_validation_error_names_the_overlay_that_set_the_key(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    base = load_yaml(DEFAULT)
+    gta5 = overlay(PROFILES["gta5"])
+    bad = overlay(write_overlay(tmp_path / "bad.yaml", {"engine": {"batch_size": "four"}}))
+    with pytest.raises(ConfigError) as err:
+        compose(base, [gta5, bad], DEFAULT)
+    msg = str(err.value)
+    assert msg.startswith(f"{bad.path}: params.engine.batch_size: expected an integer, got 'four'")
+    assert f"(merged: {DEFAULT} + {PROFILES['gta5']} + {bad.path})" in msg
+    # a typo below a section an earlier overlay set: caught by the merge, with the full key
+    typo = overlay(write_overlay(tmp_path / "typo.yaml", {"data": {"prepare": {"resize": {"short_egde": 900}}}}))
+    with pytest.raises(ConfigError, match=r"^\S*typo.yaml: unknown key 'data.prepare.resize.short_egde'"):
+        compose(base, [gta5, typo], DEFAULT)
+    # and in a section the overlay sets whole (the default's data.prepare is null)
+    with pytest.raises(ConfigError, match=r"^\S*typo.yaml: unknown key 'data.prepare.resize.short_egde'"):
+        compose(base, [typo], DEFAULT)
+    # a wrong value inside such a section: validation (here a section's own check) names the overlay
+    twice = overlay(write_overlay(tmp_path / "twice.yaml", {"data": {"prepare": {"datasets": ["gta5", "gta5"]}}}))
+    with pytest.raises(ConfigError, match=r"^\S*twice.yaml: data.prepare.datasets: expected distinct dataset names"):
+        compose(base, [twice], DEFAULT)
+    # a rule across keys: the overlay that set the key named and the later one that changed a key beside it
+    table = overlay(write_overlay(tmp_path / "table.yaml", {"runs": {"adapt": ["fass"]}}))
+    with pytest.raises(ConfigError) as err:
+        compose(base, [gta5, table], DEFAULT)
+    assert str(err.value).startswith(f"{PROFILES['gta5']}, {table.path}: params.runs.evaluate ['source_only', "
+                                     f"'plca', 'oracle'] must list each of runs.train_source, runs.adapt and "
+                                     f"runs.oracle exactly once")
+    with pytest.raises(ConfigError) as err:  # the key named is the default's, the overlay set one beside it
+        compose(base, [overlay(write_overlay(tmp_path / "t.yaml", {"runs": {"oracle": "fass"}}))], DEFAULT)
+    assert str(err.value).startswith(f"{tmp_path / 't.yaml'}: params.runs.evaluate")
+    # an undefined variant in runs: the overlay whose value is merged, not the earlier one (gta5) it replaced
+    undefined = overlay(write_overlay(tmp_path / "undefined.yaml", {"runs": {
+        "evaluate": ["source_only", "nope", "oracle"], "adapt": ["nope"]}}))
+    with pytest.raises(ConfigError) as err:
+        compose(base, [gta5, undefined], DEFAULT)
+    assert str(err.value).startswith(f"{undefined.path}: params.runs.adapt: no variant 'nope'; defined: ")
+    # a key no overlay set, nor one beside it: every file merged is named (here a base naming an undefined role)
+    broken = copy.deepcopy(base)
+    broken["report"]["baseline"] = "gone"
+    steps = overlay(write_overlay(tmp_path / "steps.yaml", {"adapt": {"steps": 3}}))
+    with pytest.raises(ConfigError) as err:
+        compose(broken, [gta5, steps], DEFAULT)
+    assert str(err.value).startswith(f"{DEFAULT} + {PROFILES['gta5']} + {steps.path}: params.report.baseline: no "
+                                     f"variant 'gone'")
+
+    # the command: exit 2, the message on stderr, params.yaml untouched
+    out = tmp_path / "params.yaml"
+    out.write_bytes(DEFAULT.read_bytes())
+    assert main(["gta5", str(bad.path), "--params", str(out), "--base", str(DEFAULT)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {bad.path}: params.engine.batch_size: expected an integer")
+    for argv, expected in ((["nogta"], "profiles/nogta.yaml: no such overlay file (overlays in "),
+                           (["default", "gta5"], "'default' selects the default alone"),
+                           (["gta5+synthia"], "without '+'"),
+                           ([str(DEFAULT)], "is the default itself")):
+        assert main([*argv, "--params", str(out), "--base", str(DEFAULT)]) == 2
+        assert expected in capsys.readouterr().err
+    assert out.read_bytes() == DEFAULT.read_bytes()
+
+
+def test_returning_to_the_default_restores_params_yaml_byte_for_byte(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "params.yaml"
+    out.write_bytes((REPO / "params.yaml").read_bytes())
+    common = ["--params", str(out), "--base", str(DEFAULT)]
+    assert main(["synthia", *common]) == 0
+    assert load_params(out).profile == "synthia" and load_params(out).data.protocol == 16
+    out.write_text(out.read_text().replace("seeds: [0]", "seeds: [0, 1]"))  # as `dvc exp run -S seeds=[0,1]`
+    assert main(["gta5", *common]) == 0  # always from the default: nothing of synthia (nor the edit) stays
+    assert "note: " in capsys.readouterr().err  # the replaced edit is pointed out
+    assert yaml.safe_load(out.read_text()) == raw_profile("gta5")
+    assert main(["default", *common]) == 0
+    assert out.read_bytes() == DEFAULT.read_bytes()
+    assert load_params(out).profile == "embedded" and load_params(out).data.embedded is not None
+
+
+def test_params_yaml_is_rebuilt_from_the_default_by_its_profile() -> None:
+    """params.yaml is never edited by hand: the default lives in profiles/default.yaml (one copy to edit)."""
+    params = REPO / "params.yaml"
+    profile = load_params(params).profile
+    args = ["default"] if profile == load_yaml(DEFAULT)["profile"] else profile.split("+")
+    assert build(args, DEFAULT)[0] == params.read_bytes(), (
+        f"params.yaml is not what `python -m plca.profile {' '.join(args)}` writes: edit profiles/default.yaml (or "
+        f"the overlay) instead and run that command")
 
 
 @pytest.mark.parametrize("name", sorted(PROFILES))
@@ -389,7 +595,13 @@ def test_prepare_stage_errors_name_what_is_wrong(tmp_path: Path, archives: tuple
     monkeypatch.chdir(REPO)  # where profiles/ is
     with pytest.raises(SystemExit) as exc:
         stage.main(["--params", str(params_file)])
-    assert "cp profiles/gta5.yaml params.yaml" in str(exc.value.code)
+    assert "select the profile with: python -m plca.profile gta5" in str(exc.value.code)
+    # only an overlay that switches to real data makes toy params a relabelling (a recipe on the toy pair is fine)
+    assert stage._sets_real_data("gta5", REPO) and stage._sets_real_data("synthia", REPO)
+    assert not stage._sets_real_data("embedded", REPO)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("adapt: {steps: 3}\n")
+    assert not stage._sets_real_data(str(recipe), REPO)
 
 
 def test_real_data_config_checks_its_splits() -> None:

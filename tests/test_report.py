@@ -9,6 +9,8 @@ import re
 import statistics
 import subprocess
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -16,25 +18,36 @@ import pandas as pd
 import pytest
 
 from plca.data.labels import CLASS_NAMES, PALETTE, PROTOCOLS
+from plca.params import load_params
 from plca.report import atomic_write, write_readme
 from plca.report import figures as F
 from plca.report import paper as P
 from plca.report import tables as T
+from plca.report.config import SPARE_COLOURS, Presentation
 
 LABEL = "embedded toy pair (NOT GTA5/SYNTHIA)"
 ABSENT = ("train", "motorcycle")  # classes the synthetic evaluation set lacks
+PARAMS = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+#: What the report stage passes in: every variant's `show` and the roles, from params.yaml.
+SHOW = Presentation({name: v.show for name, v in PARAMS.variants.items()}, PARAMS.report)
+ORDER = list(SHOW.variants)  # params order: the tables' row order
+BASE = SHOW.roles.baseline
 
 
 def _records() -> list[dict]:
-    """Synthetic runs: every variant on seeds 0-2, except fass on seeds 0, 1, 5 (pairs only on 0 and 1)."""
+    """Synthetic runs: every defined variant on seeds 0-2, except fass on seeds 0, 1, 5 (pairs only on 0 and 1)."""
     rng = np.random.default_rng(7)
     records = []
-    for v, variant in enumerate(T.VARIANTS):
+    for v, variant in enumerate(ORDER):
         for seed in (0, 1, 5) if variant == "fass" else (0, 1, 2):
             iou = {c: (None if c in ABSENT else float(rng.uniform(5, 95))) for c in CLASS_NAMES}
             records.append({"variant": variant, "seed": seed, "miou": 30.0 + 2 * v + 3.7 * seed + rng.uniform(0, 1),
                             "iou": iou, "miou16": 0.0})
     return records[::-1]  # out of order on purpose
+
+
+def _frame(records: list[dict]) -> pd.DataFrame:
+    return T.results_frame(records, order=ORDER)
 
 
 def _miou(records, variant):
@@ -60,13 +73,17 @@ def _fmt(mean: float, std: float, signed: bool = False) -> str:
 
 def test_results_csv_columns_order_and_round_trip(tmp_path):
     records = _records()
-    path = T.write_results_csv(records, tmp_path / "reports" / "results.csv")
+    path = T.write_results_csv(_frame(records), tmp_path / "reports" / "results.csv")
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["variant", "seed", "miou", *CLASS_NAMES]
     keys = [(r[0], int(r[1])) for r in rows[1:]]
-    expected = [(v, s) for v in T.VARIANTS for s in ((0, 1, 5) if v == "fass" else (0, 1, 2))]
-    assert keys == expected
+    expected = [(v, s) for v in ORDER for s in ((0, 1, 5) if v == "fass" else (0, 1, 2))]
+    assert keys == expected  # variants in the order given (params order), seeds ascending
+    # without an order, variants keep the order they first appear in (and the CSV read back keeps its own)
+    unordered = T.results_frame(records)
+    assert list(dict.fromkeys(unordered["variant"])) == ORDER[::-1]
+    assert list(dict.fromkeys(T.read_results_csv(path)["variant"])) == ORDER
     train = rows[0].index("train")
     assert all(r[train] == "" for r in rows[1:])  # absent class -> empty cell
 
@@ -120,20 +137,51 @@ def test_results_reject_bad_records(tmp_path):
 
 def test_table1_mean_std_and_paired_gain():
     records = _records()
-    md = T.table1_markdown(T.results_frame(records), dataset_label=LABEL)
-    base = _miou(records, "source_only")
+    md = T.table1_markdown(_frame(records), dataset_label=LABEL, show=SHOW)
+    base = _miou(records, BASE)
     for variant in ("plca", "fass", "oracle"):
         ours = _miou(records, variant)
         vals = [ours[s] for s in sorted(ours)]
         diffs = [ours[s] - base[s] for s in sorted(set(ours) & set(base))]
-        (row,) = _md_rows(md, T.VARIANT_LABELS[variant])
+        (row,) = _md_rows(md, SHOW.label(variant))
         assert row[2] == str(len(vals))
         assert row[3] == _fmt(statistics.mean(vals), statistics.stdev(vals))
         assert row[4] == " / ".join(f"{v:.1f}" for v in vals)
         assert row[5] == _fmt(statistics.mean(diffs), statistics.stdev(diffs), signed=True)
     assert len(set(_miou(records, "fass")) & set(base)) == 2  # fass pairs on two seeds only
-    (row,) = _md_rows(md, T.VARIANT_LABELS["source_only"])
+    (row,) = _md_rows(md, SHOW.label(BASE))
     assert row[5] == "reference"
+    assert f"ours: Δ vs {SHOW.label(BASE)}" in _md_rows(md)[0]
+
+
+def test_table1_gains_follow_the_baseline_role():
+    records = _records()
+    show = Presentation(SHOW.variants, replace(SHOW.roles, baseline="ce_only"))
+    md = T.table1_markdown(_frame(records), dataset_label=LABEL, show=show)
+    base, ours = _miou(records, "ce_only"), _miou(records, "plca")
+    diffs = [ours[s] - base[s] for s in sorted(ours)]
+    (row,) = _md_rows(md, SHOW.label("plca"))
+    assert row[5] == _fmt(statistics.mean(diffs), statistics.stdev(diffs), signed=True)
+    assert _md_rows(md, SHOW.label("ce_only"))[0][5] == "reference"
+    assert f"ours: Δ vs {SHOW.label('ce_only')}" in _md_rows(md)[0]
+
+
+def test_rows_labels_and_tables_come_from_each_variants_show():
+    records = _records()
+    variants = dict(SHOW.variants)
+    variants["fass"] = replace(variants["fass"], label="feature association", tables=["table2"])
+    variants["minent"] = replace(variants["minent"], tables=["table1"])
+    show = Presentation(variants, SHOW.roles)
+    t1 = [r[0] for r in _md_rows(T.table1_markdown(_frame(records), dataset_label=LABEL, show=show))[1:]]
+    t2 = [r[0] for r in _md_rows(T.table2_markdown(_frame(records), dataset_label=LABEL, show=show))
+          if r[0].startswith("ours: ")]
+    assert t1 == [show.label(v) for v in ORDER if v != "fass"]  # fass is no row of Table 1 ...
+    assert "ours: feature association (n=3)" in t2  # ... but of Table 2, under its new label
+    assert f"ours: {show.label('minent')} (n=3)" not in t2 and len(t2) == 2 * (len(ORDER) - 1)  # both blocks
+    # a name params do not define (a run made outside the pipeline) is shown by its name, after the others
+    extra = [{**r, "variant": "mine"} for r in records if r["variant"] == "plca"]
+    rows = _md_rows(T.table1_markdown(T.results_frame(records + extra, order=ORDER), dataset_label=LABEL, show=SHOW))
+    assert rows[-1][0] == "mine" and rows[-1][1] == T.NA
 
 
 def test_table1_scores_without_test_time_aggregation_beside_the_main_figure():
@@ -141,44 +189,48 @@ def test_table1_scores_without_test_time_aggregation_beside_the_main_figure():
     for r in records:  # only the PLCA runs were scored with aggregation, so only they have the plain figure
         if r["variant"] == "plca":
             r[T.WITHOUT_TTA] = r["miou"] + 1.5 + r["seed"]
-    md = T.table1_markdown(T.results_frame(records), dataset_label=LABEL)
+    md = T.table1_markdown(_frame(records), dataset_label=LABEL, show=SHOW)
     title = "ours: mIoU without test-time aggregation (Δ)"
     column = _md_rows(md)[0].index(title)
-    base = _miou(records, "source_only")
+    base = _miou(records, BASE)
     plain = {r["seed"]: r[T.WITHOUT_TTA] for r in records if r["variant"] == "plca"}
     vals = [plain[s] for s in sorted(plain)]
     gain = statistics.mean(plain[s] - base[s] for s in sorted(plain))
-    (row,) = _md_rows(md, T.VARIANT_LABELS["plca"])
+    (row,) = _md_rows(md, SHOW.label("plca"))
     assert row[column] == f"{_fmt(statistics.mean(vals), statistics.stdev(vals))} ({gain:+.1f})"
-    (row,) = _md_rows(md, T.VARIANT_LABELS["source_only"])
+    (row,) = _md_rows(md, SHOW.label(BASE))
     assert row[column] == T.NA
-    assert title not in _md_rows(T.table1_markdown(T.results_frame(_records()), dataset_label=LABEL))[0]
+    assert title not in _md_rows(T.table1_markdown(_frame(_records()), dataset_label=LABEL, show=SHOW))[0]
 
 
 def test_table1_paper_columns_are_separate_and_labelled():
-    md = T.table1_markdown(T.results_frame(_records()), dataset_label=LABEL)
+    md = T.table1_markdown(_frame(_records()), dataset_label=LABEL, show=SHOW)
     header = _md_rows(md)[0]
     gtav, synthia = header.index("paper GTAV→Cityscapes (19 classes)"), header.index(
         "paper SYNTHIA→Cityscapes (16 classes)"
     )
     assert all(h.startswith("paper ") for h in header if "GTA" in h or "SYNTHIA" in h)
     rows = {r[0]: r for r in _md_rows(md)[1:]}
-    assert (rows[T.VARIANT_LABELS["plca"]][gtav], rows[T.VARIANT_LABELS["plca"]][synthia]) == ("47.7", "46.8")
-    assert (rows[T.VARIANT_LABELS["ce_only"]][gtav], rows[T.VARIANT_LABELS["ce_only"]][synthia]) == ("31.5", "35.4")
-    assert (rows[T.VARIANT_LABELS["oracle"]][gtav], rows[T.VARIANT_LABELS["oracle"]][synthia]) == (T.NA, T.NA)
+    plca, ce_only, oracle = (rows[SHOW.label(v)] for v in ("plca", "ce_only", "oracle"))
+    assert (plca[1], plca[gtav], plca[synthia]) == ("+ L_lsr = PLCA", "47.7", "46.8")  # its show.paper column
+    assert (ce_only[1], ce_only[gtav], ce_only[synthia]) == ("source-only (CE)", "31.5", "35.4")
+    assert (oracle[1], oracle[gtav], oracle[synthia]) == (T.NA, T.NA, T.NA)
     assert f"**{LABEL}**" in md
-    assert [r[0] for r in _md_rows(md)[1:]] == [T.VARIANT_LABELS[v] for v in T.VARIANTS]
+    assert [r[0] for r in _md_rows(md)[1:]] == [SHOW.label(v) for v in ORDER]
 
 
 def test_table1_explains_the_control_row_only_when_it_is_there():
     records = _records()
-    md = T.table1_markdown(T.results_frame(records), dataset_label=LABEL)
-    (row,) = _md_rows(md, T.VARIANT_LABELS[T.CONTROL])
+    control = SHOW.roles.control
+    md = T.table1_markdown(_frame(records), dataset_label=LABEL, show=SHOW)
+    (row,) = _md_rows(md, SHOW.label(control))
     assert row[1] == T.NA and row[-2:] == [T.NA, T.NA]  # ours alone: no paper column, no paper figures
     assert "(ours, no paper figure): trained as PLCA with no target loss" in md and "running statistics" in md
-    without = [r for r in records if r["variant"] != T.CONTROL]
-    md = T.table1_markdown(T.results_frame(without), dataset_label=LABEL)
+    without = [r for r in records if r["variant"] != control]
+    md = T.table1_markdown(_frame(without), dataset_label=LABEL, show=SHOW)
     assert "no target loss" not in md and "running statistics" not in md
+    no_role = Presentation(SHOW.variants, replace(SHOW.roles, control=None))
+    assert "running statistics" not in T.table1_markdown(_frame(records), dataset_label=LABEL, show=no_role)
 
 
 def test_paper_figures_are_self_consistent():
@@ -189,10 +241,11 @@ def test_paper_figures_are_self_consistent():
         if row.miou13 is not None:
             ids13 = [CLASS_NAMES[i] for i in PROTOCOLS[13]]
             assert statistics.mean(row.iou[c] for c in ids13) == pytest.approx(row.miou13, abs=0.1)
-    for key in ("source_only", "plca"):
-        assert P.TABLE1[P.GTAV][key] == P.TABLE2[key].miou
-        assert P.TABLE1[P.SYNTHIA][key] == P.TABLE3[key].miou
-    assert P.TABLE2["plca"].iou["traffic light"] == 36.8 and P.TABLE3["source_only"].iou["fence"] == 0.1
+    for column, row in (("+ Lovász", "Source Only"), ("+ L_lsr = PLCA", "PLCA")):
+        assert P.TABLE1[P.GTAV][column] == P.TABLE2[row].miou
+        assert P.TABLE1[P.SYNTHIA][column] == P.TABLE3[row].miou
+    assert P.TABLE2["PLCA"].iou["traffic light"] == 36.8 and P.TABLE3["Source Only"].iou["fence"] == 0.1
+    assert all(list(P.TABLE1[b]) == list(P.TABLE1_COLUMNS) for b in (P.GTAV, P.SYNTHIA))
 
 
 # ---------------------------------------------------------------------------------------------- Table 2
@@ -200,7 +253,7 @@ def test_paper_figures_are_self_consistent():
 
 def test_table2_per_class_protocols_and_nan():
     records = _records()
-    md = T.table2_markdown(T.results_frame(records), dataset_label=LABEL)
+    md = T.table2_markdown(_frame(records), dataset_label=LABEL, show=SHOW)
     block19, block16 = md.split("## 16 and 13")
     header19 = _md_rows(block19)[0]
     assert header19 == ["method", *(P.CLASS_ABBREV[c] for c in CLASS_NAMES), "mIoU"]
@@ -226,7 +279,7 @@ def test_table2_per_class_protocols_and_nan():
     assert paper_plca[-2:] == ["46.8", "54.0"]
 
     # a 19-class-only run: our rows leave the 16/13 block, the paper's SYNTHIA rows stay
-    md19 = T.table2_markdown(T.results_frame(records), dataset_label=LABEL, protocols=(19,))
+    md19 = T.table2_markdown(_frame(records), dataset_label=LABEL, show=SHOW, protocols=(19,))
     assert not _md_rows(md19.split("## 16 and 13")[1], "ours: PLCA (+ L_lsr) (n=3)")
     assert _md_rows(md19.split("## 16 and 13")[1], "paper SYNTHIA→Cityscapes: PLCA")
 
@@ -240,9 +293,9 @@ def test_latex_escape_and_booktabs(tmp_path):
     )
     assert T.latex_escape("47.7 ± 1.2 → –") == r"47.7 $\pm$ 1.2 $\rightarrow$ --"
     label = "toy_pair 100% & more"
-    results = T.results_frame(_records())
-    md1, tex1 = T.write_table1(results, tmp_path / "t1.md", tmp_path / "t1.tex", dataset_label=label)
-    _, tex2 = T.write_table2(results, tmp_path / "t2.md", tmp_path / "t2.tex", dataset_label=label)
+    results = _frame(_records())
+    md1, tex1 = T.write_table1(results, tmp_path / "t1.md", tmp_path / "t1.tex", dataset_label=label, show=SHOW)
+    _, tex2 = T.write_table2(results, tmp_path / "t2.md", tmp_path / "t2.tex", dataset_label=label, show=SHOW)
     assert label in md1.read_text()
     for path, ncols in ((tex1, 8), (tex2, 21)):
         tex = path.read_text()
@@ -251,7 +304,7 @@ def test_latex_escape_and_booktabs(tmp_path):
             assert cmd in tex
         body = [ln for ln in tex.splitlines() if ln.endswith(r"\\")]
         # every unescaped & is a column separator: first table's rows all have ncols columns
-        first = body[: len(T.VARIANTS) + 1]
+        first = body[: len(ORDER) + 1]
         assert all(len(re.split(r"(?<!\\)&", ln)) == ncols for ln in first), first[0]
         stripped = re.sub(r"\\[_%&#${}]", "", "\n".join(ln for ln in tex.splitlines() if not ln.startswith("%")))
         assert not re.search(r"[_%#]", stripped)  # every special character is escaped
@@ -298,8 +351,8 @@ def test_qualitative_grid_draws_palette_panels(tmp_path):
         F.qualitative_grid(tmp_path / "bad.png", images, [gt] * rows, {"PLCA": [gt, gt[:, :10]]})
 
 
-def _rgb(variant: str) -> np.ndarray:
-    return np.array([int(F.variant_color(variant)[i : i + 2], 16) for i in (1, 3, 5)])
+def _rgb(variant: str, show: Presentation = SHOW) -> np.ndarray:
+    return np.array([int(show.colour(variant)[i : i + 2], 16) for i in (1, 3, 5)])
 
 
 def _near(image, rgb, tol: int = 25) -> int:
@@ -320,26 +373,32 @@ def test_training_curves_and_logs(tmp_path):
     logs = F.load_training_logs(paths)
     assert list(logs.columns) == ["variant", "seed", "step", "lr", "loss", "fass", "pos_rate_f"]
     assert logs.loc[logs["variant"] == "source_only", "fass"].isna().all()
-    path = F.training_curves(tmp_path / "curves.png", logs, config=F.FigureConfig(dpi=60, curve_smooth=2))
+    path = F.training_curves(tmp_path / "curves.png", logs, show=SHOW, config=F.FigureConfig(dpi=60, curve_smooth=2))
     image = _png(path)
     assert image.shape[1] > image.shape[0] > 150  # 3 columns x 2 rows of subplots
     assert _near(image, _rgb("source_only")) > 50 and _near(image, _rgb("plca")) > 200  # plca has more terms
     assert _near(image, _rgb("ce_only")) == _near(image, _rgb("fass")) == 0  # not logged, not drawn
+    # a variant's colour is its show.colour: recoloured, the same logs draw in the new colour
+    variants = dict(SHOW.variants)
+    variants["plca"] = replace(variants["plca"], colour="#00ff00")
+    show = Presentation(variants, SHOW.roles)
+    image = _png(F.training_curves(tmp_path / "green.png", logs, show=show, config=F.FigureConfig(dpi=60)))
+    assert _near(image, _rgb("plca", show)) > 200 and _near(image, _rgb("plca")) == 0
     (tmp_path / "bad.csv").write_text("iter,loss\n0,1.0\n")
     with pytest.raises(F.FigureError, match="bad.csv: training log has no 'step'"):
         F.load_training_logs({("plca", 0): tmp_path / "bad.csv"})
 
 
 def test_class_iou_bars(tmp_path):
-    path = F.class_iou_bars(tmp_path / "bars.png", T.results_frame(_records()), dataset_label=LABEL,
-                            config=F.FigureConfig(dpi=60))
+    path = F.class_iou_bars(tmp_path / "bars.png", _frame(_records()), dataset_label=LABEL,
+                            variants=SHOW.roles.class_iou, show=SHOW, config=F.FigureConfig(dpi=60))
     image = _png(path)
     assert image.shape[1] > image.shape[0] > 150
-    for variant in ("source_only", "plca", "oracle"):
+    for variant in SHOW.roles.class_iou:
         assert _count(image, _rgb(variant)) > 200  # bars are solid
     assert _near(image, _rgb("sim_plca")) == 0
     with pytest.raises(F.FigureError, match="none of the variants"):
-        F.class_iou_bars(tmp_path / "x.png", T.results_frame(_records()), dataset_label=LABEL, variants=("nope",))
+        F.class_iou_bars(tmp_path / "x.png", _frame(_records()), dataset_label=LABEL, variants=("nope",), show=SHOW)
 
 
 # ---------------------------------------------------------------------------------------------- index
@@ -350,12 +409,13 @@ def test_readme_links_existing_files(tmp_path):
     for rel in ("table1.md", "figures/qual.png"):
         (tmp_path / rel).write_text("x")
     readme = write_readme(tmp_path / "README.md", [("table1.md", "Table 1"), ("figures/qual.png", "Fig. 3")],
-                          dataset_label=LABEL, command="dvc repro", summary=T.headline(T.results_frame(_records())))
+                          dataset_label=LABEL, command="dvc repro", summary=T.headline(_frame(_records()), SHOW))
     text = readme.read_text()
     links = re.findall(r"\]\(([^)]+)\)", text)
     assert links == ["table1.md", "figures/qual.png"]
     assert all((tmp_path / link).is_file() for link in links)
     assert LABEL in text and "`dvc repro`" in text and "paired gain" in text
+    assert f"{SHOW.label(SHOW.roles.headline)}: " in text and f"vs {SHOW.label(BASE)}: " in text
     with pytest.raises(FileNotFoundError, match="table9.md"):
         write_readme(tmp_path / "README.md", [("table9.md", "nope")], dataset_label=LABEL, command="dvc repro")
     assert readme.read_text() == text  # the failed call left the old index alone
@@ -375,15 +435,19 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
 
 
-def test_every_known_variant_has_its_own_colour_and_unknown_ones_get_a_spare() -> None:
-    known = {v: F.variant_color(v) for v in T.VARIANTS}
-    assert len(set(known.values())) == len(T.VARIANTS)  # a figure never draws two known variants alike
-    assert set(known.values()).isdisjoint(F._SPARE)  # every known variant has a fixed colour, not a spare one
-    unknown = {F.variant_color(name) for name in ("my_method", "plca_w03", "x")}
-    assert unknown and not unknown & set(known.values())
-    # an unknown variant's colour does not depend on the interpreter's string hashing, so reports rerun alike
-    code = "from plca.report.figures import variant_color; print(variant_color('my_method'))"
+def test_a_variant_without_a_colour_gets_a_stable_spare() -> None:
+    known = {SHOW.colour(v) for v in ORDER}
+    assert known.isdisjoint(SPARE_COLOURS)  # every defined variant has its own colour, not a spare one
+    variants = dict(SHOW.variants)
+    variants["fass"] = replace(variants["fass"], colour=None)
+    spare = Presentation(variants, SHOW.roles).colour("fass")
+    assert spare in SPARE_COLOURS and spare != SHOW.colour("fass")
+    unknown = {SHOW.colour(name) for name in ("my_method", "plca_w03", "x")}
+    assert unknown <= set(SPARE_COLOURS)
+    # the spare does not depend on the interpreter's string hashing, so reports rerun alike
+    code = ("from plca.report.config import Presentation; "
+            "print(Presentation({}, None).colour('my_method'))")
     for seed in ("1", "2"):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip()
-        assert out == F.variant_color("my_method")
+        assert out == SHOW.colour("my_method")

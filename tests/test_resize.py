@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -10,7 +9,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 from real_formats import cityscapes_id_palette, write_cityscapes, write_gta5, write_palette_png, write_synthia
 
@@ -100,19 +98,3 @@ def test_failure_leaves_no_output_and_keeps_the_previous_one(tmp_path: Path) -> 
     with pytest.raises(ResizeError, match=r"00001.png: no matching label"):
         resize_dataset(tmp_path / "g", tmp_path / "p", "gta5", INLINE)
     assert not (tmp_path / "p").exists()
-
-
-def test_stage_script(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    write_gta5(tmp_path / "raw/gta5", 2, size=(12, 20))
-    section = {"in_dir": str(tmp_path / "raw"), "out_dir": str(tmp_path / "small"), "short_edge": 6, "workers": 1}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"resize": section}))
-    path = Path(__file__).resolve().parents[1] / "stages/resize.py"
-    spec = importlib.util.spec_from_file_location("_stage_resize", path)
-    stage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stage)
-    assert stage.main(["--params", str(tmp_path / "params.yaml"), "--no-progress", "gta5"]) == 0
-    assert "gta5: 2 pairs resized to short edge 6" in capsys.readouterr().out
-    assert cv2.imread(str(tmp_path / "small/gta5/images/00001.png")).shape == (6, 10, 3)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"resize": {**section, "short_edg": 6}}))
-    with pytest.raises(SystemExit, match=r"resize: unknown key\(s\) \['short_edg'\]"):
-        stage.main(["--params", str(tmp_path / "params.yaml"), "gta5"])

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from plca.io import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 #: File written into a dataset folder once it is complete (extracted and checked).
@@ -327,9 +329,7 @@ def extract_into_place(
         if check is not None:
             check(staging)
         record = {"parts": [p.path.name for p in parts], **(marker or {})}
-        tmp = staging / f"{COMPLETE_MARKER}.tmp"
-        tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
-        os.replace(tmp, staging / COMPLETE_MARKER)
+        atomic_write_text(staging / COMPLETE_MARKER, json.dumps(record, indent=2, sort_keys=True))
         replace_dir(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

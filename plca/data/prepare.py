@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from plca.data.download import (
 from plca.data.extract import replace_dir
 from plca.data.resize import ResizeConfig, resize_dataset
 from plca.data.verify import DatasetError, VerifyConfig, list_pairs, verify_dataset
+from plca.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -188,9 +188,7 @@ def prepare_datasets(
             "short_edge": cfg.resize.short_edge,
             "interpolation": cfg.resize.interpolation,
         }
-        tmp = staging / f"{RECORD}.tmp"
-        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, staging / RECORD)
+        atomic_write_text(staging / RECORD, json.dumps(record, indent=2, sort_keys=True) + "\n")
         replace_dir(staging, root)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from plca.io import atomic_write
+
 
 def atomic_save(obj: Any, path: Path | str) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path` (`plca.io`)."""
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def load(path: Path | str, map_location: str | torch.device = "cpu") -> Any:

@@ -22,7 +22,7 @@ class TrackingConfig:
 
     enabled: bool = True
     uri: str = "sqlite:///mlruns.db"
-    experiment: str = "plca"
+    experiment: str = "pipeline"
     artifact_root: str = "mlruns"
 
 

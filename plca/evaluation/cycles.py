@@ -16,9 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from plca.data.labels import IGNORE_INDEX
 from plca.data.transforms import TransformConfig
 from plca.evaluation.inference import read_labelled
 from plca.losses import associate, downsample_labels
+from plca.losses.constants import DEFAULT_ALPHA
+from plca.models.output import FEATURES, LOGITS
 
 #: The two levels PLCA associates: (name in the outputs, similarity).
 LEVELS: tuple[tuple[str, str], ...] = (("features", "cosine"), ("predictions", "kl"))
@@ -32,10 +35,10 @@ class CycleConfig:
     pairs: int = 100
     batch_size: int = 8
     #: SAGG weight on the target, as in training (`plca.alpha`).
-    alpha: float = 0.5
+    alpha: float = DEFAULT_ALPHA
     #: Network input size (w, h) of both images; None = as stored. Must give both domains the same grid.
     input_size: tuple[int, int] | None = None
-    ignore_index: int = 255
+    ignore_index: int = IGNORE_INDEX
 
 
 @dataclass
@@ -118,8 +121,8 @@ def cycle_diagnostics(model: Any, source_reader: Any, target_reader: Any, tcfg: 
         except ValueError as exc:  # np.stack: sizes differ inside a domain
             raise ValueError(f"cycle diagnostics: val images {idx.start}..{idx.stop - 1} differ in size; set "
                              f"an input size (data.eval_size) ({exc})") from None
-        fs, ls = model(xs)
-        ft, lt = model(xt)
+        out_s, out_t = model(xs), model(xt)
+        fs, ls, ft, lt = out_s[FEATURES], out_s[LOGITS], out_t[FEATURES], out_t[LOGITS]
         if fs.shape[-2:] != ft.shape[-2:]:
             raise ValueError(f"cycle diagnostics: source and target feature grids differ ({tuple(fs.shape[-2:])} "
                              f"vs {tuple(ft.shape[-2:])}); set one input size (data.eval_size) for both")

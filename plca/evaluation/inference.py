@@ -8,19 +8,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 from tqdm import tqdm
 
 from plca.data.transforms import TransformConfig, eval_transform
 from plca.evaluation.metrics import ConfusionMatrix
 from plca.losses import spatial_aggregate
+from plca.losses.constants import DEFAULT_ALPHA
+from plca.models.output import FEATURES, LOGITS
 
 
 @dataclass
 class InferenceConfig:
     #: Aggregate features (cosine, CN-softmax) before the classifier and probabilities (KL weights) after it.
     test_time_aggregation: bool = False
-    alpha: float = 0.5
+    alpha: float = DEFAULT_ALPHA
     #: Network input size (w, h) the image is resized to; None = as stored. Predictions go back to label size.
     input_size: tuple[int, int] | None = None
     batch_size: int = 8
@@ -29,14 +30,15 @@ class InferenceConfig:
 @torch.no_grad()
 def predict_probs(model: Any, images: torch.Tensor, out_size: tuple[int, int], cfg: InferenceConfig) -> torch.Tensor:
     """[N, 3, h, w] normalised images -> [N, C, H, W] class probabilities at `out_size` (bilinear)."""
-    features, logits = model(images)
+    out = model(images)
+    features, logits = out[FEATURES], out[LOGITS]
     if cfg.test_time_aggregation:
         features = spatial_aggregate(features.float(), similarity="cosine", alpha=cfg.alpha, impl="auto")
         probs = model.classify(features).float().softmax(1)
         probs = spatial_aggregate(probs, similarity="kl", alpha=cfg.alpha, impl="auto")
     else:
         probs = logits.float().softmax(1)
-    return F.interpolate(probs, size=out_size, mode="bilinear", align_corners=False)
+    return model.upsample(probs, out_size)
 
 
 @dataclass

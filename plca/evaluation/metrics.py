@@ -11,8 +11,6 @@ the unit of every table and JSON file of this project.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import numpy as np
 import torch
 
 from plca.data.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, PROTOCOLS
+from plca.io import atomic_write
 
 #: Fractions -> percent for reports.
 PERCENT = 100.0
@@ -107,16 +106,8 @@ class ConfusionMatrix:
         return miou(self, classes)
 
     def save(self, path: str | Path) -> None:
-        """Write the counts as .npy atomically (temp file in the same folder, then rename)."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, self.counts)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Write the counts as .npy atomically (plca.io.atomic_write)."""
+        atomic_write(path, lambda f: np.save(f, self.counts))
 
     @classmethod
     def load(cls, path: str | Path) -> ConfusionMatrix:

@@ -4,8 +4,8 @@ Equations as restored from the paper and the released code (project spec, plca.m
 (Eq 5-6), spatial aggregation "SAGG" (Eq 7-8), similarities (Eq 1, 9), the cycle (Eq 2-3) and the association
 loss (Eq 4 features, Eq 10 predictions), plus the Sim-PLCA ablation. The block-wise kernels of `chunked.py`
 never build the L x L matrices of the dense form; by default (`cache_similarities`) the cosine ones are kept from
-forward to backward in blocks, trading memory for time; with it off nothing of size L x L is held. The plain
-dense version of the same formulas is `dense_reference.py`.
+forward to backward in blocks, trading memory for time; with it off nothing of size L x L is held. The dense form
+of the same formulas is `dense.py`: on small grids (`impl="auto"`) it is the faster one and runs instead.
 
 Two identities keep it cheap. (1) With the CN statistics detached, softmax(CN(d)) = softmax(inv * d) with
 inv = 1 / (std(d) + 1e-10): the mean is a constant shift. (2) For the same reason a per-row constant of d does
@@ -22,9 +22,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from plca.data.labels import IGNORE_INDEX
 from plca.losses.chunked import (
-    CN_EPS,
-    NORM_EPS,
     Pick,
     aggregate,
     column_statistics,
@@ -34,15 +33,16 @@ from plca.losses.chunked import (
     transposed_picks,
     unit_rows,
 )
-
-Similarity = Literal["cosine", "kl"]
-SIMILARITIES: tuple[str, ...] = ("cosine", "kl")
+from plca.losses.constants import CN_EPS, DEFAULT_ALPHA, KL_EPS, LOG_CLAMP, NORM_EPS, SIMILARITIES, Similarity
+from plca.losses.dense import dense_contrast_normalise, dense_similarity, dense_spatial_aggregate
 
 __all__ = [
     "CN_EPS",
+    "DEFAULT_ALPHA",
     "KL_EPS",
     "LOG_CLAMP",
     "NORM_EPS",
+    "SIMILARITIES",
     "AssociationConfig",
     "AssociationResult",
     "Similarity",
@@ -52,10 +52,6 @@ __all__ = [
     "spatial_aggregate",
 ]
 
-#: Inside the logs of KL(a || b) (spec).
-KL_EPS = 1e-10
-#: The released code takes -log(P_st * P_ts) through BCE, which clamps the log at -100.
-LOG_CLAMP = -100.0
 #: Up to this many similarity entries per batch (N * Ls * Lt), `impl="auto"` computes the same formulas densely
 #: and batched over the pairs: on small grids (the embedded pair's 8x16) the per-pair, per-block Python work of
 #: the block-wise kernels costs more than the matrices, which are then small (2^20 float32 = 4 MiB each).
@@ -77,8 +73,8 @@ class AssociationConfig:
     similarity: Similarity = "cosine"
     #: Aggregate the target before associating (SAGG, Eq 7-8); off = "PLCA w/o SAGG".
     aggregate_target: bool = True
-    alpha: float = 0.5
-    ignore_index: int = 255
+    alpha: float = DEFAULT_ALPHA
+    ignore_index: int = IGNORE_INDEX
     #: True: PLCA's contrastive loss (Eq 4/10); False: Sim-PLCA.
     contrastive: bool = True
     #: Rows of the similarity matrix processed at once; None = about 2^21 entries per block.
@@ -132,7 +128,7 @@ def _full_precision(x: Tensor) -> Tensor:
 def spatial_aggregate(
     x: Tensor,
     similarity: Similarity = "cosine",
-    alpha: float = 0.5,
+    alpha: float = DEFAULT_ALPHA,
     *,
     block_rows: int | None = None,
     cache_similarities: bool = False,
@@ -155,8 +151,6 @@ def spatial_aggregate(
     # the block kernels call matrix products directly: keep autocast from lowering them to half precision
     with torch.autocast(x.device.type, enabled=False):
         if _dense(impl, n * (h * w) ** 2):
-            from plca.losses.dense_reference import dense_spatial_aggregate
-
             return dense_spatial_aggregate(_full_precision(x), similarity, alpha).to(x.dtype)
         rows = _full_precision(x).flatten(2).transpose(1, 2)  # [N, L, C] view: one row per pixel
         if similarity == "cosine":
@@ -195,8 +189,8 @@ def associate(
     *,
     similarity: Similarity = "cosine",
     aggregate_target: bool = True,
-    alpha: float = 0.5,
-    ignore_index: int = 255,
+    alpha: float = DEFAULT_ALPHA,
+    ignore_index: int = IGNORE_INDEX,
     contrastive: bool = True,
     block_rows: int | None = None,
     cache_similarities: bool = True,
@@ -234,8 +228,6 @@ def _associate_dense(
     contrastive: bool,
 ) -> AssociationResult:
     """The same formulas with every [N, L, L] matrix materialised and batched over the pairs."""
-    from plca.losses.dense_reference import dense_contrast_normalise, dense_similarity, dense_spatial_aggregate
-
     if aggregate_target:
         target = dense_spatial_aggregate(target, similarity, alpha)
     num_pairs, shape = source.shape[0], source.shape[2:]
@@ -390,8 +382,8 @@ def association_loss(
     *,
     similarity: Similarity = "cosine",
     aggregate_target: bool = True,
-    alpha: float = 0.5,
-    ignore_index: int = 255,
+    alpha: float = DEFAULT_ALPHA,
+    ignore_index: int = IGNORE_INDEX,
     contrastive: bool = True,
     block_rows: int | None = None,
     cache_similarities: bool = True,

@@ -22,10 +22,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-#: Added to the row std before dividing (spec, Eq 5-6).
-CN_EPS = 1e-10
-#: Norm floor of a unit vector, as torch.nn.functional.normalize (the released code's cosine).
-NORM_EPS = 1e-12
+from plca.losses.constants import CN_EPS, NORM_EPS
+
 #: Default number of similarity entries one block holds (rows x columns): 2^21 floats are 8 MiB in float32,
 #: big enough for efficient matrix products, small enough to keep the peak low.
 DEFAULT_BLOCK_ELEMENTS = 2**21

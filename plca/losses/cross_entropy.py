@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from plca.data.labels import IGNORE_INDEX
 
-def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = 255) -> Tensor:
+
+def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Mean cross-entropy over the pixels whose label is not ignore_index; logits [N, C, H, W], labels [N, H, W].
 
     Unlike torch's mean (NaN when every pixel is ignored) this is then a zero that still backpropagates.

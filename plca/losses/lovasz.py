@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from plca.data.labels import IGNORE_INDEX
+
 
 def lovasz_gradient(sorted_truth: Tensor) -> Tensor:
     """Gradient of the Lovasz extension of the Jaccard loss at errors sorted in decreasing order.
@@ -23,7 +25,7 @@ def lovasz_gradient(sorted_truth: Tensor) -> Tensor:
     return torch.cat([jaccard[..., :1], jaccard[..., 1:] - jaccard[..., :-1]], -1)
 
 
-def lovasz_softmax(probs: Tensor, labels: Tensor, ignore_index: int = 255) -> Tensor:
+def lovasz_softmax(probs: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Mean over the classes present in `labels` of the Lovasz extension of the Jaccard loss.
 
     probs: [N, C, H, W] class probabilities; labels: [N, H, W] int with ignore_index for unlabelled pixels.

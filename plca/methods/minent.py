@@ -8,8 +8,12 @@ from typing import ClassVar
 
 import torch
 
+from plca.data.labels import IGNORE_INDEX
+from plca.engine.contract import Method, StepOutput
 from plca.losses import entropy_loss
-from plca.methods.base import Method, StepOutput, source_supervision, upsample
+from plca.methods.base import source_supervision
+from plca.methods.registry import register
+from plca.models.output import LOGITS
 
 
 @dataclass
@@ -18,9 +22,10 @@ class MinEntConfig:
     w_ent: float = 0.001
     lovasz: bool = True
     w_lov: float = 0.75
-    ignore_index: int = 255
+    ignore_index: int = IGNORE_INDEX
 
 
+@register(MinEntConfig)
 class MinEnt(Method):
     name: ClassVar[str] = "minent"
     streams: ClassVar[tuple[str, ...]] = ("source", "target")
@@ -28,13 +33,13 @@ class MinEnt(Method):
 
     def training_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         cfg = self.cfg
-        _, ls = self.model(batch["source_image"])
-        out = source_supervision(ls, batch["source_label"], lovasz=cfg.lovasz, w_lov=cfg.w_lov,
+        ls = self.model(batch["source_image"])[LOGITS]
+        out = source_supervision(self.model, ls, batch["source_label"], lovasz=cfg.lovasz, w_lov=cfg.w_lov,
                                  ignore_index=cfg.ignore_index)
         xt = batch["target_image"]
-        _, lt = self.model(xt)
+        lt = self.model(xt)[LOGITS]
         # ADVENT scores the entropy of the target prediction upsampled to the input size
-        ent = entropy_loss(upsample(lt, tuple(xt.shape[-2:])).float())
+        ent = entropy_loss(self.model.upsample(lt, tuple(xt.shape[-2:])).float())
         out.loss = out.loss + cfg.w_ent * ent
         out.terms["entropy_t"] = float(ent.detach())
         return out

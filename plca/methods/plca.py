@@ -9,8 +9,13 @@ from typing import ClassVar
 
 import torch
 
+from plca.data.labels import IGNORE_INDEX
+from plca.engine.contract import Method, StepOutput
 from plca.losses import adaptive_lsr, associate, downsample_labels
-from plca.methods.base import Method, StepOutput, source_supervision
+from plca.losses.constants import DEFAULT_ALPHA
+from plca.methods.base import source_supervision
+from plca.methods.registry import register
+from plca.models.output import FEATURES, LOGITS
 
 
 @dataclass
@@ -20,7 +25,7 @@ class PLCAConfig:
     w_ass: float = 0.1
     w_lsr: float = 0.01
     #: Spatial aggregation weight on the target (Eq. 7-8).
-    alpha: float = 0.5
+    alpha: float = DEFAULT_ALPHA
     #: Adaptive label smoothing threshold (Eq. 13).
     tau: float = 10.0
     lovasz: bool = True
@@ -34,7 +39,7 @@ class PLCAConfig:
     aggregate_target: bool = True
     #: Contrastive association (PLCA); off = Sim-PLCA, which raises raw similarities of associated pairs.
     contrastive: bool = True
-    ignore_index: int = 255
+    ignore_index: int = IGNORE_INDEX
     #: Association kernels: "auto" = batched dense on small grids, memory-lean block-wise on large ones.
     impl: str = "auto"
 
@@ -44,6 +49,7 @@ class PLCAConfig:
         return self.fass or self.cass or self.lsr
 
 
+@register(PLCAConfig)
 class PLCA(Method):
     name: ClassVar[str] = "plca"
     streams: ClassVar[tuple[str, ...]] = ("source", "target")
@@ -53,12 +59,13 @@ class PLCA(Method):
         cfg = self.cfg
         xs, ys, xt = batch["source_image"], batch["source_label"], batch["target_image"]
         # Source and target pass through the network separately, as in the released code.
-        fs, ls = self.model(xs)
+        out_s = self.model(xs)
         # With no target loss (the control), the target pass only moves normalisation statistics: skip autograd.
         with torch.set_grad_enabled(cfg.target_losses):
-            ft, lt = self.model(xt)
+            out_t = self.model(xt)
+        fs, ls, ft, lt = out_s[FEATURES], out_s[LOGITS], out_t[FEATURES], out_t[LOGITS]
 
-        sup = source_supervision(ls, ys, lovasz=cfg.lovasz, w_lov=cfg.w_lov, ignore_index=cfg.ignore_index)
+        sup = source_supervision(self.model, ls, ys, lovasz=cfg.lovasz, w_lov=cfg.w_lov, ignore_index=cfg.ignore_index)
         loss, terms = sup.loss, sup.terms
 
         ys_grid = downsample_labels(ys, tuple(fs.shape[-2:]))

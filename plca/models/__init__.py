@@ -1,15 +1,26 @@
-"""Segmentation networks: DeepLab-v2 on a dilated ResNet backbone."""
+"""Segmentation networks (DeepLab-v2 on a dilated ResNet backbone), their output contract, and the EMA teacher."""
 
 from plca.models.deeplabv2 import ASPPClassifier, DeepLabV2, DeepLabV2Config, build_model
+from plca.models.ema import ema_alpha, ema_init_, ema_update_
+from plca.models.output import AUX_LOGITS, FEATURE_MAPS, FEATURES, LOGITS, SegmentationModel, upsample
 from plca.models.resnet import FrozenBatchNorm2d, ResNet, WeightsError, load_imagenet_weights
 
 __all__ = [
     "ASPPClassifier",
+    "AUX_LOGITS",
     "DeepLabV2",
     "DeepLabV2Config",
+    "FEATURES",
+    "FEATURE_MAPS",
     "FrozenBatchNorm2d",
+    "LOGITS",
     "ResNet",
+    "SegmentationModel",
     "WeightsError",
     "build_model",
+    "ema_alpha",
+    "ema_init_",
+    "ema_update_",
     "load_imagenet_weights",
+    "upsample",
 ]

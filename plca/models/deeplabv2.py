@@ -1,19 +1,27 @@
 """DeepLab-v2 (Chen et al. 2017): dilated ResNet at output stride 8 plus the ASPP classifier.
 
 The ASPP of DeepLab-v2 is one 3x3 conv per rate, each mapping the last backbone features straight to class
-scores; the branches are summed. `forward` returns both the features and the logits (both at 1/8 of the input)
-because PLCA associates features, and `classify` runs the head alone for test-time feature aggregation.
+scores; the branches are summed. `forward` returns the output dict of `plca.models.output`: the features and the
+logits (both at 1/8 of the input), because PLCA associates features; `classify` runs the head alone for test-time
+feature aggregation.
+
+BatchNorm modes (`bn_mode`, for `norm: batch`): "train" (statistics and affine trained, the released PLCA code);
+"frozen_affine" (affine not optimised, statistics of the batch in train mode: AdaptSegNet, ADVENT); "eval"
+(BatchNorm layers stay in eval mode during training: running statistics used and kept, CRST).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 from torch import Tensor, nn
 
+from plca.models.output import FEATURES, LOGITS, SegmentationModel
 from plca.models.resnet import Norm, ResNet, load_imagenet_weights
+
+BNMode = Literal["train", "frozen_affine", "eval"]
 
 HEAD_INIT_STD = 0.01  # DeepLab-v2's Gaussian init of the classifier weights (biases start at 0)
 
@@ -29,6 +37,10 @@ class DeepLabV2Config:
     groups: int = 32  # GroupNorm groups; must divide every channel count (e.g. 8 at width 0.25)
     aspp_rates: tuple[int, ...] = (6, 12, 18, 24)
     pretrained: Path | None = None  # torchvision ImageNet state_dict for the backbone
+    #: How BatchNorm layers train (see the module docstring); no effect on other norms.
+    bn_mode: BNMode = "train"
+    #: Bilinear upsampling of logits to label/crop size: False as torch and the released PLCA code.
+    align_corners: bool = False
 
     def __post_init__(self) -> None:
         if self.num_classes < 1:
@@ -61,8 +73,8 @@ class ASPPClassifier(nn.Module):
         return out
 
 
-class DeepLabV2(nn.Module):
-    """Backbone + ASPP. `forward(x) -> (features, logits)`, both at output stride 8."""
+class DeepLabV2(SegmentationModel):
+    """Backbone + ASPP. `forward(x) -> {"features", "logits"}`, both at output stride 8."""
 
     def __init__(self, cfg: DeepLabV2Config) -> None:
         super().__init__()
@@ -71,25 +83,29 @@ class DeepLabV2(nn.Module):
         self.classifier = ASPPClassifier(self.backbone.out_channels, cfg.num_classes, cfg.aspp_rates)
         self.feature_channels = self.backbone.out_channels
         self.output_stride = self.backbone.output_stride
+        self.align_corners = cfg.align_corners
+        if cfg.bn_mode == "frozen_affine":
+            for m in self._batch_norms():
+                m.weight.requires_grad_(False)
+                m.bias.requires_grad_(False)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _batch_norms(self) -> list[nn.BatchNorm2d]:
+        return [m for m in self.modules() if isinstance(m, nn.BatchNorm2d)]
+
+    def train(self, mode: bool = True) -> DeepLabV2:
+        super().train(mode)
+        if mode and self.cfg.bn_mode == "eval":
+            for m in self._batch_norms():
+                m.eval()
+        return self
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
         features = self.backbone(x)
-        return features, self.classifier(features)
+        return {FEATURES: features, LOGITS: self.classifier(features)}
 
     def classify(self, features: Tensor) -> Tensor:
         """The ASPP head alone: logits from (possibly aggregated) features."""
         return self.classifier(features)
-
-    def param_groups(self, lr: float, head_lr_mult: float = 1.0) -> list[dict[str, Any]]:
-        """Optimiser groups: backbone at `lr`, head at `lr * head_lr_mult` (PLCA uses one lr: mult 1.0)."""
-        return [
-            {"name": "backbone", "params": [p for p in self.backbone.parameters() if p.requires_grad], "lr": lr},
-            {
-                "name": "head",
-                "params": [p for p in self.classifier.parameters() if p.requires_grad],
-                "lr": lr * head_lr_mult,
-            },
-        ]
 
 
 def build_model(cfg: DeepLabV2Config) -> DeepLabV2:

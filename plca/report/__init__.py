@@ -1,41 +1,20 @@
 """Report generation: results.csv, the paper's tables (markdown + LaTeX), figures and the reports/ index.
 
 `tables` turns per-run metrics into results.csv and Tables 1-3; `figures` draws the PNGs; `paper` holds the
-paper's published figures. This package root holds what both share: atomic writes and the README index.
-Submodules are not imported here, so `import plca.report.tables` does not pull in matplotlib.
+paper's published figures; `config` is what they show of each variant and its roles (from params, via the
+stage). This package root holds what both share: the atomic writers (re-exported from `plca.io`) and the README
+index. Submodules are not imported here, so `import plca.report.tables` does not pull in matplotlib.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
 
-# mkstemp creates owner-only files; reports are meant to be read by anyone
-_FILE_MODE = 0o644
+# the package's one atomic writer, re-exported: report modules import it from here
+from plca.io import atomic_write, atomic_write_text
 
-
-def atomic_write(path: Path | str, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call write(file) on a temporary file beside path, then rename it over path (no half-written outputs)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: Path | str, text: str) -> Path:
-    """Write text as UTF-8 to path atomically."""
-    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+__all__ = ["atomic_write", "atomic_write_text", "write_readme"]
 
 
 def write_readme(

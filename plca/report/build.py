@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 from plca.report import atomic_write_text, write_readme
+from plca.report.config import Presentation
 from plca.report.cycle_table import write_cycle_table
 from plca.report.figures import class_iou_bars, load_training_logs, qualitative_grid, training_curves
 from plca.report.tables import (
@@ -30,6 +31,7 @@ _HAND_WRITTEN = (
     ("benchmarks.md", "measured speed and memory (written by `python -m plca.bench`, not by this stage)"),
     ("embedded-pair-findings.md", "why PLCA does not gain on the embedded toy pair: every check, pipeline or one-off "
                                   "(written by hand, not by this stage)"),
+    ("worked-experiments.md", "what `dvc exp run` and `dvc queue` printed once (written by hand, not by this stage)"),
 )
 
 
@@ -38,11 +40,12 @@ class ReportInputs:
     metrics_dir: Path
     logs_dir: Path
     eval_dir: Path
+    #: The variants that ran (each has metrics, a log and sample predictions per seed).
     variants: Sequence[str]
     seeds: Sequence[int]
     dataset_label: str
-    #: Columns of the qualitative figure: (variant, column title).
-    qualitative: Sequence[tuple[str, str]] = (("source_only", "source-only"), ("plca", "PLCA"))
+    #: Labels, tables, colours and roles of the variants (params `variants.*.show` and `report`).
+    show: Presentation
 
 
 def _load_json(path: Path) -> dict[str, Any]:
@@ -55,8 +58,9 @@ def _load_json(path: Path) -> dict[str, Any]:
 
 
 def collect_records(inp: ReportInputs) -> list[dict[str, Any]]:
+    """One record per run, in the presentation's variant order (the tables' row order), then seed."""
     records = []
-    for v in inp.variants:
+    for v in inp.show.order(inp.variants):
         for s in inp.seeds:
             m = _load_json(inp.metrics_dir / v / f"s{s}.json")
             rec = {"variant": v, "seed": s, "miou": m["miou"], "iou": m["iou"]}
@@ -83,33 +87,36 @@ def _finite(x: float) -> float | None:
 def build_reports(inp: ReportInputs, target_val: Any, sample_indices: Sequence[int], out_dir: Path,
                   command: str) -> dict[str, Any]:
     """Write results.csv, Table 1/2 (md + tex), cycles.md, figures, summary.json and README.md into `out_dir`."""
+    show, roles, label = inp.show, inp.show.roles, inp.dataset_label
     records = collect_records(inp)
     results = results_frame(records)
     write_results_csv(results, out_dir / "results.csv")
-    write_table1(results, out_dir / "table1.md", out_dir / "table1.tex", dataset_label=inp.dataset_label)
-    write_table2(results, out_dir / "table2.md", out_dir / "table2.tex", dataset_label=inp.dataset_label)
-    write_cycle_table(records, out_dir / "cycles.md", dataset_label=inp.dataset_label)
+    write_table1(results, out_dir / "table1.md", out_dir / "table1.tex", dataset_label=label, show=show)
+    write_table2(results, out_dir / "table2.md", out_dir / "table2.tex", dataset_label=label, show=show)
+    write_cycle_table(records, out_dir / "cycles.md", dataset_label=label, show=show)
 
     figs = out_dir / "figures"
     seed = inp.seeds[0]
     rows = [i for i in sample_indices if i < len(target_val)]
     samples = [target_val.read(i) for i in rows]
+    columns = show.present(roles.qualitative, inp.variants)
     preds = {
-        title: [_read_mask(inp.eval_dir / v / f"s{seed}" / "samples" / f"{s.name}.png") for s in samples]
-        for v, title in inp.qualitative
-        if v in inp.variants
+        show.short(v): [_read_mask(inp.eval_dir / v / f"s{seed}" / "samples" / f"{s.name}.png") for s in samples]
+        for v in columns
     }
     qualitative_grid(figs / "qualitative.png", [s.image for s in samples], [s.label for s in samples], preds,
                      row_names=[s.name for s in samples],
-                     title=f"Target val, seed {seed} — {inp.dataset_label}")
+                     title=f"Target val, seed {seed} — {label}")
     logs = load_training_logs({(v, s): inp.logs_dir / v / f"s{s}.csv" for v in inp.variants for s in inp.seeds})
-    training_curves(figs / "training_curves.png", logs, title=f"Training curves — {inp.dataset_label}")
-    bar_variants = [v for v in ("source_only", "plca", "oracle") if v in inp.variants]
-    class_iou_bars(figs / "class_iou.png", results, dataset_label=inp.dataset_label, variants=bar_variants)
+    training_curves(figs / "training_curves.png", logs, show=show, title=f"Training curves — {label}")
+    bars = show.present(roles.class_iou, inp.variants)
+    class_iou_bars(figs / "class_iou.png", results, dataset_label=label, variants=bars, show=show)
 
-    summ = summarize(results)
+    summ = summarize(results, roles.baseline)
+    # DVC metrics keys: `dvc exp show` names the gain column after the baseline (e.g. plca.gain_vs_<baseline>)
+    gain_key = f"gain_vs_{roles.baseline}"
     summary = {
-        v: {"miou_mean": _finite(s.mean), "miou_std": _finite(s.std), "gain_vs_source_only": _finite(s.gain_mean),
+        v: {"miou_mean": _finite(s.mean), "miou_std": _finite(s.std), gain_key: _finite(s.gain_mean),
             "source_val_miou": _finite(s.source_val_mean), "miou_without_tta": _finite(s.without_tta_mean),
             "gain_without_tta": _finite(s.without_tta_gain_mean)}
         for v, s in summ.items()
@@ -118,17 +125,20 @@ def build_reports(inp: ReportInputs, target_val: Any, sample_indices: Sequence[i
     write_readme(
         out_dir / "README.md",
         [
-            ("table1.md", "Table 1 ablation: mean ± std over seeds, paired gain over source-only, paper figures apart"),
+            ("table1.md", "Table 1 ablation: mean ± std over seeds, paired gain over "
+                          f"{show.short(roles.baseline)}, paper figures apart"),
             ("table2.md", "Tables 2/3 layout: per-class IoU, mIoU over 19, 16 and 13 classes"),
             ("results.csv", "one row per variant and seed: mIoU and per-class IoU (target val)"),
             ("cycles.md", "what PLCA's cycles pick on each variant's models, scored with target labels (a diagnostic)"),
-            ("figures/qualitative.png", "Fig. 3 style: target image | ground truth | source-only | PLCA"),
+            ("figures/qualitative.png", "Fig. 3 style: "
+                                        + " | ".join(["target image", "ground truth", *map(show.short, columns)])),
             ("figures/training_curves.png", "every logged loss term per variant, mean over seeds with min-max band"),
-            ("figures/class_iou.png", "per-class IoU: source-only vs PLCA vs oracle, mean ± std over seeds"),
+            ("figures/class_iou.png", f"per-class IoU: {' vs '.join(map(show.short, bars))}, mean ± std over seeds"),
             ("summary.json", "per-variant mean/std mIoU (the DVC metrics file)"),
         ] + [(name, about) for name, about in _HAND_WRITTEN if (out_dir / name).is_file()],
-        dataset_label=inp.dataset_label,
+        dataset_label=label,
         command=command,
-        summary=headline(results) if "plca" in inp.variants and "source_only" in inp.variants else None,
+        summary=headline(results, show) if len(show.present([roles.headline, roles.baseline], inp.variants)) == 2
+        else None,
     )
     return summary

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from plca.report import atomic_write_text
-from plca.report.tables import NA, ResultsError, _label, _markdown, _num, _Table, order_variants
+from plca.report.config import Presentation
+from plca.report.tables import NA, ResultsError, _markdown, _num, _Table
 
 #: The per-level figures shown, in column order, with their headers.
 LEVEL_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -42,8 +43,9 @@ def _field(cycles: Mapping[str, Any], path: tuple[str, ...], where: str) -> floa
     return None if node is None else float(node)
 
 
-def cycle_table_markdown(records: Iterable[Mapping[str, Any]], *, dataset_label: str) -> str:
-    """Mean over seeds of each variant's cycle figures; a page saying why when no record carries any."""
+def cycle_table_markdown(records: Iterable[Mapping[str, Any]], *, dataset_label: str, show: Presentation) -> str:
+    """Mean over seeds of each variant's cycle figures (rows in show's order, labelled by it); a page saying why
+    when no record carries any."""
     by_variant: dict[str, list[Mapping[str, Any]]] = {}
     pairs: set[int] = set()
     for rec in records:
@@ -60,10 +62,10 @@ def cycle_table_markdown(records: Iterable[Mapping[str, Any]], *, dataset_label:
     header = ["variant", "n seeds", "classifier right, all target cells"]
     header += [f"{level}: {title}" for level in LEVELS for _, title in LEVEL_COLUMNS]
     rows = []
-    for v in order_variants(by_variant):
+    for v in show.order(by_variant):
         runs = by_variant[v]
         where = f"variant {v}"
-        row = [_label(v), str(len(runs)), _num(_mean([_field(c, ("classifier_right",), where) for c in runs]))]
+        row = [show.label(v), str(len(runs)), _num(_mean([_field(c, ("classifier_right",), where) for c in runs]))]
         for level in LEVELS:
             row += [_num(_mean([_field(c, (level, key), where) for c in runs])) for key, _ in LEVEL_COLUMNS]
         rows.append(row)
@@ -86,6 +88,8 @@ def cycle_table_markdown(records: Iterable[Mapping[str, Any]], *, dataset_label:
     return _markdown([table], "PLCA's cycles, scored with target labels", intro)
 
 
-def write_cycle_table(records: Iterable[Mapping[str, Any]], path: Path | str, *, dataset_label: str) -> Path:
+def write_cycle_table(
+    records: Iterable[Mapping[str, Any]], path: Path | str, *, dataset_label: str, show: Presentation
+) -> Path:
     """Write cycles.md atomically."""
-    return atomic_write_text(path, cycle_table_markdown(records, dataset_label=dataset_label))
+    return atomic_write_text(path, cycle_table_markdown(records, dataset_label=dataset_label, show=show))

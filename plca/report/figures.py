@@ -2,7 +2,8 @@
 and per-class IoU bars.
 
 Figures are drawn on matplotlib's Agg canvas directly (no pyplot), so nothing here touches global backend
-state and every call is independent.
+state and every call is independent. A variant's legend label and colour come from the caller's `Presentation`
+(params `variants.<name>.show`).
 """
 
 from __future__ import annotations
@@ -20,22 +21,12 @@ from matplotlib.patches import Patch
 
 from plca.data.labels import CLASS_NAMES, NUM_CLASSES, PALETTE, colorize
 from plca.report import atomic_write
+from plca.report.config import Presentation
 from plca.report.paper import CLASS_ABBREV
-from plca.report.tables import VARIANT_LABELS, check_results, order_variants
+from plca.report.tables import check_results
 
 #: Columns of a training log that index it rather than hold a logged term.
 LOG_INDEX = ("variant", "seed", "step")
-
-# matplotlib's "tab10" colours: one fixed colour per known variant, the same in every figure
-_TAB10 = (
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
-)  # fmt: skip
-#: A variant keeps its colour when others are added (tab10, in the order the variants were introduced).
-_VARIANT_COLOURS = dict(zip(
-    ("ce_only", "source_only", "fass", "fass_cass", "plca", "sim_plca", "plca_no_sagg", "target_stats", "oracle",
-     "minent"), _TAB10, strict=True))  # fmt: skip
-#: Light tab20 shades for variants we do not know.
-_SPARE = ("#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94")
 
 
 class FigureError(ValueError):
@@ -55,13 +46,6 @@ class FigureConfig:
     curve_smooth: int = 1
     #: classes per row of the qualitative grid's legend
     legend_columns: int = 7
-
-
-def variant_color(variant: str) -> str:
-    """Fixed colour of a variant (unknown names share the spare colours, picked by a stable hash)."""
-    if variant in _VARIANT_COLOURS:
-        return _VARIANT_COLOURS[variant]
-    return _SPARE[sum(variant.encode()) % len(_SPARE)]
 
 
 def _save(fig: Figure, path: Path | str, dpi: int) -> Path:
@@ -182,12 +166,14 @@ def training_curves(
     path: Path | str,
     logs: pd.DataFrame,
     *,
+    show: Presentation,
     terms: Sequence[str] | None = None,
     title: str | None = None,
     config: FigureConfig = FigureConfig(),
 ) -> Path:
     """One subplot per logged term (every column but variant/seed/step unless terms says otherwise), one line per
-    variant: the mean over seeds at each step, with the seeds' min-max as a band."""
+    variant (in show's order, its colour and label): the mean over seeds at each step, with the seeds' min-max as a
+    band."""
     missing = [c for c in LOG_INDEX if c not in logs.columns]
     if missing:
         raise FigureError(f"{path}: training logs lack columns {missing}")
@@ -198,7 +184,7 @@ def training_curves(
     terms = [t for t in terms if logs[t].notna().any()]
     if not terms:
         raise FigureError(f"{path}: nothing logged to plot")
-    variants = order_variants(logs["variant"].unique())
+    variants = show.order(logs["variant"].unique())
     ncols = min(3, len(terms))
     nrows = math.ceil(len(terms) / ncols)
     w, h = config.curve_size
@@ -214,7 +200,7 @@ def training_curves(
             if config.curve_smooth > 1:
                 per_seed = per_seed.rolling(config.curve_smooth, min_periods=1).mean()
             steps = per_seed.index.to_numpy(dtype=float)
-            color = variant_color(variant)
+            color = show.colour(variant)
             (line,) = ax.plot(steps, per_seed.mean(axis=1).to_numpy(), color=color, linewidth=1.2)
             if per_seed.shape[1] > 1:
                 ax.fill_between(steps, per_seed.min(axis=1), per_seed.max(axis=1), color=color, alpha=0.2, lw=0)
@@ -227,7 +213,7 @@ def training_curves(
         ax.set_visible(False)
     fig.legend(
         [drawn[v] for v in drawn],
-        [VARIANT_LABELS.get(v, v) for v in drawn],
+        [show.label(v) for v in drawn],
         loc="outside lower center",
         ncol=min(4, len(drawn)),
         fontsize=8,
@@ -251,11 +237,13 @@ def class_iou_bars(
     results: pd.DataFrame,
     *,
     dataset_label: str,
-    variants: Sequence[str] = ("source_only", "plca", "oracle"),
+    variants: Sequence[str],
+    show: Presentation,
     config: FigureConfig = FigureConfig(),
 ) -> Path:
-    """Grouped bars of per-class IoU, mean over seeds with std (ddof=1) error bars, one group per class; classes
-    absent from the evaluation set (NaN in every run) are left out and named in the axis label."""
+    """Grouped bars of per-class IoU of `variants` (those with results; colours and labels from show), mean over
+    seeds with std (ddof=1) error bars, one group per class; classes absent from the evaluation set (NaN in every
+    run) are left out and named in the axis label."""
     results = check_results(results, str(path))
     have = [v for v in variants if (results["variant"] == v).any()]
     if not have:
@@ -276,8 +264,8 @@ def class_iou_bars(
             np.nan_to_num(mean),
             width,
             yerr=std,
-            color=variant_color(variant),
-            label=f"{VARIANT_LABELS.get(variant, variant)} (n={len(rows)})",
+            color=show.colour(variant),
+            label=f"{show.label(variant)} (n={len(rows)})",
             error_kw={"elinewidth": 0.8, "capsize": 1.5},
         )
     ax.set_xticks(x, [CLASS_ABBREV[c] for c in classes], rotation=45, ha="right", fontsize=8)

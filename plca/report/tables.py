@@ -3,7 +3,8 @@ markdown and LaTeX (booktabs).
 
 Our figures are mean +- std over seeds (std with ddof=1); gains over the baseline are paired by seed. The
 paper's published figures sit in separate columns / rows whose labels start with "paper", and our numbers are
-labelled only with the caller's dataset_label, never with a benchmark name.
+labelled only with the caller's dataset_label, never with a benchmark name. Which variant is a row of which
+table, its label and the baseline come from the caller's `Presentation` (params `variants.*.show`, `report`).
 """
 
 from __future__ import annotations
@@ -19,33 +20,8 @@ import pandas as pd
 
 from plca.data.labels import CLASS_NAMES, PROTOCOLS
 from plca.report import atomic_write, atomic_write_text
-from plca.report.paper import CLASS_ABBREV, GTAV, SYNTHIA, TABLE1, TABLE1_LABELS, TABLE1_PROTOCOL, TABLE2, TABLE3
-
-#: Table 1's variants in the paper's column order, then another method (MinEnt), our control and our upper bound.
-VARIANTS: tuple[str, ...] = (
-    "ce_only", "source_only", "fass", "fass_cass", "plca", "sim_plca", "plca_no_sagg", "minent", "target_stats",
-    "oracle",
-)  # fmt: skip
-
-#: How our rows are named in the tables.
-VARIANT_LABELS: Mapping[str, str] = {
-    "ce_only": "source-only (CE)",
-    "source_only": "source-only (CE + Lovász)",
-    "fass": "+ L_fass",
-    "fass_cass": "+ L_fass + L_cass",
-    "plca": "PLCA (+ L_lsr)",
-    "sim_plca": "Sim-PLCA",
-    "plca_no_sagg": "PLCA w/o SAGG",
-    "minent": "MinEnt (ADVENT)",
-    "target_stats": "control: target images pass, no target loss",
-    "oracle": "oracle (target labels)",
-}
-
-#: The control row: PLCA's training with no target loss, isolating what passing target images alone does.
-CONTROL = "target_stats"
-
-#: The variant every gain is measured against: Table 2's "Source Only" is CE + Lovász.
-BASELINE = "source_only"
+from plca.report.config import Presentation
+from plca.report.paper import CLASS_ABBREV, GTAV, SYNTHIA, TABLE1, TABLE1_PROTOCOL, TABLE2, TABLE3
 
 #: results.csv columns, fixed by the report contract.
 RESULT_COLUMNS: tuple[str, ...] = ("variant", "seed", "miou", *CLASS_NAMES)
@@ -88,25 +64,25 @@ def _number(value: Any, what: str, where: str, allow_nan: bool) -> float:
     return value
 
 
-def order_variants(names: Iterable[str]) -> list[str]:
-    """Known variants in Table 1's order, then any others alphabetically."""
-    names = set(names)
-    return [v for v in VARIANTS if v in names] + sorted(names - set(VARIANTS))
-
-
-def _sorted(frame: pd.DataFrame) -> pd.DataFrame:
+def _sorted(frame: pd.DataFrame, order: Sequence[str] = ()) -> pd.DataFrame:
+    """Rows by variant (those in `order` first, in its order, then the others as they first appear), then seed."""
     frame = frame.reset_index(drop=True)
-    rank = {v: i for i, v in enumerate(order_variants(frame["variant"]))}
+    present = list(dict.fromkeys(frame["variant"]))
+    first = [v for v in dict.fromkeys(order) if v in set(present)]
+    rank = {v: i for i, v in enumerate([*first, *(v for v in present if v not in first)])}
     order = frame.assign(_rank=frame["variant"].map(rank)).sort_values(["_rank", "seed"], kind="stable").index
     return frame.loc[order].reset_index(drop=True)
 
 
-def results_frame(records: Iterable[Mapping[str, Any]], where: str = "results") -> pd.DataFrame:
+def results_frame(
+    records: Iterable[Mapping[str, Any]], where: str = "results", order: Sequence[str] = ()
+) -> pd.DataFrame:
     """Per-run records -> the results DataFrame: columns RESULT_COLUMNS (+ each of EXTRA_COLUMNS any record has).
 
     A record is {"variant": str, "seed": int, "miou": percent, "iou": {class name: percent or None}, ...};
     "iou" must name exactly the 19 classes (None/NaN for classes absent from the evaluation set). Other keys
-    (e.g. miou16, miou13: derivable from "iou") are ignored. Rows come ordered by variant, then seed.
+    (e.g. miou16, miou13: derivable from "iou") are ignored. Rows come ordered by variant (those in `order`
+    first, in its order, then the others as they first appear), then seed.
     """
     rows = []
     seen: set[tuple[str, int]] = set()
@@ -143,7 +119,7 @@ def results_frame(records: Iterable[Mapping[str, Any]], where: str = "results") 
     columns = list(RESULT_COLUMNS) + [c for c in EXTRA_COLUMNS if c in frame]
     frame = frame.reindex(columns=columns)
     frame["seed"] = frame["seed"].astype(np.int64)
-    return _sorted(frame)
+    return _sorted(frame, order)
 
 
 def record_from_summary(
@@ -159,8 +135,9 @@ def record_from_summary(
     return record
 
 
-def check_results(frame: pd.DataFrame, where: str = "results") -> pd.DataFrame:
-    """Validate a results DataFrame (columns, types, ranges, unique runs); returns it ordered by variant, seed."""
+def check_results(frame: pd.DataFrame, where: str = "results", order: Sequence[str] = ()) -> pd.DataFrame:
+    """Validate a results DataFrame (columns, types, ranges, unique runs); returns it ordered by variant (as
+    `results_frame` orders them), then seed."""
     missing = [c for c in RESULT_COLUMNS if c not in frame.columns]
     if missing:
         raise ResultsError(f"{where}: missing columns {missing}")
@@ -183,7 +160,7 @@ def check_results(frame: pd.DataFrame, where: str = "results") -> pd.DataFrame:
     dup = frame.duplicated(["variant", "seed"])
     if dup.any():
         raise ResultsError(f"{where}: duplicate runs {frame.loc[dup, ['variant', 'seed']].values.tolist()}")
-    return _sorted(frame)
+    return _sorted(frame, order)
 
 
 def _as_frame(results: pd.DataFrame | Iterable[Mapping[str, Any]], where: str) -> pd.DataFrame:
@@ -194,7 +171,8 @@ def _as_frame(results: pd.DataFrame | Iterable[Mapping[str, Any]], where: str) -
 
 def write_results_csv(results: pd.DataFrame | Iterable[Mapping[str, Any]], path: Path | str) -> Path:
     """Write results.csv atomically: columns variant, seed, miou, then the 19 classes in train-id order; rows
-    ordered by Table 1's variant order, then seed; an empty cell is a class absent from the evaluation set."""
+    ordered by variant as given (the report stage: params order), then seed; an empty cell is a class absent from
+    the evaluation set."""
     frame = _as_frame(results, str(path))[list(RESULT_COLUMNS)]
     return atomic_write(path, lambda f: frame.to_csv(f, index=False, lineterminator="\n"))
 
@@ -265,13 +243,13 @@ def _by_seed(rows: pd.DataFrame, column: str) -> pd.Series:
     return rows.set_index("seed")[column].dropna()
 
 
-def summarize(results: pd.DataFrame, baseline: str = BASELINE) -> dict[str, VariantSummary]:
-    """Mean and std (ddof=1) of mIoU over seeds per variant, per-class means over seeds, and the gain over
-    baseline: mean and std of the per-seed differences over the seeds both variants ran."""
+def summarize(results: pd.DataFrame, baseline: str) -> dict[str, VariantSummary]:
+    """Mean and std (ddof=1) of mIoU over seeds per variant (in the results' order), per-class means over seeds,
+    and the gain over baseline: mean and std of the per-seed differences over the seeds both variants ran."""
     results = check_results(results)
     base = results[results["variant"] == baseline].set_index("seed")["miou"]
     out = {}
-    for variant in order_variants(results["variant"]):
+    for variant in dict.fromkeys(results["variant"]):
         rows = results[results["variant"] == variant]
         miou = rows["miou"].to_numpy(dtype=float)
         gain: dict[str, Any] = {}
@@ -302,15 +280,20 @@ def summarize(results: pd.DataFrame, baseline: str = BASELINE) -> dict[str, Vari
     return out
 
 
-def headline(results: pd.DataFrame, variant: str = "plca", baseline: str = BASELINE) -> str:
-    """One sentence: variant vs baseline, mean +- std over seeds and the paired gain (for READMEs and notes)."""
+def headline(results: pd.DataFrame, show: Presentation) -> str:
+    """One sentence: the headline variant vs the baseline (show.roles), mean +- std over seeds and the paired gain
+    (for READMEs and notes)."""
+    variant, baseline = show.roles.headline, show.roles.baseline
+    if variant is None:
+        raise ValueError("no headline variant (params report.headline is null)")
     summary = summarize(results, baseline)
     for name in (variant, baseline):
         if name not in summary:
             raise ResultsError(f"results: no runs of {name!r} (have {list(summary)})")
     v, b = summary[variant], summary[baseline]
+    label = show.label
     return (
-        f"{_label(variant)}: {_mean_std(v.mean, v.std)} mIoU vs {_label(baseline)}: {_mean_std(b.mean, b.std)} "
+        f"{label(variant)}: {_mean_std(v.mean, v.std)} mIoU vs {label(baseline)}: {_mean_std(b.mean, b.std)} "
         f"(mean ± std over seeds); paired gain {_mean_std(v.gain_mean, v.gain_std, signed=True)} "
         f"over {len(v.gain_seeds)} seeds."
     )
@@ -329,10 +312,6 @@ def _mean_std(mean: float, std: float, signed: bool = False) -> str:
     if not math.isfinite(mean):
         return NA
     return f"{_num(mean, signed)} ± {_num(std)}"
-
-
-def _label(variant: str) -> str:
-    return VARIANT_LABELS.get(variant, variant)
 
 
 @dataclass
@@ -421,19 +400,27 @@ def _latex(tables: Sequence[_Table], caption: str, label: str) -> str:
 # ---------------------------------------------------------------------------------------------- Table 1
 
 
-def _table1(results: pd.DataFrame, dataset_label: str, baseline: str) -> tuple[_Table, list[str]]:
-    summary = summarize(results, baseline)
+def _rows(summary: Mapping[str, VariantSummary], show: Presentation, table: str) -> dict[str, VariantSummary]:
+    """The summaries of the variants that are rows of `table` (params `variants.<name>.show.tables`)."""
+    return {v: s for v, s in summary.items() if show.in_table(v, table)}
+
+
+def _table1(results: pd.DataFrame, dataset_label: str, show: Presentation) -> tuple[_Table, list[str]]:
+    baseline, label = show.roles.baseline, show.label
+    # gains are paired against the baseline's runs whether or not the baseline is a row
+    summary = _rows(summarize(results, baseline), show, "table1")
     with_source_val = any(math.isfinite(s.source_val_mean) for s in summary.values())
-    header = ["variant", "paper column", "n seeds", "ours: mIoU", "ours: per seed", f"ours: Δ vs {_label(baseline)}"]
+    header = ["variant", "paper column", "n seeds", "ours: mIoU", "ours: per seed", f"ours: Δ vs {label(baseline)}"]
     header += ["ours: source val mIoU"] if with_source_val else []
     with_plain = any(math.isfinite(s.without_tta_mean) for s in summary.values())
     header += ["ours: mIoU without test-time aggregation (Δ)"] if with_plain else []
     header += [f"paper {b} ({TABLE1_PROTOCOL[b]} classes)" for b in (GTAV, SYNTHIA)]
     rows = []
     for v, s in summary.items():
+        paper = show.paper(v)
         row = [
-            _label(v),
-            TABLE1_LABELS.get(v, NA),
+            label(v),
+            NA if paper is None else paper,
             str(len(s.seeds)),
             _mean_std(s.mean, s.std),
             " / ".join(_num(m) for m in s.miou),
@@ -443,20 +430,20 @@ def _table1(results: pd.DataFrame, dataset_label: str, baseline: str) -> tuple[_
         if with_plain:
             plain = f"{_mean_std(s.without_tta_mean, s.without_tta_std)} ({_num(s.without_tta_gain_mean, signed=True)})"
             row += [plain if math.isfinite(s.without_tta_mean) else NA]
-        row += [_num(TABLE1[b].get(v)) for b in (GTAV, SYNTHIA)]
+        row += [_num(None if paper is None else TABLE1[b].get(paper)) for b in (GTAV, SYNTHIA)]
         rows.append(row)
     seeds = sorted({seed for s in summary.values() for seed in s.seeds})
     intro = [
         f"Our numbers: **{dataset_label}**, target val set, the `miou` column of results.csv (19-class protocol), "
         f"mean ± std over seeds {', '.join(map(str, seeds))} (std with ddof=1; per-seed values listed).",
-        f"Δ: gain over {_label(baseline)} paired by seed (each seed against the baseline run of the same seed): "
+        f"Δ: gain over {label(baseline)} paired by seed (each seed against the baseline run of the same seed): "
         "mean ± std of the per-seed differences.",
         "Columns `paper ...`: single runs published in Kang et al., NeurIPS 2020 (Table 1; DeepLab-v2 ResNet-101 "
         "on the real benchmarks), for reference only: they are not our numbers. The oracle (trained on target "
         "labels) has no paper figure.",
     ]
-    if CONTROL in summary:
-        intro.append(f"{_label(CONTROL)} (ours, no paper figure): trained as PLCA with no target loss (no "
+    if show.roles.control is not None and show.roles.control in summary:
+        intro.append(f"{label(show.roles.control)} (ours, no paper figure): trained as PLCA with no target loss (no "
                      "association, no smoothing); the target images only pass through the network, which with "
                      "BatchNorm moves its running statistics toward the target. An adapted variant's gain over "
                      "this row is what its losses add.")
@@ -467,39 +454,43 @@ def _table1(results: pd.DataFrame, dataset_label: str, baseline: str) -> tuple[_
     return _Table("", [], header, rows, align), intro
 
 
-def table1_markdown(results: pd.DataFrame, *, dataset_label: str, baseline: str = BASELINE) -> str:
-    """Table 1 (ablation) as markdown: one row per variant, ours (mean ± std, n, paired gain) and the paper's."""
-    table, intro = _table1(results, dataset_label, baseline)
+def table1_markdown(results: pd.DataFrame, *, dataset_label: str, show: Presentation) -> str:
+    """Table 1 (ablation) as markdown: one row per variant of the table, ours (mean ± std, n, paired gain against
+    show.roles.baseline) and the paper's column it is compared with."""
+    table, intro = _table1(results, dataset_label, show)
     return _markdown([table], "Table 1: ablation, mIoU (%)", intro)
 
 
-def table1_latex(results: pd.DataFrame, *, dataset_label: str, baseline: str = BASELINE) -> str:
+def table1_latex(results: pd.DataFrame, *, dataset_label: str, show: Presentation) -> str:
     """Table 1 as a LaTeX (booktabs) table; the caption names the domain pair of our numbers."""
-    table, _ = _table1(results, dataset_label, baseline)
+    table, _ = _table1(results, dataset_label, show)
     caption = (
         f"Ablation, mIoU (%). Ours: {dataset_label}, mean ± std over seeds (ddof=1), Δ paired by seed against "
-        f"{_label(baseline)}. Paper columns: published single runs (Kang et al., NeurIPS 2020), not our numbers."
+        f"{show.label(show.roles.baseline)}. Paper columns: published single runs (Kang et al., NeurIPS 2020), "
+        "not our numbers."
     )
     return _latex([table], caption, "tab:ablation")
 
 
 def write_table1(
-    results: pd.DataFrame, md_path: Path | str, tex_path: Path | str, *, dataset_label: str, baseline: str = BASELINE
+    results: pd.DataFrame, md_path: Path | str, tex_path: Path | str, *, dataset_label: str, show: Presentation
 ) -> tuple[Path, Path]:
     """Write table1.md and table1.tex atomically."""
-    md = table1_markdown(results, dataset_label=dataset_label, baseline=baseline)
-    tex = table1_latex(results, dataset_label=dataset_label, baseline=baseline)
+    md = table1_markdown(results, dataset_label=dataset_label, show=show)
+    tex = table1_latex(results, dataset_label=dataset_label, show=show)
     return atomic_write_text(md_path, md), atomic_write_text(tex_path, tex)
 
 
 # ---------------------------------------------------------------------------------------------- Tables 2 / 3
 
 
-def _table2(results: pd.DataFrame, dataset_label: str, protocols: Sequence[int]) -> tuple[list[_Table], list[str]]:
+def _table2(
+    results: pd.DataFrame, dataset_label: str, show: Presentation, protocols: Sequence[int]
+) -> tuple[list[_Table], list[str]]:
     unknown = [p for p in protocols if p not in PROTOCOLS]
     if unknown:
         raise ValueError(f"unknown protocols {unknown}; known: {sorted(PROTOCOLS)}")
-    summary = summarize(results)
+    summary = _rows(summarize(results, show.roles.baseline), show, "table2")
     tables = []
 
     ids19 = PROTOCOLS[19]
@@ -508,7 +499,7 @@ def _table2(results: pd.DataFrame, dataset_label: str, protocols: Sequence[int])
     if 19 in protocols:
         for v, s in summary.items():
             cells = [_num(s.per_class[CLASS_NAMES[i]]) for i in ids19]
-            rows.append([f"ours: {_label(v)} (n={len(s.seeds)})", *cells, _num(s.mean)])
+            rows.append([f"ours: {show.label(v)} (n={len(s.seeds)})", *cells, _num(s.mean)])
     first_paper = len(rows)
     for paper in TABLE2.values():
         cells = [_num(paper.iou.get(CLASS_NAMES[i])) for i in ids19]
@@ -535,7 +526,7 @@ def _table2(results: pd.DataFrame, dataset_label: str, protocols: Sequence[int])
             cells = [_num(s.per_class[CLASS_NAMES[i]]) if 16 in protocols or i not in starred else NA for i in ids16]
             miou16 = _num(s.miou16) if 16 in protocols else NA
             miou13 = _num(s.miou13) if 13 in protocols else NA
-            rows.append([f"ours: {_label(v)} (n={len(s.seeds)})", *cells, miou16, miou13])
+            rows.append([f"ours: {show.label(v)} (n={len(s.seeds)})", *cells, miou16, miou13])
     first_paper = len(rows)
     for paper in TABLE3.values():
         cells = [_num(paper.iou.get(CLASS_NAMES[i])) for i in ids16]
@@ -567,18 +558,23 @@ def _table2(results: pd.DataFrame, dataset_label: str, protocols: Sequence[int])
     return tables, intro
 
 
-def table2_markdown(results: pd.DataFrame, *, dataset_label: str, protocols: Sequence[int] = (19, 16, 13)) -> str:
-    """Per-class IoU in the layout of the paper's Tables 2 and 3, our variants plus the paper's reference rows.
+def table2_markdown(
+    results: pd.DataFrame, *, dataset_label: str, show: Presentation, protocols: Sequence[int] = (19, 16, 13)
+) -> str:
+    """Per-class IoU in the layout of the paper's Tables 2 and 3, the variants of the table plus the paper's
+    reference rows.
 
     protocols: which class protocols apply to our runs; our rows appear only in the blocks listed.
     """
-    tables, intro = _table2(results, dataset_label, protocols)
+    tables, intro = _table2(results, dataset_label, show, protocols)
     return _markdown(tables, "Table 2: per-class IoU (%)", intro)
 
 
-def table2_latex(results: pd.DataFrame, *, dataset_label: str, protocols: Sequence[int] = (19, 16, 13)) -> str:
+def table2_latex(
+    results: pd.DataFrame, *, dataset_label: str, show: Presentation, protocols: Sequence[int] = (19, 16, 13)
+) -> str:
     """Tables 2/3 layout as LaTeX (booktabs), both blocks in one table."""
-    tables, _ = _table2(results, dataset_label, protocols)
+    tables, _ = _table2(results, dataset_label, show, protocols)
     caption = (
         f"Per-class IoU (%). Ours: {dataset_label}, mean over seeds. Paper rows: published single runs "
         "(Kang et al., NeurIPS 2020), not our numbers."
@@ -592,9 +588,10 @@ def write_table2(
     tex_path: Path | str,
     *,
     dataset_label: str,
+    show: Presentation,
     protocols: Sequence[int] = (19, 16, 13),
 ) -> tuple[Path, Path]:
     """Write table2.md and table2.tex atomically."""
-    md = table2_markdown(results, dataset_label=dataset_label, protocols=protocols)
-    tex = table2_latex(results, dataset_label=dataset_label, protocols=protocols)
+    md = table2_markdown(results, dataset_label=dataset_label, show=show, protocols=protocols)
+    tex = table2_latex(results, dataset_label=dataset_label, show=show, protocols=protocols)
     return atomic_write_text(md_path, md), atomic_write_text(tex_path, tex)

@@ -1,8 +1,11 @@
-"""The plain dense baseline of the PLCA association formulas (project spec plca.md, Eq 1-10).
+"""The dense form of the PLCA association formulas (project spec plca.md, Eq 1-10): every L x L matrix materialised.
 
-Every L x L matrix is materialised and autograd does the rest, as in the authors' released code. It exists as
-the reference that the memory-efficient version in `association.py` is tested and benchmarked against; training
-code should call `plca.losses.association_loss` instead.
+Two uses. `association.py` runs these functions, batched over the image pairs, whenever `impl="dense"`, or
+`impl="auto"` and the grid is small (up to `DENSE_MAX_ENTRIES` similarities): the default pipeline's 8x16 feature
+grid takes this path in training and evaluation. `dense_association_loss` is the plain autograd version, as in
+the authors' released code, that the block-wise kernels of `association.py` are tested and benchmarked against.
+
+Imports nothing from `association.py` (shared constants: `constants.py`), which imports this module.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from plca.losses.association import CN_EPS, KL_EPS, LOG_CLAMP, NORM_EPS, Similarity
+from plca.data.labels import IGNORE_INDEX
+from plca.losses.constants import CN_EPS, DEFAULT_ALPHA, KL_EPS, LOG_CLAMP, NORM_EPS, Similarity
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -34,7 +38,7 @@ def dense_similarity(x: Tensor, y: Tensor, similarity: Similarity) -> Tensor:
     return x @ torch.log(y + KL_EPS).transpose(1, 2) - neg_entropy
 
 
-def dense_spatial_aggregate(x: Tensor, similarity: Similarity = "cosine", alpha: float = 0.5) -> Tensor:
+def dense_spatial_aggregate(x: Tensor, similarity: Similarity = "cosine", alpha: float = DEFAULT_ALPHA) -> Tensor:
     """SAGG (Eq 7-8) with the full L x L weight matrix."""
     n, c, h, w = x.shape
     rows = _flat(x)
@@ -51,8 +55,8 @@ def dense_association_loss(
     *,
     similarity: Similarity = "cosine",
     aggregate_target: bool = True,
-    alpha: float = 0.5,
-    ignore_index: int = 255,
+    alpha: float = DEFAULT_ALPHA,
+    ignore_index: int = IGNORE_INDEX,
     contrastive: bool = True,
 ) -> Tensor:
     """L_fass / L_cass (Eq 4, 10) or Sim-PLCA, every matrix dense."""

@@ -1,0 +1,89 @@
+"""What a method is to the engine: its networks, one optimiser per trained network, an optional EMA teacher,
+the state it must resume, and one training step (batches in, the objective and named scalars out).
+
+The engine imports this module and never a method; methods import it. A method never opens a file and never knows
+the dataset: it receives batches keyed by stream ("source_image", "source_label", "target_image", ...) and returns
+the objective to minimise. Methods with several networks (an AdaptSegNet/ADVENT discriminator) list them in
+`networks()` and give each trained one its optimiser settings in `optimizers()`; their step returns the sum of the
+losses of all networks, each term built so that it reaches only its own network's parameters. Rounds of
+pseudo-labels are DVC stages, not something a method does between steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from plca.engine.optim import OptimConfig
+
+
+@dataclass
+class StepOutput:
+    """The objective of one micro-batch and the named scalars to log (already detached floats)."""
+
+    loss: torch.Tensor
+    terms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TrainContext:
+    """What the engine tells a method before each optimiser step."""
+
+    device: torch.device
+    step: int
+    total_steps: int
+
+
+@dataclass
+class EMASpec:
+    """A teacher network that follows a student by an exponential moving average of its parameters
+    (`plca.models.ema_update_`, Mean Teacher; DACS/DAFormer). `before_step`: updated before step t's forward
+    with the step t (DAFormer: alpha 0 at step 0 copies the student); else after the optimiser step (DACS)."""
+
+    student: str
+    alpha_max: float = 0.999
+    before_step: bool = True
+
+
+class Method:
+    """Base class: a segmentation network `model` trained by one optimiser. Subclasses override `training_step`,
+    and `networks`/`optimizers`/`teachers`/`state_dict` when they have more to train or to keep."""
+
+    name: ClassVar[str] = "method"
+    #: The streams the engine must feed: "source" (images with labels), "target" (images only).
+    streams: ClassVar[tuple[str, ...]] = ("source",)
+
+    def __init__(self, model: nn.Module, cfg: Any = None) -> None:
+        self.model = model
+        #: The method's options, validated against its config dataclass (`plca.methods.build_method`).
+        self.cfg = cfg
+
+    def networks(self) -> dict[str, nn.Module]:
+        """Every network the method holds (all are checkpointed and put in train mode by the engine)."""
+        return {"model": self.model}
+
+    def optimizers(self, base: OptimConfig) -> dict[str, OptimConfig]:
+        """Network name -> the settings of its optimiser. `base` is the phase's optimiser (params `adapt.optim`,
+        ...), the segmenter's; a discriminator brings its own from the method's options. The first entry is the
+        segmenter's: its lr is logged as `lr`, the others' as `lr/<name>`."""
+        return {"model": base}
+
+    def teachers(self) -> dict[str, EMASpec]:
+        """Network name -> the EMA rule of a teacher (no optimiser); none by default."""
+        return {}
+
+    def training_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
+        raise NotImplementedError
+
+    def before_step(self, ctx: TrainContext) -> None:
+        """Called before each optimiser step; most methods need nothing here."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the method must resume beyond its networks and optimisers (e.g. a running statistic)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state

@@ -1,0 +1,140 @@
+"""plca.io, the one atomic writer: whole files or none, readable by anyone, and exactly the bytes the hand-written
+writers it replaced produced (the pipeline's committed outputs are compared byte for byte)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import stat
+from pathlib import Path
+from typing import IO
+
+import cv2
+import numpy as np
+import pytest
+
+import plca.report
+from plca.io import (
+    atomic_write,
+    atomic_write_csv,
+    atomic_write_json,
+    atomic_write_png,
+    atomic_write_text,
+)
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_atomic_write_replaces_whole_and_leaves_no_temporary(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "out.bin"  # missing folders are created
+    assert atomic_write(path, lambda f: f.write(b"first")) == path
+    assert path.read_bytes() == b"first"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # not mkstemp's 0o600
+    atomic_write(path, lambda f: f.write(b"second"))
+    assert path.read_bytes() == b"second" and leftovers(path.parent) == []
+
+
+def test_a_failing_writer_keeps_the_previous_file_and_removes_the_temporary(tmp_path: Path) -> None:
+    path = tmp_path / "out.txt"
+    atomic_write_text(path, "kept\n")
+
+    def half_then_fail(f: IO[bytes]) -> None:
+        f.write(b"half")
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        atomic_write(path, half_then_fail)
+    assert path.read_text() == "kept\n" and leftovers(tmp_path) == []
+    with pytest.raises(TypeError):
+        atomic_write_json({"not json": object()}, tmp_path / "new.json")
+    assert not (tmp_path / "new.json").exists() and leftovers(tmp_path) == []
+
+
+def test_text_is_utf8_without_newline_translation(tmp_path: Path) -> None:
+    atomic_write_text(tmp_path / "t.md", "mean ± std\r\nline\n")
+    assert (tmp_path / "t.md").read_bytes() == "mean ± std\r\nline\n".encode()
+
+
+def old_write_json(obj: object, path: Path) -> None:
+    """plca/experiment.py::_write_json as it was written by hand."""
+    with open(path, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+
+
+def test_json_bytes_equal_the_hand_written_writer(tmp_path: Path) -> None:
+    obj = {"run": "plca/s0", "miou": 31.29166, "z": [1, 2.5, None], "a": {"nan": float("nan"), "name": "café"}}
+    old_write_json(obj, tmp_path / "old.json")
+    atomic_write_json(obj, tmp_path / "new.json")
+    assert (tmp_path / "new.json").read_bytes() == (tmp_path / "old.json").read_bytes()
+    assert (tmp_path / "new.json").read_bytes().endswith(b"}\n")
+    assert list(json.loads((tmp_path / "new.json").read_text())) == ["run", "miou", "z", "a"]  # not sorted
+
+
+def old_write_csv(rows: list[dict[str, float]], path: Path) -> None:
+    """plca/engine/trainer.py::write_csv_atomic's content, as it was written by hand."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    columns = columns or ["step", "lr"]
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+@pytest.mark.parametrize("rows", [
+    [],
+    [{"step": 0, "lr": 0.01, "loss": 1.5}],
+    [{"step": 0, "lr": 0.01}, {"step": 10, "lr": 0.009, "fass": 0.25, "loss": 2.0}, {"step": 20, "lr": 0.008}],
+])
+def test_csv_bytes_equal_the_hand_written_writer(tmp_path: Path, rows: list[dict[str, float]]) -> None:
+    old_write_csv(rows, tmp_path / "old.csv")
+    atomic_write_csv(rows, tmp_path / "new.csv")
+    assert (tmp_path / "new.csv").read_bytes() == (tmp_path / "old.csv").read_bytes()
+
+
+def test_csv_columns_in_first_appearance_and_the_empty_log(tmp_path: Path) -> None:
+    atomic_write_csv([], tmp_path / "empty.csv")
+    assert (tmp_path / "empty.csv").read_bytes() == b"step,lr\r\n"
+    atomic_write_csv([{"step": 0, "lr": 0.5}, {"step": 1, "fass": 2.0, "lr": 0.25}], tmp_path / "two.csv")
+    assert (tmp_path / "two.csv").read_bytes() == b"step,lr,fass\r\n0,0.5,\r\n1,0.25,2.0\r\n"
+
+
+@pytest.mark.parametrize(("image", "params"), [
+    (np.arange(24 * 40, dtype=np.uint32).reshape(24, 40).astype(np.uint8), ()),  # a label map
+    (np.random.default_rng(0).integers(0, 256, (16, 20, 3), dtype=np.uint8), ()),  # a BGR image
+    (np.random.default_rng(1).integers(0, 65536, (6, 10, 3), dtype=np.uint16), ()),  # SYNTHIA's 16-bit labels
+    (np.random.default_rng(2).integers(0, 256, (16, 20, 3), dtype=np.uint8), (cv2.IMWRITE_PNG_COMPRESSION, 9)),
+])
+def test_png_bytes_equal_cv2_imwrite(tmp_path: Path, image: np.ndarray, params: tuple[int, ...]) -> None:
+    assert cv2.imwrite(str(tmp_path / "imwrite.png"), image, list(params))
+    atomic_write_png(image, tmp_path / "atomic.png", params)
+    assert (tmp_path / "atomic.png").read_bytes() == (tmp_path / "imwrite.png").read_bytes()
+    np.testing.assert_array_equal(cv2.imread(str(tmp_path / "atomic.png"), cv2.IMREAD_UNCHANGED), image)
+
+
+def test_png_that_cannot_be_encoded_writes_nothing(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cannot encode"):
+        atomic_write_png(np.zeros((4, 4, 7), np.uint8), tmp_path / "x.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_report_package_keeps_exporting_the_same_writers() -> None:
+    assert plca.report.atomic_write is atomic_write and plca.report.atomic_write_text is atomic_write_text
+
+
+def test_no_other_hand_written_temp_and_rename_writer() -> None:
+    """Outside plca/io.py, only folder-level swaps (a staged dataset folder renamed into place: extract.py,
+    embedded.py) and the resumable download's rename of a finished part file (download.py) may call os.replace."""
+    root = Path(__file__).resolve().parents[1]
+    allowed = {"plca/io.py", "plca/data/extract.py", "plca/data/embedded.py", "plca/data/download.py"}
+    found = set()
+    for folder in ("plca", "stages"):
+        for path in (root / folder).rglob("*.py"):
+            text = path.read_text(encoding="utf-8")
+            if "mkstemp" in text or "os.replace(" in text:
+                found.add(path.relative_to(root).as_posix())
+    assert found <= allowed, f"hand-written atomic writers outside plca/io.py: {sorted(found - allowed)}"
