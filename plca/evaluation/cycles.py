@@ -34,7 +34,7 @@ class CycleConfig:
     #: Val pairs (source image k, target image k) to measure; at most the shorter val list.
     pairs: int = 100
     batch_size: int = 8
-    #: SAGG weight on the target, as in training (`plca.alpha`).
+    #: SAGG weight on the target, as in training (`methods.plca.alpha`).
     alpha: float = DEFAULT_ALPHA
     #: Network input size (w, h) of both images; None = as stored. Must give both domains the same grid.
     input_size: tuple[int, int] | None = None
