@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from plca.config import ConfigError, flatten, load_yaml
+from plca.io import atomic_write
 from plca.params import validate_params
 from plca.profiles import DEFAULT, PROFILE_KEY, Overlay, compose, overlay_file, profile_names, render
-from plca.report import atomic_write
 
 DEFAULT_BASE = Path("profiles/default.yaml")
 DEFAULT_PARAMS = Path("params.yaml")
