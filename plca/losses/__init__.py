@@ -1,6 +1,7 @@
 """PLCA's losses: association (Eq 1-10), adaptive label smoothing (Eq 13), Lovasz-softmax and cross-entropy;
-ADVENT's entropy (MinEnt) for a baseline."""
+ADVENT's entropy (MinEnt) and the output-space adversarial losses (AdaptSegNet, AdvEnt, IntraDA) for baselines."""
 
+from plca.losses.adversarial import SOURCE_LABEL, TARGET_LABEL, adversarial_loss, self_information_map
 from plca.losses.association import (
     AssociationConfig,
     AssociationResult,
@@ -17,7 +18,10 @@ from plca.losses.lsr import adaptive_lsr
 __all__ = [
     "AssociationConfig",
     "AssociationResult",
+    "SOURCE_LABEL",
+    "TARGET_LABEL",
     "adaptive_lsr",
+    "adversarial_loss",
     "associate",
     "association_loss",
     "cross_entropy",
@@ -25,5 +29,6 @@ __all__ = [
     "entropy_loss",
     "entropy_map",
     "lovasz_softmax",
+    "self_information_map",
     "spatial_aggregate",
 ]

@@ -188,6 +188,7 @@ class ResNet(nn.Module):
         self.layer3 = self._make_layer(block, widths[2], blocks[2], 2, True, norm_layer)
         self.layer4 = self._make_layer(block, widths[3], blocks[3], 2, True, norm_layer)
         self.out_channels = widths[3] * block.expansion
+        self.layer3_channels = widths[2] * block.expansion  # what `last_two_stages` returns first (1024 at R101)
         self.output_stride = 8
         self._init_weights()
 
@@ -223,12 +224,17 @@ class ResNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def last_two_stages(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(layer3's output, layer4's output), both at output stride 8: the auxiliary head of the multi-level
+        DeepLab-v2 methods reads the first, everything else the second (what `forward` returns)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer1(x)
         x = self.layer2(x)
-        x = self.layer3(x)
-        return self.layer4(x)
+        c3 = self.layer3(x)
+        return c3, self.layer4(c3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.last_two_stages(x)[1]
 
 
 def _needed(backbone: ResNet) -> str:
