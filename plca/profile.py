@@ -98,8 +98,8 @@ def _note_replaced_edits(params: Path, data: bytes, base: Path) -> None:
     edits = replaced_edits(current, base)
     if edits:
         shown = ", ".join(edits[:8]) + (", ..." if len(edits) > 8 else "")
-        print(f"note: {params} had {len(edits)} value(s) that its profile '{current.get(PROFILE_KEY)}' does not set, "
-              f"now replaced: {shown} (a dvc experiment keeps its own params)", file=sys.stderr)
+        print(f"note: {params} differed from what its profile '{current.get(PROFILE_KEY)}' builds at {len(edits)} "
+              f"key(s), now replaced: {shown} (a dvc experiment keeps its own params)", file=sys.stderr)
 
 
 if __name__ == "__main__":
