@@ -86,7 +86,7 @@ def _phase_and_method(params: Params, name: str) -> tuple[PhaseConfig, str, dict
     """(phase, method, options, labelled stream source, start from pretrain?) of a run."""
     if name == PRETRAIN:
         p = params.pretrain
-        return p, p.method, {**params.shared_options(p.method), **p.options}, "source", False
+        return p, p.method, params.pretrain_options(), "source", False
     v = params.variant(name).train
     phase = params.oracle if name == params.runs.oracle else params.adapt
     return phase, v.method, params.method_options(name), v.labelled, v.init == "pretrain"

@@ -203,6 +203,10 @@ class Params:
         v = self.variant(name).train
         return {**self.shared_options(v.method), **v.options}
 
+    def pretrain_options(self) -> dict[str, Any]:
+        """The pretraining's method options: its method's shared options, overridden by `pretrain.options`."""
+        return {**self.shared_options(self.pretrain.method), **self.pretrain.options}
+
     def method_config(self, name: str) -> Any:
         """A variant's method options as its method's config dataclass (the method's defaults filled in)."""
         v = self.variant(name).train
@@ -289,7 +293,7 @@ def _check(p: Params) -> None:
         # dvc.yaml's pretrain stage depends on methods.${pretrain.method}: DVC stops on a missing key
         raise ConfigError(f"params.methods: no entry for pretrain.method '{p.pretrain.method}' (`{{}}` when it "
                           "shares no options)")
-    from_dict(METHODS[p.pretrain.method][1], {**p.shared_options(p.pretrain.method), **p.pretrain.options},
+    from_dict(METHODS[p.pretrain.method][1], p.pretrain_options(),
               f"params.methods.{p.pretrain.method} + params.pretrain.options")
     _check_runs(p)
     _check_show(p)
