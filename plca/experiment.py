@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from plca.config import flatten, to_dict
+from plca.config import flatten, from_dict, to_dict
 from plca.data.datasets import CityscapesReader, GTA5Reader, SynthiaReader
 from plca.data.transforms import train_transform
 from plca.engine import checkpoint as ckpt
@@ -24,8 +24,11 @@ from plca.evaluation.cycles import CycleConfig, cycle_diagnostics
 from plca.evaluation.inference import InferenceConfig, evaluate
 from plca.evaluation.metrics import summarize
 from plca.io import atomic_write_json, atomic_write_png
-from plca.methods import build_method
+from plca.labelling import PseudoLabelledReader, SubsetReader, make_pseudo_set, read_names
+from plca.methods import METHODS, build_method
 from plca.models.deeplabv2 import DeepLabV2, DeepLabV2Config, build_model
+from plca.models.ensemble import Ensemble
+from plca.models.output import SegmentationModel
 from plca.params import DomainConfig, Params, PhaseConfig
 
 log = logging.getLogger(__name__)
@@ -51,13 +54,57 @@ def save_model(model: DeepLabV2, path: Path, meta: dict[str, Any]) -> None:
     ckpt.atomic_save({"model_config": to_dict(model.cfg), "state_dict": model.state_dict(), "meta": meta}, path)
 
 
-def load_model(path: Path, device: torch.device | str = "cpu") -> DeepLabV2:
-    """A model saved by `save_model` (architecture from the file, no ImageNet weights needed)."""
-    state = ckpt.load(path, map_location=device)
+def _model_from_state(state: dict[str, Any]) -> DeepLabV2:
     cfg = DeepLabV2Config(**{**state["model_config"], "pretrained": None})
     model = DeepLabV2(cfg)
     model.load_state_dict(state["state_dict"])
+    return model
+
+
+def save_ensemble(members: list[Path], weights: tuple[float, ...], path: Path, meta: dict[str, Any]) -> None:
+    """One file holding every member model (as `save_model` writes them) and their weights."""
+    parts = []
+    for member in members:
+        state = ckpt.load(member, map_location="cpu")
+        if "ensemble" in state:
+            raise ValueError(f"{member}: is an ensemble itself; ensemble members are trained models")
+        parts.append({"model_config": state["model_config"], "state_dict": state["state_dict"]})
+    ckpt.atomic_save({"ensemble": parts, "weights": list(weights), "meta": meta}, path)
+
+
+def load_model(path: Path, device: torch.device | str = "cpu") -> SegmentationModel:
+    """A model saved by `save_model` (architecture from the file, no ImageNet weights needed), or an ensemble
+    saved by `save_ensemble`."""
+    state = ckpt.load(path, map_location=device)
+    if "ensemble" in state:
+        model: SegmentationModel = Ensemble([_model_from_state(m) for m in state["ensemble"]], state["weights"])
+    else:
+        model = _model_from_state(state)
     return model.to(device)
+
+
+def load_init(model: DeepLabV2, path: Path, added: dict[str, Any]) -> None:
+    """Load the weights of `path` into `model`, which may have parts the file's model lacks because the method
+    asked for them (`added`, e.g. the auxiliary head): those keep their fresh initialisation. Anything else
+    missing or unexpected is an error naming the file."""
+    start = load_model(path)
+    if not isinstance(start, DeepLabV2):
+        raise ValueError(f"{path}: an ensemble cannot be a starting model")
+    own = {k: v for k, v in vars(start.cfg).items() if k != "pretrained"}
+    new = {k: v for k, v in vars(model.cfg).items() if k != "pretrained"}
+    differ = {k for k in own if own[k] != new[k] and not (k in added and new[k] == added[k])}
+    if differ:
+        raise ValueError(f"{path}: its model differs from the one to train in {sorted(differ)}: "
+                         + ", ".join(f"{k} {own[k]!r} vs {new[k]!r}" for k in sorted(differ)))
+    missing, unexpected = model.load_state_dict(start.state_dict(), strict=False)
+    if unexpected:
+        raise ValueError(f"{path}: weights the model to train does not have: {unexpected[:5]}")
+    if missing:
+        with torch.random.fork_rng(devices=[]):  # building a model draws: the run's own draws stay as they were
+            fresh = set(model.state_dict()) - set(DeepLabV2(replace(start.cfg, pretrained=None)).state_dict())
+        lacking = [k for k in missing if k not in fresh]
+        if lacking:
+            raise ValueError(f"{path}: lacks weights of the model to train: {lacking[:5]}")
 
 
 def file_digest(path: Path) -> str:
@@ -82,14 +129,40 @@ class RunSpec:
         return f"{self.name}-s{self.seed}"
 
 
-def _phase_and_method(params: Params, name: str) -> tuple[PhaseConfig, str, dict[str, Any], str, bool]:
-    """(phase, method, options, labelled stream source, start from pretrain?) of a run."""
+def _phase_and_method(params: Params, name: str) -> tuple[PhaseConfig, int, str, dict[str, Any], str, bool]:
+    """(phase, steps, method, options, labelled stream source, starts from a trained model?) of a run."""
     if name == PRETRAIN:
         p = params.pretrain
-        return p, p.method, params.pretrain_options(), "source", False
+        return p, p.steps, p.method, params.pretrain_options(), "source", False
     v = params.variant(name).train
-    phase = params.oracle if name == params.runs.oracle else params.adapt
-    return phase, v.method, params.method_options(name), v.labelled, v.init == "pretrain"
+    from_model = v.init == "pretrain" or name in params.runs.rounds
+    return params.phase(name), params.steps(name), v.method, params.method_options(name), v.labelled, from_model
+
+
+def _streams(params: Params, spec: RunSpec, labelled: str, wants_target: bool,
+             pseudo_dir: Path | None) -> dict[str, KeyedDataset]:
+    """The run's training streams: "source" (labelled images) and, for methods that adapt, "target" (images).
+    A round reads both from its pseudo-label set: its labelled images with their pseudo-labels, the rest."""
+    if (labelled == "pseudo") != (pseudo_dir is not None):
+        raise ValueError(f"{spec.run_name}: a pseudo-label set is given exactly when the run learns from one "
+                         f"(labelled: {labelled}, set: {pseudo_dir})")
+    target_train = params.data.target
+    if pseudo_dir is not None:
+        target = make_reader(target_train, "train", with_labels=False)
+        readers = {"source": PseudoLabelledReader(target, pseudo_dir)}
+        if wants_target:
+            hard = read_names(pseudo_dir, "unlabelled")
+            readers["target"] = SubsetReader(target, hard, f"{pseudo_dir}/unlabelled.txt") if hard else target
+    else:
+        domain = params.data.source if labelled == "source" else target_train
+        readers = {"source": make_reader(domain, "train", with_labels=True)}
+        if wants_target:
+            readers["target"] = make_reader(target_train, "train", with_labels=False)
+    return {
+        name: KeyedDataset(reader, lambda s, rng: train_transform(s, params.data.train_transform, rng),
+                           spec.seed, STREAM_IDS[name])
+        for name, reader in readers.items()
+    }
 
 
 def train_run(
@@ -103,38 +176,40 @@ def train_run(
     tracking: TrackingConfig,
     tags: dict[str, str],
     progress: bool = True,
+    pseudo_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Train one run and write `out_dir/model.pt`; resumes from `checkpoint_dir/last.pt` after a crash (and returns
-    at once when that checkpoint is of the finished run). The caller removes the checkpoint when it has served."""
-    phase, method_name, options, labelled, from_pretrain = _phase_and_method(params, spec.name)
+    at once when that checkpoint is of the finished run). The caller removes the checkpoint when it has served.
+    `init_model`: the model it starts from (the pretrained one, or a round's); `pseudo_dir`: a round's set."""
+    phase, steps, method_name, options, labelled, from_model = _phase_and_method(params, spec.name)
     if params.engine.threads:
         torch.set_num_threads(params.engine.threads)
     torch.manual_seed(spec.seed)
-    model = build_model(params.model)
+    where = f"params.variants.{spec.name}.options"
+    cls, cfg_cls = METHODS[method_name]
+    # parts the method needs on top of params.model (the multi-level methods' auxiliary head)
+    added = cls.model_options(from_dict(cfg_cls, options, where))
+    model_cfg = replace(params.model, **added)
+    model = build_model(model_cfg)
     init_digest = None
-    if from_pretrain:
+    if from_model:
         if init_model is None:
-            raise ValueError(f"{spec.run_name}: starts from the pretrained model, but none was given")
-        model.load_state_dict(load_model(init_model).state_dict())
+            raise ValueError(f"{spec.run_name}: starts from a trained model, but none was given")
+        load_init(model, init_model, added)
         init_digest = file_digest(init_model)
-    method = build_method(method_name, model, options, where=f"params.variants.{spec.name}.options")
-
-    labelled_domain = params.data.source if labelled == "source" else params.data.target
-    streams = {
-        "source": KeyedDataset(make_reader(labelled_domain, "train", with_labels=True),
-                               lambda s, rng: train_transform(s, params.data.train_transform, rng),
-                               spec.seed, STREAM_IDS["source"]),
-    }
-    if "target" in method.streams:
-        streams["target"] = KeyedDataset(make_reader(params.data.target, "train", with_labels=False),
-                                         lambda s, rng: train_transform(s, params.data.train_transform, rng),
-                                         spec.seed, STREAM_IDS["target"])
-    tcfg = TrainConfig(steps=phase.steps, seed=spec.seed, optim=phase.optim, engine=params.engine)
+    method = build_method(method_name, model, options, where=where)
+    streams = _streams(params, spec, labelled, "target" in method.streams, pseudo_dir)
+    pseudo_digest = None if pseudo_dir is None else file_digest(pseudo_dir / "images.csv")
+    tcfg = TrainConfig(steps=steps, seed=spec.seed, optim=phase.optim, engine=params.engine)
     run_params = {
         "run": spec.name, "seed": spec.seed, "method": method_name, "labelled": labelled,
-        "options": options, "phase": to_dict(phase), "engine": to_dict(params.engine), "model": to_dict(params.model),
+        "options": options, "phase": to_dict(phase), "engine": to_dict(params.engine), "model": to_dict(model_cfg),
         "data": to_dict(params.data), "init_model": init_digest,
     }
+    if steps != phase.steps:  # keys only when they apply: the fingerprints of existing runs stay as they were
+        run_params["steps"] = steps
+    if pseudo_digest is not None:
+        run_params["pseudo_labels"] = pseudo_digest
     run_fp = fingerprint(run_params)
     trainer = Trainer(tcfg)
     with Tracker(tracking, spec.run_name, flatten(run_params), tags) as tracker:
@@ -188,7 +263,8 @@ def evaluate_run(
                        desc=f"evaluate {spec.run_name} source-val")
         summary["source_val"] = summarize(src.matrix)
     cycles = None
-    if params.evaluate.cycle_pairs and source_reader is not None:
+    # an ensemble has no feature map of its own to associate
+    if params.evaluate.cycle_pairs and source_reader is not None and isinstance(model, DeepLabV2):
         # SAGG on the target with the alpha the association trains with (params.test_time_alpha)
         ccfg = CycleConfig(pairs=params.evaluate.cycle_pairs, batch_size=params.evaluate.batch_size,
                            alpha=icfg.alpha, input_size=params.data.eval_size)
@@ -236,3 +312,42 @@ def evaluate_run(
             if (out_dir / f).is_file():
                 tracker.log_artifact(out_dir / f)
     return compact
+
+
+def ensemble_run(params: Params, spec: RunSpec, *, members: list[Path], out_dir: Path) -> dict[str, Any]:
+    """Assemble the ensemble variant `spec.name` (params `runs.ensembles`) from its members' models of the seed:
+    `out_dir/model.pt`, which `load_model` reads as one model averaging their logits."""
+    wiring = params.runs.ensembles[spec.name]
+    meta = {"run": spec.run_name, "members": list(wiring.members), "weights": list(wiring.weights),
+            "member_digests": [file_digest(m) for m in members]}
+    save_ensemble(members, wiring.weights, out_dir / "model.pt", meta)
+    return meta
+
+
+def pseudo_label_run(
+    params: Params,
+    name: str,
+    seed: int,
+    *,
+    model_path: Path,
+    out_dir: Path,
+    tracking: TrackingConfig,
+    tags: dict[str, str],
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write pseudo-label set `name` (params `pseudo.<name>`) of one seed: the target train images predicted by
+    `model_path`, labelled as the set's policy decides (`plca.labelling`), to `out_dir`, atomically."""
+    cfg = params.pseudo[name]
+    device = resolve_device(params.engine.device)
+    if params.engine.threads:
+        torch.set_num_threads(params.engine.threads)
+    model = load_model(model_path, device)
+    reader = make_reader(params.data.target, "train", with_labels=cfg.precision)
+    summary = make_pseudo_set(model, reader, params.data.train_transform, cfg, out_dir, device, progress=progress,
+                              desc=f"pseudo-labels {name} s{seed}")
+    run_params = {"pseudo": name, "seed": seed, "model": file_digest(model_path), **to_dict(cfg)}
+    with Tracker(tracking, f"pseudo-{name}-s{seed}", flatten(run_params), tags) as tracker:
+        tracker.log_metrics({f"pseudo/{k}": float(v) for k, v in summary.items()
+                             if isinstance(v, int | float) and not isinstance(v, bool)})
+        tracker.log_artifact(out_dir / "summary.json")
+    return summary

@@ -11,8 +11,10 @@ import csv
 import io
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -26,6 +28,7 @@ EMPTY_CSV_COLUMNS = ("step", "lr")
 __all__ = [
     "EMPTY_CSV_COLUMNS",
     "FILE_MODE",
+    "atomic_dir",
     "atomic_write",
     "atomic_write_csv",
     "atomic_write_json",
@@ -51,6 +54,25 @@ def atomic_write(path: Path | str, write: Callable[[IO[bytes]], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextmanager
+def atomic_dir(path: Path | str) -> Iterator[Path]:
+    """Fill a temporary folder beside `path` in the `with` block; on success it replaces `path` by one rename,
+    on any exception it is removed and `path` stays as it was. A folder of many files (a pseudo-label set)
+    therefore never looks whole while half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp gives 0o700
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def atomic_write_text(path: Path | str, text: str) -> Path:

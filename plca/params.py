@@ -23,6 +23,7 @@ from plca.data.transforms import TransformConfig
 from plca.engine.optim import OptimConfig
 from plca.engine.tracking import TrackingConfig
 from plca.engine.trainer import EngineConfig
+from plca.labelling import POLICIES, PseudoSetConfig
 from plca.losses.constants import DEFAULT_ALPHA
 from plca.methods import METHODS
 from plca.models.deeplabv2 import DeepLabV2Config
@@ -82,16 +83,39 @@ class PretrainConfig(PhaseConfig):
 class TrainSpec:
     """What a variant's stages train and evaluate with (params `variants.<name>.train`)."""
 
-    #: A method of the registry (plca.methods.METHODS).
-    method: str
-    #: Which labelled stream trains it: the source domain, or the target's own labels (the oracle).
-    labelled: Literal["source", "target"] = "source"
-    #: Start from the source-only pretrained model of the same seed, or from the model's initialisation.
+    #: A method of the registry (plca.methods.METHODS); null for an ensemble of trained variants, which is not
+    #: trained but assembled (`runs.ensembles` names its members).
+    method: str | None = None
+    #: Which labelled stream trains it: the source domain, the target's own labels (the oracle), or the labelled
+    #: images of a pseudo-label set (a round, `runs.rounds`; the set's other images are its target stream).
+    labelled: Literal["source", "target", "pseudo"] = "source"
+    #: Start from the source-only pretrained model of the same seed, or from the model's initialisation. A round
+    #: (`runs.rounds`) starts from the model its wiring names instead.
     init: Literal["pretrain", "scratch"] = "pretrain"
+    #: This training is one of `steps_split` equal parts of its phase's steps (`adapt.steps`): a method trained in
+    #: two stages (IntraDA) or three rounds gives each 1/2 or 1/3, so every row gets the same optimiser steps.
+    steps_split: int = 1
     #: Test-time aggregation of features then probabilities (Sec. 3.5); on for PLCA models.
     test_time_aggregation: bool = False
     #: Method options; the method's shared options (`methods.<method>`) supply the rest.
     options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PublishedConfig:
+    """A method's published mIoU on the real benchmarks (DeepLab-v2 ResNet-101 unless `source` says otherwise),
+    shown beside our measured row in Table 2's labelled columns: facts from papers, never our numbers."""
+
+    #: Where the figures come from (paper and table, or repository), printed under the table.
+    source: str
+    #: GTA5 -> Cityscapes, 19 classes.
+    gta5: float | None = None
+    #: SYNTHIA -> Cityscapes, 16 and 13 classes.
+    synthia16: float | None = None
+    synthia13: float | None = None
+    #: How the figure was obtained when it differs from ours (e.g. the best of snapshots scored on Cityscapes val,
+    #: where we take the last iterate), printed with the source.
+    note: str | None = None
 
 
 #: The tables a variant can be a row of: Table 1 (ablation) and Tables 2/3 (per class).
@@ -113,6 +137,8 @@ class ShowConfig:
     #: The column of the paper's Table 1 it is compared with (plca.report.paper.TABLE1_COLUMNS, checked by the
     #: report); null: ours alone, no paper figure.
     paper: str | None = None
+    #: The method's published figures, shown beside the row in Table 2 (null: none).
+    published: PublishedConfig | None = None
 
 
 @dataclass
@@ -140,8 +166,29 @@ class VariantConfig:
 
 
 @dataclass
+class RoundWiring:
+    """Where a round (`runs.rounds`) starts and what it learns from."""
+
+    #: The model it starts from, seed by seed: `pretrain` or a trained variant.
+    init: str
+    #: The pseudo-label set (`runs.pseudo`) whose labelled images are its labelled stream, the rest its target.
+    pseudo: str
+
+
+@dataclass
+class EnsembleWiring:
+    """An ensemble (`runs.ensembles`): two trained variants whose logits are averaged at evaluation."""
+
+    #: The two variants, seed by seed (dvc.yaml's ensemble stage depends on exactly two models).
+    members: tuple[str, str]
+    #: Weights of their logits (ADVENT's released ensemble: 0.5 / 0.5).
+    weights: tuple[float, float] = (0.5, 0.5)
+
+
+@dataclass
 class RunsConfig:
-    """Which variants run, as the plain lists dvc.yaml's stages iterate (DVC cannot filter `variants` itself)."""
+    """Which variants run and how they depend on each other: the plain lists and mappings dvc.yaml's stages
+    iterate (DVC can neither filter `variants` nor look a key up in them, so the wiring lives here)."""
 
     #: Stage train_source: source labels only, no target images, continued from the pretrained model.
     train_source: list[str]
@@ -149,8 +196,21 @@ class RunsConfig:
     adapt: list[str]
     #: Stage oracle: the variant trained on target labels (the upper bound), for `oracle.steps`.
     oracle: str
-    #: Stage evaluate: every variant above exactly once. The report shows them in `variants` order.
+    #: Stage evaluate: variants to score, each once: any trained variant or ensemble. The report shows them in
+    #: `variants` order. A trained variant it leaves out must serve another run (a stage of a method).
     evaluate: list[str]
+    #: Stage pseudo: pseudo-label set (a key of params `pseudo`) -> the trained variant whose models label the
+    #: target train images, seed by seed.
+    pseudo: dict[str, str] = field(default_factory=dict)
+    #: Stage round: variant -> its wiring; trained with `adapt`'s optimiser on a pseudo-label set.
+    rounds: dict[str, RoundWiring] = field(default_factory=dict)
+    #: Stage ensemble: variant -> its two members, assembled (not trained) seed by seed.
+    ensembles: dict[str, EnsembleWiring] = field(default_factory=dict)
+
+    @property
+    def trained(self) -> list[str]:
+        """Every variant some stage trains, in stage order."""
+        return [*self.train_source, *self.adapt, self.oracle, *self.rounds]
 
 
 @dataclass
@@ -186,6 +246,8 @@ class Params:
     seeds: list[int]
     evaluate: EvaluateConfig
     tracking: TrackingConfig
+    #: Pseudo-label sets a round can learn from (which run labels each: `runs.pseudo`).
+    pseudo: dict[str, PseudoSetConfig] = field(default_factory=dict)
     #: Which setup this is: `embedded` (the default toy pair), `gta5` or `synthia` (the paper).
     profile: str = "embedded"
 
@@ -201,6 +263,8 @@ class Params:
     def method_options(self, name: str) -> dict[str, Any]:
         """A variant's method options: its method's shared options, overridden by the variant's own options."""
         v = self.variant(name).train
+        if v.method is None:
+            raise ConfigError(f"params.variants.{name}.train: no method (an ensemble is assembled, not trained)")
         return {**self.shared_options(v.method), **v.options}
 
     def pretrain_options(self) -> dict[str, Any]:
@@ -210,16 +274,28 @@ class Params:
     def method_config(self, name: str) -> Any:
         """A variant's method options as its method's config dataclass (the method's defaults filled in)."""
         v = self.variant(name).train
-        if v.method not in METHODS:
+        if v.method is not None and v.method not in METHODS:
             raise ConfigError(f"params.variants.{name}.train.method: unknown method '{v.method}'; "
                               f"known: {sorted(METHODS)}")
+        if v.method is None:
+            raise ConfigError(f"params.variants.{name}.train: no method (an ensemble is assembled, not trained)")
         return from_dict(METHODS[v.method][1], self.method_options(name),
                          f"params.methods.{v.method} + params.variants.{name}.train.options")
+
+    def phase(self, name: str) -> PhaseConfig:
+        """The phase (length and segmenter optimiser) a variant trains in: `oracle` for the oracle, else `adapt`."""
+        return self.oracle if name == self.runs.oracle else self.adapt
+
+    def steps(self, name: str) -> int:
+        """A variant's optimiser steps: its phase's, divided by its `steps_split`."""
+        return self.phase(name).steps // self.variant(name).train.steps_split
 
     def test_time_alpha(self, name: str) -> float:
         """Sec. 3.5's aggregation weight when `name` is scored with test-time aggregation: the `alpha` its method
         trains with when the method has that option (PLCA: `methods.plca.alpha` or the variant's own), else
         `evaluate.test_time_alpha`. dvc.yaml's evaluate stage depends on `methods` and `evaluate` for it."""
+        if self.variant(name).train.method is None:
+            return self.evaluate.test_time_alpha
         alpha = getattr(self.method_config(name), "alpha", None)
         return self.evaluate.test_time_alpha if alpha is None else float(alpha)
 
@@ -232,17 +308,100 @@ class Params:
 _COLOUR = re.compile(r"#[0-9a-fA-F]{6}")
 
 
+def _check_wiring(p: Params) -> None:
+    """Pseudo-label sets, rounds and ensembles: each names what exists and runs, with nothing circular."""
+    r = p.runs
+    trained = r.trained
+    for key, model in r.pseudo.items():
+        if key not in p.pseudo:
+            raise ConfigError(f"params.runs.pseudo.{key}: no pseudo-label set '{key}' in params.pseudo; "
+                              f"defined: {sorted(p.pseudo)}")
+        if model not in trained:
+            raise ConfigError(f"params.runs.pseudo.{key}: '{model}' is not a trained variant of runs; trained: "
+                              f"{trained}")
+    for name, wiring in r.rounds.items():
+        where = f"params.runs.rounds.{name}"
+        if wiring.init != "pretrain" and wiring.init not in trained:
+            raise ConfigError(f"{where}.init: expected 'pretrain' or a trained variant of runs, got "
+                              f"'{wiring.init}'; trained: {trained}")
+        if wiring.pseudo not in r.pseudo:
+            raise ConfigError(f"{where}.pseudo: '{wiring.pseudo}' is not a set of runs.pseudo "
+                              f"({sorted(r.pseudo)})")
+        if p.variant(name).train.labelled != "pseudo":
+            raise ConfigError(f"params.variants.{name}.train.labelled must be 'pseudo' for a round (runs.rounds)")
+    for name in trained:
+        if name not in r.rounds and p.variant(name).train.labelled == "pseudo":
+            raise ConfigError(f"params.variants.{name}.train.labelled: 'pseudo' needs the variant's wiring in "
+                              "runs.rounds (its starting model and pseudo-label set)")
+    # every run's upstream runs, to refuse a cycle before DVC does
+    upstream: dict[str, set[str]] = {name: set() for name in trained}
+    for name, wiring in r.rounds.items():
+        upstream[name] |= {wiring.init, r.pseudo[wiring.pseudo]} - {"pretrain"}
+    state: dict[str, int] = {}
+
+    def visit(name: str, path: list[str]) -> None:
+        if state.get(name) == 1:
+            raise ConfigError(f"params.runs.rounds: circular wiring {' -> '.join([*path, name])}")
+        if state.get(name) != 2:
+            state[name] = 1
+            for up in sorted(upstream.get(name, ())):
+                visit(up, [*path, name])
+            state[name] = 2
+
+    for name in trained:
+        visit(name, [])
+    for name, wiring in r.ensembles.items():
+        where = f"params.runs.ensembles.{name}"
+        if p.variant(name).train.method is not None:
+            raise ConfigError(f"params.variants.{name}.train.method must be null for an ensemble (runs.ensembles): "
+                              "it is assembled from its members, not trained")
+        for member in wiring.members:
+            if member not in trained:
+                raise ConfigError(f"{where}.members: '{member}' is not a trained variant of runs; trained: {trained}")
+        if any(w <= 0 for w in wiring.weights):
+            raise ConfigError(f"{where}.weights: expected positive weights, got {list(wiring.weights)}")
+        if p.variant(name).train.test_time_aggregation:
+            raise ConfigError(f"params.variants.{name}.train.test_time_aggregation: an ensemble averages logits; "
+                              "it has no test-time aggregation")
+
+
 def _check_runs(p: Params) -> None:
     r = p.runs
-    groups = [*r.train_source, *r.adapt, r.oracle]
-    if sorted(groups) != sorted(r.evaluate) or len(set(r.evaluate)) != len(r.evaluate):
-        raise ConfigError(f"params.runs.evaluate {r.evaluate} must list each of runs.train_source, runs.adapt and "
-                          f"runs.oracle exactly once ({groups})")
-    for f in fields(r):
-        value = getattr(r, f.name)
-        for name in [value] if isinstance(value, str) else value:
+    trained = r.trained
+    named = [*trained, *r.ensembles]
+    for key in (f.name for f in fields(r)):
+        value = getattr(r, key)
+        names = [value] if isinstance(value, str) else list(value.values() if key == "pseudo" else value)
+        for name in names:
             if name not in p.variants:
-                raise ConfigError(f"params.runs.{f.name}: no variant '{name}'; defined: {sorted(p.variants)}")
+                raise ConfigError(f"params.runs.{key}: no variant '{name}'; defined: {sorted(p.variants)}")
+    twice = sorted({n for n in named if named.count(n) > 1})
+    if twice:
+        raise ConfigError(f"params.runs: {twice} listed by more than one of train_source, adapt, oracle, rounds, "
+                          "ensembles (each variant is made by one stage)")
+    dups = sorted({n for n in r.evaluate if r.evaluate.count(n) > 1})
+    if dups:
+        raise ConfigError(f"params.runs.evaluate: {dups} listed twice")
+    for name in r.evaluate:
+        if name not in named:
+            raise ConfigError(f"params.runs.evaluate: '{name}' is neither trained nor assembled by runs (train_source, "
+                              "adapt, oracle, rounds, ensembles)")
+    for name in p.variants:
+        if p.variant(name).train.method is None and name in trained:
+            raise ConfigError(f"params.variants.{name}.train.method: null, but runs trains it (null is for "
+                              "ensembles)")
+    _check_wiring(p)
+    used = {*r.pseudo.values(), *(w.init for w in r.rounds.values()),
+            *(m for w in r.ensembles.values() for m in w.members)}
+    for name in named:
+        if name not in r.evaluate and name not in used:
+            raise ConfigError(f"params.runs.evaluate: '{name}' runs but is neither evaluated nor used by another run "
+                              "(add it to runs.evaluate)")
+    for name in trained:
+        v = p.variant(name).train
+        if v.steps_split < 1 or p.phase(name).steps % v.steps_split:
+            raise ConfigError(f"params.variants.{name}.train.steps_split: {v.steps_split} does not divide its "
+                              f"phase's steps ({p.phase(name).steps}) into equal parts")
     for name in r.train_source:
         method = p.variant(name).train.method
         if "target" in METHODS[method][0].streams:
@@ -286,7 +445,8 @@ def _check(p: Params) -> None:
             raise ConfigError(f"params.methods.{method}: unknown method; known: {sorted(METHODS)}")
     # every defined variant's method and options now, not when it is first run: a typo stops every stage at once
     for name in p.variants:
-        p.method_config(name)
+        if p.variant(name).train.method is not None:
+            p.method_config(name)
     if p.pretrain.method not in METHODS:
         raise ConfigError(f"params.pretrain.method: unknown method '{p.pretrain.method}'; known: {sorted(METHODS)}")
     if p.pretrain.method not in p.methods:
@@ -295,6 +455,15 @@ def _check(p: Params) -> None:
                           "shares no options)")
     from_dict(METHODS[p.pretrain.method][1], p.pretrain_options(),
               f"params.methods.{p.pretrain.method} + params.pretrain.options")
+    for name, ps in p.pseudo.items():
+        if ps.policy not in POLICIES:
+            raise ConfigError(f"params.pseudo.{name}.policy: unknown policy '{ps.policy}'; known: {sorted(POLICIES)}")
+        try:
+            from_dict(POLICIES[ps.policy][1], ps.options, f"params.pseudo.{name}.options")
+        except (TypeError, ValueError) as exc:  # the policy config's own checks (__post_init__)
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"params.pseudo.{name}.options: {exc}") from None
     _check_runs(p)
     _check_show(p)
     if p.evaluate.cycle_pairs < 0:

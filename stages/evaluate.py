@@ -15,14 +15,14 @@ from plca.experiment import RunSpec, evaluate_run
 def main() -> None:
     parser = setup(__doc__)
     parser.add_argument("--run", required=True, help="a variant name from params.variants")
-    parser.add_argument("--seed", type=int, action="append", help="a seed (repeatable); default: params.seeds")
+    _common.add_seed_option(parser)
     args = parser.parse_args()
     params = _common.params_or_exit(args.params)
     tracking = _common.tracking_config(params)
     for seed in args.seed or params.seeds:
         result = evaluate_run(
             params, RunSpec(args.run, seed),
-            model_path=Path("models") / args.run / f"s{seed}" / "model.pt",
+            model_path=_common.model_path(args.run, seed),
             out_dir=Path("eval") / args.run / f"s{seed}",
             metrics_path=Path("metrics") / args.run / f"s{seed}.json",
             tracking=tracking,

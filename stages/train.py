@@ -1,5 +1,6 @@
 """DVC stage: train one run for every seed (or the seeds given), one after another in one process — the
-source-only pretraining, or one variant. A run killed at any point resumes from its checkpoint; a seed that had
+source-only pretraining, or one variant (a round starts from the model and learns from the pseudo-label set its
+wiring in params `runs.rounds` names). A run killed at any point resumes from its checkpoint; a seed that had
 finished is restored from its final checkpoint instead of retrained. The checkpoints go once every seed is done."""
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ from plca.experiment import PRETRAIN, RunSpec, train_run
 def main() -> None:
     parser = setup(__doc__)
     parser.add_argument("--run", required=True, help=f"'{PRETRAIN}' or a variant name from params.variants")
-    parser.add_argument("--seed", type=int, action="append", help="a seed (repeatable); default: params.seeds")
+    _common.add_seed_option(parser)
     parser.add_argument("--stage", default="train", help="stage name, recorded as an MLflow tag")
     args = parser.parse_args()
     params = _common.params_or_exit(args.params)
     tracking = _common.tracking_config(params)
     specs = [RunSpec(args.run, seed) for seed in (args.seed or params.seeds)]
+    wiring = params.runs.rounds.get(args.run)
     for spec in specs:
         seed = spec.seed
-        init = None if args.run == PRETRAIN else Path("models") / PRETRAIN / f"s{seed}" / "model.pt"
+        init = None if args.run == PRETRAIN else _common.model_path(wiring.init if wiring else PRETRAIN, seed)
         result = train_run(
             params, spec,
             out_dir=Path("models") / args.run / f"s{seed}",
@@ -35,6 +37,7 @@ def main() -> None:
             tracking=tracking,
             tags=_common.tags(params, args.stage, args.run, seed),
             progress=not args.no_progress,
+            pseudo_dir=_common.pseudo_path(wiring.pseudo, seed) if wiring else None,
         )
         print(json.dumps({"run": spec.run_name, **result}), flush=True)
     for spec in specs:  # every model is saved: the checkpoints have served

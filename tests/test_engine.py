@@ -397,8 +397,9 @@ def test_minent_adds_the_weighted_target_entropy_to_source_only() -> None:
     cfg = DeepLabV2Config(num_classes=19, depth=18, width=0.125, aspp_rates=(1, 2))
     batch = _source_target_batch(1, 1.0, 2.0)
     outs, grads = {}, {}
-    for name, method_name, options in (("source_only", "source_only", {}), ("off", "minent", {"w_ent": 0.0}),
-                                       ("on", "minent", {"w_ent": 0.5})):
+    single = {"multi_level": False, "lovasz": True}  # the single-level MinEnt on source-only's CE + Lovasz
+    for name, method_name, options in (("source_only", "source_only", {}), ("off", "minent", {**single, "w_ent": 0.0}),
+                                       ("on", "minent", {**single, "w_ent": 0.5})):
         torch.manual_seed(0)
         model = build_model(cfg).train()
         out = build_method(method_name, model, options).training_step(batch)

@@ -57,7 +57,11 @@ def test_the_default_aggregates_every_aggregated_variant_with_the_papers_alpha()
 
 
 def test_shared_options_come_from_the_methods_section_under_the_variants_own() -> None:
-    params = _params(lambda raw: raw["methods"]["plca"].update(tau=5.0))
+    def edit(raw: dict[str, Any]) -> None:
+        raw["methods"]["plca"].update(tau=5.0)
+        del raw["methods"]["minent"]
+
+    params = _params(edit)
     assert params.method_options("plca")["tau"] == 5.0 and params.method_options("fass")["cass"] is False
     assert params.shared_options("minent") == {}  # a method without an entry shares nothing
 
@@ -75,13 +79,39 @@ def test_shared_options_come_from_the_methods_section_under_the_variants_own() -
         (lambda r: r["variants"]["minent"]["train"].update(method="nope"), "params.variants.minent.train.method"),
         (lambda r: r["pretrain"].pop("method"), "params.pretrain: missing required key 'method'"),
         (lambda r: r["methods"].pop("source_only"), "params.methods: no entry for pretrain.method 'source_only'"),
-        (lambda r: r["runs"].update(oracle="source_only"), "params.runs.evaluate"),
+        (lambda r: r["runs"].update(oracle="source_only"), "params.runs: ['source_only'] listed by more than one"),
+        (lambda r: r["runs"]["evaluate"].remove("plca"), "params.runs.evaluate: 'plca' runs but is neither evaluated"),
+        (lambda r: r["runs"]["pseudo"].update(intrada_rank="advent_minent"),
+         "params.runs.pseudo.intrada_rank: 'advent_minent' is not a trained variant"),
+        (lambda r: r["runs"]["pseudo"].update(nope="advent"), "params.runs.pseudo.nope: no pseudo-label set 'nope'"),
+        (lambda r: r["runs"]["rounds"]["intrada"].update(init="nope"), "params.runs.rounds.intrada.init"),
+        (lambda r: r["runs"]["rounds"]["intrada"].update(pseudo="intrada_rank_rare"),
+         "params.runs.rounds.intrada.pseudo: 'intrada_rank_rare' is not a set of runs.pseudo"),
+        (lambda r: r["runs"]["rounds"].update(intrada={"init": "intrada", "pseudo": "intrada_rank"}),
+         "params.runs.rounds: circular wiring intrada -> intrada"),
+        (lambda r: r["runs"]["pseudo"].update(intrada_rank="intrada"), "circular wiring"),
+        (lambda r: r["variants"]["intrada"]["train"].update(labelled="source"),
+         "params.variants.intrada.train.labelled must be 'pseudo' for a round"),
+        (lambda r: r["variants"]["intrada_s1"]["train"].update(labelled="pseudo"),
+         "params.variants.intrada_s1.train.labelled: 'pseudo' needs the variant's wiring in runs.rounds"),
+        (lambda r: r["variants"]["intrada_s1"]["train"].update(steps_split=4),
+         "params.variants.intrada_s1.train.steps_split: 4 does not divide its phase's steps (150)"),
+        (lambda r: r["runs"]["ensembles"]["advent_minent"].update(members=["advent", "intrada_rare"]),
+         "params.runs.ensembles.advent_minent.members: 'intrada_rare' is not a trained variant"),
+        (lambda r: r["runs"]["ensembles"]["advent_minent"].update(members=["advent"]),
+         "params.runs.ensembles.advent_minent.members: expected 2 items"),
+        (lambda r: r["variants"]["advent_minent"]["train"].update(method="advent"),
+         "params.variants.advent_minent.train.method must be null for an ensemble"),
+        (lambda r: r["runs"]["adapt"].append("intrada_rare") or r["runs"]["evaluate"].append("intrada_rare")
+         or r["variants"]["intrada_rare"].update(train={}), "intrada_rare.train.method: null, but runs trains it"),
+        (lambda r: r["pseudo"]["intrada_rank"].update(policy="nope"), "params.pseudo.intrada_rank.policy: unknown"),
+        (lambda r: r["pseudo"]["intrada_rank"]["options"].update(ratio=1.5), "params.pseudo.intrada_rank.options"),
         (lambda r: r["runs"]["adapt"].append("nope") or r["runs"]["evaluate"].append("nope"),
          "params.runs.adapt: no variant 'nope'"),
         (lambda r: r["runs"]["train_source"].append("fass") or r["runs"]["adapt"].remove("fass"),
          "params.runs.train_source: 'fass' trains on target images"),
         (lambda r: r["runs"].update(oracle="ce_only", train_source=["source_only"]) or r["runs"].update(
-            evaluate=["source_only", *r["runs"]["adapt"], "ce_only"]), "params.variants.ce_only.train.labelled"),
+            evaluate=[n for n in r["runs"]["evaluate"] if n != "oracle"]), "params.variants.ce_only.train.labelled"),
         (lambda r: r["report"].update(baseline="nope"), "params.report.baseline: no variant 'nope'"),
         (lambda r: r["report"]["class_iou"].append("nope"), "params.report.class_iou[3]: no variant 'nope'"),
         (lambda r: r["report"].update(control="nope"), "params.report.control: no variant 'nope'"),

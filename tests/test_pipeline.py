@@ -159,18 +159,41 @@ def test_repro_writes_every_report(workspace: tuple[Path, dict[str, str]]) -> No
     index = (ws / "reports" / "README.md").read_text()
     assert "(benchmarks.md)" in index and "embedded-pair-findings.md" not in index
     # every run kept its model, log and metrics; the source and target data are in the real formats
+    ensembles = params["runs"]["ensembles"]
+    assert ensembles, "the default runs an ensemble (AdvEnt+MinEnt)"
     for v in variants:
         assert (ws / "models" / v / "s0" / "model.pt").is_file()
-        assert (ws / "logs" / v / "s0.csv").is_file()
+        assert (ws / "logs" / v / "s0.csv").is_file() == (v not in ensembles)  # an ensemble is assembled
         m = json.loads((ws / "metrics" / v / "s0.json").read_text())
         assert m["variant"] == v and 0 <= m["miou"] <= 100
-        # the cycle diagnostics ran on the 4 val pairs, for every variant
-        assert m["cycles"]["pairs"] == 4 and 0 <= m["cycles"]["features"]["positive_rate"] <= 100
+        # the cycle diagnostics ran on the 4 val pairs, for every variant with a feature map (not an ensemble)
+        if v in ensembles:
+            assert "cycles" not in m
+        else:
+            assert m["cycles"]["pairs"] == 4 and 0 <= m["cycles"]["features"]["positive_rate"] <= 100
+    # IntraDA's chain: stage 1 trained half the steps, its ranking split the 12 target images 8 / 4 (int(12 x 0.67)),
+    # the easy ones got label PNGs of their size, stage 2 trained the other half
+    (rank, labeller), = params["runs"]["pseudo"].items()
+    pseudo = ws / "pseudo" / rank / "s0"
+    easy = (pseudo / "labelled.txt").read_text().split()
+    hard = (pseudo / "unlabelled.txt").read_text().split()
+    assert (len(easy), len(hard)) == (8, 4) and not set(easy) & set(hard)
+    assert sorted(p.stem for p in (pseudo / "labels").glob("*.png")) == sorted(easy)
+    assert cv2.imread(str(pseudo / "labels" / f"{easy[0]}.png"), cv2.IMREAD_UNCHANGED).shape == (32, 64)
+    summary_set = json.loads((pseudo / "summary.json").read_text())
+    assert summary_set["labelled"] == 8 and 0 <= summary_set["precision"] <= 1
+    (round_name, wiring), = params["runs"]["rounds"].items()
+    assert wiring["pseudo"] == rank
+    full = pd.read_csv(ws / "logs" / "plca" / "s0.csv")["step"].max()
+    assert full == 4
+    for v in (labeller, round_name):
+        assert pd.read_csv(ws / "logs" / v / "s0.csv")["step"].max() == full // 2  # each half of adapt.steps
     assert "4 val pairs" in (ws / "reports" / "cycles.md").read_text()
     assert next((ws / "data/embedded/target/gtFine/val").rglob("*_gtFine_labelIds.png"))
     assert next((ws / "data/embedded/source/labels").glob("*.png"))
     lock = yaml.safe_load((ws / "dvc.lock").read_text())
-    assert {"prepare", "pretrain", "adapt@plca", "evaluate@oracle", "report"} <= set(lock["stages"])
+    assert {"prepare", "pretrain", "adapt@plca", "evaluate@oracle", "report", f"pseudo@{rank}", f"round@{round_name}",
+            "ensemble@advent_minent"} <= set(lock["stages"])
 
 
 def _png(path: Path) -> np.ndarray:
@@ -226,6 +249,18 @@ def test_one_param_reruns_only_what_depends_on_it(workspace: tuple[Path, dict[st
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     # the report reruns only if the new metrics differ, which four tiny steps need not produce
     assert {"adapt@fass", "evaluate@fass"} <= ran <= {"adapt@fass", "evaluate@fass", "report"}
+
+
+def test_a_lambda_of_advent_reruns_advent_and_the_ensemble_built_on_it(workspace: tuple[Path, dict[str, str]]
+                                                                     ) -> None:
+    ws, env = workspace
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["variants"]["advent"]["train"].setdefault("options", {})["w_adv_main"] = 0.002
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run([str(BIN / "dvc"), "repro"], ws, env)
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    built_on = {"adapt@advent", "evaluate@advent", "ensemble@advent_minent", "evaluate@advent_minent"}
+    assert built_on <= ran <= built_on | {"report"}
 
 
 def _status_after(ws: Path, env: dict[str, str], edit: Callable[[dict], None]) -> dict:

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from plca.data.labels import CLASS_NAMES, PALETTE, PROTOCOLS
-from plca.params import load_params
+from plca.params import PublishedConfig, ReportConfig, ShowConfig, load_params
 from plca.report import atomic_write, write_readme
 from plca.report import figures as F
 from plca.report import paper as P
@@ -175,9 +175,11 @@ def test_rows_labels_and_tables_come_from_each_variants_show():
     t1 = [r[0] for r in _md_rows(T.table1_markdown(_frame(records), dataset_label=LABEL, show=show))[1:]]
     t2 = [r[0] for r in _md_rows(T.table2_markdown(_frame(records), dataset_label=LABEL, show=show))
           if r[0].startswith("ours: ")]
-    assert t1 == [show.label(v) for v in ORDER if v != "fass"]  # fass is no row of Table 1 ...
+    assert t1 == [show.label(v) for v in ORDER if show.in_table(v, "table1")]
+    assert show.label("fass") not in t1 and show.label("minent") in t1  # fass is no row of Table 1 ...
     assert "ours: feature association (n=3)" in t2  # ... but of Table 2, under its new label
-    assert f"ours: {show.label('minent')} (n=3)" not in t2 and len(t2) == 2 * (len(ORDER) - 1)  # both blocks
+    in_t2 = [v for v in ORDER if show.in_table(v, "table2")]
+    assert f"ours: {show.label('minent')} (n=3)" not in t2 and len(t2) == 2 * len(in_t2)  # both blocks
     # a name params do not define (a run made outside the pipeline) is shown by its name, after the others
     extra = [{**r, "variant": "mine"} for r in records if r["variant"] == "plca"]
     rows = _md_rows(T.table1_markdown(T.results_frame(records + extra, order=ORDER), dataset_label=LABEL, show=SHOW))
@@ -216,7 +218,7 @@ def test_table1_paper_columns_are_separate_and_labelled():
     assert (ce_only[1], ce_only[gtav], ce_only[synthia]) == ("source-only (CE)", "31.5", "35.4")
     assert (oracle[1], oracle[gtav], oracle[synthia]) == (T.NA, T.NA, T.NA)
     assert f"**{LABEL}**" in md
-    assert [r[0] for r in _md_rows(md)[1:]] == [SHOW.label(v) for v in ORDER]
+    assert [r[0] for r in _md_rows(md)[1:]] == [SHOW.label(v) for v in ORDER if SHOW.in_table(v, "table1")]
 
 
 def test_table1_explains_the_control_row_only_when_it_is_there():
@@ -256,32 +258,166 @@ def test_table2_per_class_protocols_and_nan():
     md = T.table2_markdown(_frame(records), dataset_label=LABEL, show=SHOW)
     block19, block16 = md.split("## 16 and 13")
     header19 = _md_rows(block19)[0]
-    assert header19 == ["method", *(P.CLASS_ABBREV[c] for c in CLASS_NAMES), "mIoU"]
+    assert header19 == ["method", *(P.CLASS_ABBREV[c] for c in CLASS_NAMES), "mIoU",
+                        f"Δ vs {SHOW.label(BASE)} (paired)", T.PUBLISHED_GTA5]
+    miou19 = header19.index("mIoU")
     plca = [r for r in records if r["variant"] == "plca"]
     (row,) = _md_rows(block19, "ours: PLCA (+ L_lsr) (n=3)")
     assert row[1] == f"{statistics.mean(r['iou']['road'] for r in plca):.1f}"
     assert row[header19.index("train")] == T.NA
-    assert row[-1] == f"{statistics.mean(r['miou'] for r in plca):.1f}"
+    assert row[miou19] == f"{statistics.mean(r['miou'] for r in plca):.1f}"
     (paper_src,) = _md_rows(block19, "paper GTAV→Cityscapes: Source Only")
-    assert (paper_src[1], paper_src[-1]) == ("34.8", "34.3")
+    assert paper_src[1:2] + paper_src[miou19:] == ["34.8", "34.3", T.NA, T.NA]  # no Δ, no `published` figure
 
     header16 = _md_rows(block16)[0]
-    assert header16[4:7] == ["wall*", "fence*", "pole*"] and header16[-2:] == ["mIoU (16)", "mIoU* (13)"]
+    assert header16[4:7] == ["wall*", "fence*", "pole*"]
+    assert header16[-4:] == ["mIoU (16)", "mIoU* (13)", T.PUBLISHED_SYNTHIA16, T.PUBLISHED_SYNTHIA13]
     (row,) = _md_rows(block16, "ours: PLCA (+ L_lsr) (n=3)")
 
     def proto_mean(n):
         names = [CLASS_NAMES[i] for i in PROTOCOLS[n] if CLASS_NAMES[i] not in ABSENT]
         return statistics.mean(statistics.mean(r["iou"][c] for c in names) for r in plca)
 
-    assert row[-2:] == [f"{proto_mean(16):.1f}", f"{proto_mean(13):.1f}"]
+    assert row[-4:-2] == [f"{proto_mean(16):.1f}", f"{proto_mean(13):.1f}"]
     assert row[header16.index("motor")] == T.NA
     (paper_plca,) = _md_rows(block16, "paper SYNTHIA→Cityscapes: PLCA")
-    assert paper_plca[-2:] == ["46.8", "54.0"]
+    assert paper_plca[-4:] == ["46.8", "54.0", T.NA, T.NA]
 
     # a 19-class-only run: our rows leave the 16/13 block, the paper's SYNTHIA rows stay
     md19 = T.table2_markdown(_frame(records), dataset_label=LABEL, show=SHOW, protocols=(19,))
     assert not _md_rows(md19.split("## 16 and 13")[1], "ours: PLCA (+ L_lsr) (n=3)")
     assert _md_rows(md19.split("## 16 and 13")[1], "paper SYNTHIA→Cityscapes: PLCA")
+
+
+#: A hand-made presentation (params.yaml's variants change; these tests fix their own): `base` is the baseline,
+#: `adv` and `ent` have published figures (`ent` a GTA5 one only), `other` none, `t1only` is no row of Table 2.
+PUB_ADV = PublishedConfig(
+    source="ADVENT (Vu et al., CVPR 2019) Table 1", gta5=43.8, synthia16=40.8, synthia13=47.6,
+    note="best of snapshots every 2,000 iterations scored on Cityscapes val; ours: the last iterate",
+)
+PUB_ENT = PublishedConfig(source="Someone et al., 2020, Table 4", gta5=41.4)
+HAND = Presentation(
+    {
+        "base": ShowConfig(label="source-only", tables=["table1", "table2"], colour="#ff7f0e"),
+        "adv": ShowConfig(label="AdvEnt (multi-level)", tables=["table2"], colour="#637939", published=PUB_ADV),
+        "ent": ShowConfig(label="MinEnt", tables=["table2"], colour="#17becf", published=PUB_ENT),
+        "other": ShowConfig(label="PLCA", tables=["table1", "table2"], colour="#9467bd"),
+        "t1only": ShowConfig(label="hidden", tables=["table1"], colour="#8c564b",
+                             published=PublishedConfig(source="Nowhere 2021", gta5=50.0)),
+    },
+    ReportConfig(baseline="base", headline=None, qualitative=[], class_iou=[]),
+)
+#: mIoU per seed; `ent` ran on seed 0 only, `other` on seeds 0, 1 and 5 (pairs with the baseline on 0 and 1).
+HAND_MIOU = {"base": {0: 30.0, 1: 32.0, 2: 34.0}, "adv": {0: 33.0, 1: 34.0, 2: 39.0}, "ent": {0: 31.0},
+             "other": {0: 29.0, 1: 30.0, 5: 50.0}, "t1only": {0: 40.0, 1: 40.0, 2: 40.0}}
+
+
+def _hand_frame() -> pd.DataFrame:
+    records = [{"variant": v, "seed": seed, "miou": m, "iou": {c: (None if c in ABSENT else 50.0) for c in CLASS_NAMES}}
+               for v, runs in HAND_MIOU.items() for seed, m in runs.items()]
+    return T.results_frame(records, order=list(HAND.variants))
+
+
+def test_presentation_published_accessor_and_checks():
+    assert HAND.published("adv") is PUB_ADV and HAND.published("ent") is PUB_ENT
+    assert HAND.published("base") is None and HAND.published("not_a_variant") is None
+    for bad, match in ((replace(PUB_ENT, gta5=441.0), "published.gta5: 441.0 is not an mIoU"),
+                       (replace(PUB_ENT, synthia13=-1), "published.synthia13"),
+                       (replace(PUB_ENT, source=" "), "published.source")):
+        variants = {**HAND.variants, "ent": replace(HAND.variants["ent"], published=bad)}
+        with pytest.raises(ValueError, match=f"variants.ent.show.{match}"):
+            Presentation(variants, HAND.roles)
+
+
+def test_table2_published_columns_delta_and_sources():
+    md = T.table2_markdown(_hand_frame(), dataset_label=LABEL, show=HAND)
+    block19, block16 = md.split("## 16 and 13")
+    header19, header16 = _md_rows(block19)[0], _md_rows(block16)[0]
+    delta = "Δ vs source-only (paired)"
+    assert header19[-3:] == ["mIoU", delta, "published GTA5→Cityscapes mIoU (19)"]
+    assert header16[-4:] == ["mIoU (16)", "mIoU* (13)", "published SYNTHIA→Cityscapes mIoU (16)",
+                             "published SYNTHIA→Cityscapes mIoU* (13)"]
+    rows19 = {r[0]: r for r in _md_rows(block19)[1:]}
+    rows16 = {r[0]: r for r in _md_rows(block16)[1:]}
+    ours = [k for k in rows19 if k.startswith("ours: ")]
+    assert ours == [k for k in rows16 if k.startswith("ours: ")]
+    assert ours == ["ours: source-only (n=3)", "ours: AdvEnt (multi-level) (n=3)", "ours: MinEnt (n=1)",
+                    "ours: PLCA (n=3)"]  # t1only is no row of Table 2
+    # Δ: per-seed differences against the baseline's run of the same seed, mean ± std (ddof=1)
+    # adv: 3, 2, 5 -> 3.33 ± 1.53; ent: 1 (one pair, no std); other: -1, -2 on the seeds both have -> -1.5 ± 0.71
+    # published: the configured figures on the rows that have them, – elsewhere (the paper's rows too)
+    expected = {"ours: source-only (n=3)": ("reference", T.NA, T.NA, T.NA),
+                "ours: AdvEnt (multi-level) (n=3)": ("+3.3 ± 1.5", "43.8", "40.8", "47.6"),
+                "ours: MinEnt (n=1)": ("+1.0 ± –", "41.4", T.NA, T.NA),
+                "ours: PLCA (n=3)": ("-1.5 ± 0.7", T.NA, T.NA, T.NA)}
+    for name in ours:
+        d, gta5, s16, s13 = expected[name]
+        assert (rows19[name][header19.index(delta)], rows19[name][-1]) == (d, gta5), name
+        assert rows16[name][-2:] == [s16, s13], name
+    for rows, header in ((rows19, header19), (rows16, header16)):
+        assert all(len(r) == len(header) for r in rows.values())
+        papers = [r for k, r in rows.items() if k.startswith("paper ")]
+        assert len(papers) == 2 and all(r[-2:] == [T.NA, T.NA] for r in papers)
+    assert rows19["ours: AdvEnt (multi-level) (n=3)"][header19.index("mIoU")] == "35.3"  # ours stays ours
+    assert rows19["paper GTAV→Cityscapes: PLCA"][header19.index("mIoU")] == "47.7"  # the paper's rows as they were
+
+    # each row's source and note are listed under the tables, plainly as published figures, not ours
+    intro, sources = md.split("## 16 and 13")[0], md.split(T.SOURCES_TITLE)[1]
+    assert "not our numbers and never come from our runs" in intro
+    assert [ln for ln in sources.splitlines() if ln.startswith("- ")] == [
+        "- AdvEnt (multi-level): ADVENT (Vu et al., CVPR 2019) Table 1; best of snapshots every 2,000 iterations "
+        "scored on Cityscapes val; ours: the last iterate.",
+        "- MinEnt: Someone et al., 2020, Table 4.",
+    ]
+    assert "Nowhere 2021" not in md  # a variant that is no row of Table 2 lists no source
+    # the Δ column follows the baseline role
+    other = Presentation(HAND.variants, replace(HAND.roles, baseline="adv"))
+    md = T.table2_markdown(_hand_frame(), dataset_label=LABEL, show=other)
+    (row,) = _md_rows(md.split("## 16 and 13")[0], "ours: AdvEnt (multi-level) (n=3)")
+    assert "Δ vs AdvEnt (multi-level) (paired)" in _md_rows(md)[0] and row[-2] == "reference"
+
+
+def test_table2_without_any_published_figure_shows_dashes_and_no_sources():
+    variants = {k: replace(v, published=None) for k, v in HAND.variants.items()}
+    md = T.table2_markdown(_hand_frame(), dataset_label=LABEL, show=Presentation(variants, HAND.roles))
+    assert T.SOURCES_TITLE not in md
+    block19, block16 = md.split("## 16 and 13")
+    assert all(r[-1] == T.NA for r in _md_rows(block19)[1:])
+    assert all(r[-2:] == [T.NA, T.NA] for r in _md_rows(block16)[1:])
+    tex = T.table2_latex(_hand_frame(), dataset_label=LABEL, show=Presentation(variants, HAND.roles))
+    assert "Sources of the published columns" not in tex
+
+
+def _tex_rows(tex: str) -> list[list[list[str]]]:
+    """The rows (header first) of each tabular of a LaTeX table, cells split on unescaped &."""
+    blocks, current = [], None
+    for line in tex.splitlines():
+        if line.startswith("\\begin{tabular}"):
+            current = []
+        elif line == "\\end{tabular}":
+            blocks.append(current)
+            current = None
+        elif current is not None and line.endswith("\\\\"):
+            current.append([c.strip() for c in re.split(r"(?<!\\)&", line[: -2])])
+    return blocks
+
+
+def test_table2_latex_has_the_markdown_columns_and_sources():
+    frame = _hand_frame()
+    md = T.table2_markdown(frame, dataset_label=LABEL, show=HAND)
+    tex = T.table2_latex(frame, dataset_label=LABEL, show=HAND)
+    md_blocks = [_md_rows(block) for block in md.split("## 16 and 13")]
+    tex_blocks = _tex_rows(tex)
+    assert len(tex_blocks) == len(md_blocks) == 2
+    for md_rows, tex_rows in zip(md_blocks, tex_blocks, strict=True):
+        assert len(tex_rows) == len(md_rows)
+        for md_row, tex_row in zip(md_rows, tex_rows, strict=True):
+            assert tex_row == [T.latex_escape(c) for c in md_row]  # same columns, same cells, in the same order
+    assert r"published GTA5$\rightarrow$Cityscapes mIoU (19)" in tex
+    assert r"$\Delta$ vs source-only (paired)" in tex
+    assert ("AdvEnt (multi-level): ADVENT (Vu et al., CVPR 2019) Table 1; best of snapshots every 2,000 iterations "
+            "scored on Cityscapes val; ours: the last iterate.") in tex
+    assert "MinEnt: Someone et al., 2020, Table 4." in tex and "never from our runs" in tex
 
 
 # ---------------------------------------------------------------------------------------------- LaTeX
@@ -297,7 +433,7 @@ def test_latex_escape_and_booktabs(tmp_path):
     md1, tex1 = T.write_table1(results, tmp_path / "t1.md", tmp_path / "t1.tex", dataset_label=label, show=SHOW)
     _, tex2 = T.write_table2(results, tmp_path / "t2.md", tmp_path / "t2.tex", dataset_label=label, show=SHOW)
     assert label in md1.read_text()
-    for path, ncols in ((tex1, 8), (tex2, 21)):
+    for path, ncols in ((tex1, 8), (tex2, 23)):
         tex = path.read_text()
         assert r"toy\_pair 100\% \& more" in tex
         for cmd in (r"\toprule", r"\midrule", r"\bottomrule", r"\end{tabular}"):
@@ -389,6 +525,72 @@ def test_training_curves_and_logs(tmp_path):
         F.load_training_logs({("plca", 0): tmp_path / "bad.csv"})
 
 
+def _write_log(path: Path, terms: dict[str, float], seed: int = 0) -> Path:
+    steps = np.arange(0, 60, 10)
+    log = pd.DataFrame({"step": steps, **{t: v / (1 + steps + seed) for t, v in terms.items()}})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log.to_csv(path, index=False)
+    return path
+
+
+def test_training_curves_leave_out_variants_without_logs(tmp_path):
+    """An ensemble (assembled, not trained) has no log: the curves skip it; a trained variant missing a seed's log
+    still fails, naming the file."""
+    from plca.report.build import ReportInputs, training_logs
+
+    variants = ["source_only", "advent", "minent", "advent_minent"]
+    terms = {"source_only": {"ce": 1.0}, "advent": {"ce": 2.0, "adv_main": 1.0, "d_main": 0.7},
+             "minent": {"ce": 1.5, "entropy_t": 0.5}}
+    for v, logged in terms.items():
+        for seed in (0, 1):
+            _write_log(tmp_path / "logs" / v / f"s{seed}.csv", logged, seed)
+    variants_show = {v: ShowConfig(label=v.upper(), tables=["table2"], colour=c)
+                     for v, c in zip(variants, ("#ff7f0e", "#637939", "#17becf", "#d62728"), strict=True)}
+    show = Presentation(variants_show, ReportConfig(baseline="source_only", headline=None, qualitative=[],
+                                                    class_iou=[]))
+    inp = ReportInputs(metrics_dir=tmp_path / "metrics", logs_dir=tmp_path / "logs", eval_dir=tmp_path / "eval",
+                       variants=variants, seeds=[0, 1], dataset_label=LABEL, show=show)
+    logs, unlogged = training_logs(inp)
+    assert unlogged == ["advent_minent"] and sorted(logs["variant"].unique()) == ["advent", "minent", "source_only"]
+    image = _png(F.training_curves(tmp_path / "curves.png", logs, show=show, unlogged=unlogged,
+                                   config=F.FigureConfig(dpi=60)))
+    for v in ("source_only", "advent", "minent"):
+        assert _near(image, _rgb(v, show)) > 50, v
+    assert _near(image, _rgb("advent_minent", show)) == 0  # not drawn, not in the legend
+
+    # a trained variant with a log for one seed but not the other fails loudly, naming what is missing
+    (tmp_path / "logs" / "minent" / "s1.csv").unlink()
+    with pytest.raises(FileNotFoundError, match=r"variant 'minent' missing: \[.*minent/s1\.csv'\]"):
+        training_logs(inp)
+    # and load_training_logs itself names a missing file's variant and seed
+    with pytest.raises(FileNotFoundError, match=r"s1\.csv: training log of variant 'minent' seed 1 is missing"):
+        F.load_training_logs({("minent", 1): tmp_path / "logs" / "minent" / "s1.csv"})
+    with pytest.raises(F.FigureError, match="no training log of any variant"):
+        training_logs(replace(inp, variants=["advent_minent"]))
+
+
+def test_training_curves_many_variants_each_panel_its_loggers(tmp_path):
+    """~a dozen variants logging different terms: one panel per term, drawing only the variants that log it."""
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#393b79",
+               "#17becf", "#637939", "#843c39", "#bcbd22"]
+    groups = {"ce": range(12), "lovasz": range(7), "fass": range(2, 7), "lsr_s": range(4, 7),
+              "adv_main": (7, 9, 10), "d_main": (7, 9, 10), "entropy_t": (8,), "ce_aux": range(7, 11)}
+    paths = {}
+    for k in range(12):
+        logged = {t: 1.0 + k for t, who in groups.items() if k in who}  # apart: no line hides another
+        for seed in (0, 1):
+            paths[(f"v{k}", seed)] = _write_log(tmp_path / f"v{k}" / f"s{seed}.csv", logged, seed)
+    show = Presentation({f"v{k}": ShowConfig(label=f"variant {k}", tables=["table2"], colour=c)
+                         for k, c in enumerate(palette)}, HAND.roles)
+    found, unlogged = F.find_training_logs(paths)
+    assert unlogged == [] and len(found) == 24
+    image = _png(F.training_curves(tmp_path / "many.png", F.load_training_logs(found), show=show,
+                                   config=F.FigureConfig(dpi=60)))
+    assert image.shape[1] > image.shape[0]  # 8 terms: 3 columns x 3 rows
+    for k in range(12):
+        assert _near(image, _rgb(f"v{k}", show)) > 20, k
+
+
 def test_class_iou_bars(tmp_path):
     path = F.class_iou_bars(tmp_path / "bars.png", _frame(_records()), dataset_label=LABEL,
                             variants=SHOW.roles.class_iou, show=SHOW, config=F.FigureConfig(dpi=60))
@@ -436,8 +638,8 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
 
 
 def test_a_variant_without_a_colour_gets_a_stable_spare() -> None:
-    known = {SHOW.colour(v) for v in ORDER}
-    assert known.isdisjoint(SPARE_COLOURS)  # every defined variant has its own colour, not a spare one
+    known = {SHOW.colour(v) for v in ORDER if SHOW.variants[v].tables}
+    assert known.isdisjoint(SPARE_COLOURS)  # every variant a table shows has its own colour, not a spare one
     variants = dict(SHOW.variants)
     variants["fass"] = replace(variants["fass"], colour=None)
     spare = Presentation(variants, SHOW.roles).colour("fass")

@@ -61,6 +61,15 @@ class Method:
         #: The method's options, validated against its config dataclass (`plca.methods.build_method`).
         self.cfg = cfg
 
+    @classmethod
+    def model_options(cls, cfg: Any) -> dict[str, Any]:
+        """Options of the segmentation network (`plca.models.DeepLabV2Config` fields) this method needs on top of
+        params `model`, given its options `cfg`: e.g. {"aux_head": True} for multi-level training. A run whose
+        starting model lacks such a part (the shared source-only model has no auxiliary head) gets it freshly
+        initialised, as the released codes initialise heads. None by default."""
+        del cfg
+        return {}
+
     def networks(self) -> dict[str, nn.Module]:
         """Every network the method holds (all are checkpointed and put in train mode by the engine)."""
         return {"model": self.model}

@@ -31,13 +31,12 @@ class InferenceConfig:
 def predict_probs(model: Any, images: torch.Tensor, out_size: tuple[int, int], cfg: InferenceConfig) -> torch.Tensor:
     """[N, 3, h, w] normalised images -> [N, C, H, W] class probabilities at `out_size` (bilinear)."""
     out = model(images)
-    features, logits = out[FEATURES], out[LOGITS]
     if cfg.test_time_aggregation:
-        features = spatial_aggregate(features.float(), similarity="cosine", alpha=cfg.alpha, impl="auto")
+        features = spatial_aggregate(out[FEATURES].float(), similarity="cosine", alpha=cfg.alpha, impl="auto")
         probs = model.classify(features).float().softmax(1)
         probs = spatial_aggregate(probs, similarity="kl", alpha=cfg.alpha, impl="auto")
-    else:
-        probs = logits.float().softmax(1)
+    else:  # logits only: an ensemble has no feature map
+        probs = out[LOGITS].float().softmax(1)
     return model.upsample(probs, out_size)
 
 

@@ -11,11 +11,19 @@ from typing import Any
 
 import cv2
 import numpy as np
+import pandas as pd
 
 from plca.report import atomic_write_text, write_readme
 from plca.report.config import Presentation
 from plca.report.cycle_table import write_cycle_table
-from plca.report.figures import class_iou_bars, load_training_logs, qualitative_grid, training_curves
+from plca.report.figures import (
+    FigureError,
+    class_iou_bars,
+    find_training_logs,
+    load_training_logs,
+    qualitative_grid,
+    training_curves,
+)
 from plca.report.tables import (
     EXTRA_COLUMNS,
     headline,
@@ -40,7 +48,8 @@ class ReportInputs:
     metrics_dir: Path
     logs_dir: Path
     eval_dir: Path
-    #: The variants that ran (each has metrics, a log and sample predictions per seed).
+    #: The variants that ran (each has metrics and sample predictions per seed, and a training log per seed unless
+    #: it is assembled rather than trained: an ensemble has none and is left out of the training curves).
     variants: Sequence[str]
     seeds: Sequence[int]
     dataset_label: str
@@ -71,6 +80,18 @@ def collect_records(inp: ReportInputs) -> list[dict[str, Any]]:
                 rec["cycles"] = m["cycles"]
             records.append(rec)
     return records
+
+
+def training_logs(inp: ReportInputs) -> tuple[pd.DataFrame, list[str]]:
+    """The training logs of the variants that have any (`logs/<variant>/s<seed>.csv`), and the variants with none
+    (assembled, not trained: ensembles), which the curves leave out. A variant with a log for some seeds but not
+    others raises FileNotFoundError naming the missing files."""
+    found, unlogged = find_training_logs(
+        {(v, s): inp.logs_dir / v / f"s{s}.csv" for v in inp.show.order(inp.variants) for s in inp.seeds}
+    )
+    if not found:
+        raise FigureError(f"{inp.logs_dir}: no training log of any variant {list(inp.variants)} (did they train?)")
+    return load_training_logs(found), unlogged
 
 
 def _read_mask(path: Path) -> np.ndarray:
@@ -107,8 +128,9 @@ def build_reports(inp: ReportInputs, target_val: Any, sample_indices: Sequence[i
     qualitative_grid(figs / "qualitative.png", [s.image for s in samples], [s.label for s in samples], preds,
                      row_names=[s.name for s in samples],
                      title=f"Target val, seed {seed} — {label}")
-    logs = load_training_logs({(v, s): inp.logs_dir / v / f"s{s}.csv" for v in inp.variants for s in inp.seeds})
-    training_curves(figs / "training_curves.png", logs, show=show, title=f"Training curves — {label}")
+    logs, unlogged = training_logs(inp)
+    training_curves(figs / "training_curves.png", logs, show=show, title=f"Training curves — {label}",
+                    unlogged=unlogged)
     bars = show.present(roles.class_iou, inp.variants)
     class_iou_bars(figs / "class_iou.png", results, dataset_label=label, variants=bars, show=show)
 
@@ -127,12 +149,15 @@ def build_reports(inp: ReportInputs, target_val: Any, sample_indices: Sequence[i
         [
             ("table1.md", "Table 1 ablation: mean ± std over seeds, paired gain over "
                           f"{show.short(roles.baseline)}, paper figures apart"),
-            ("table2.md", "Tables 2/3 layout: per-class IoU, mIoU over 19, 16 and 13 classes"),
+            ("table2.md", "Tables 2/3 layout: per-class IoU, mIoU over 19, 16 and 13 classes, paired gain over "
+                          f"{show.short(roles.baseline)}, methods' published figures apart"),
             ("results.csv", "one row per variant and seed: mIoU and per-class IoU (target val)"),
             ("cycles.md", "what PLCA's cycles pick on each variant's models, scored with target labels (a diagnostic)"),
             ("figures/qualitative.png", "Fig. 3 style: "
                                         + " | ".join(["target image", "ground truth", *map(show.short, columns)])),
-            ("figures/training_curves.png", "every logged loss term per variant, mean over seeds with min-max band"),
+            ("figures/training_curves.png", "every logged loss term per variant, mean over seeds with min-max band"
+                                            + (f" (no training log, not drawn: {', '.join(map(show.short, unlogged))})"
+                                               if unlogged else "")),
             ("figures/class_iou.png", f"per-class IoU: {' vs '.join(map(show.short, bars))}, mean ± std over seeds"),
             ("summary.json", "per-variant mean/std mIoU (the DVC metrics file)"),
         ] + [(name, about) for name, about in _HAND_WRITTEN if (out_dir / name).is_file()],

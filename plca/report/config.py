@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from plca.report.paper import TABLE1_COLUMNS
 
 if TYPE_CHECKING:  # the schema lives with the other params dataclasses; the report needs only their fields
-    from plca.params import ReportConfig, ShowConfig
+    from plca.params import PublishedConfig, ReportConfig, ShowConfig
 
 #: Colours of variants that name none (light tab20 shades), picked by a stable hash of the name.
 SPARE_COLOURS: tuple[str, ...] = ("#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94")
@@ -23,7 +23,8 @@ SPARE_COLOURS: tuple[str, ...] = ("#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#
 class Presentation:
     """Every defined variant's `ShowConfig`, in params order, and the report's roles. A name it does not define
     (results of a run made outside the pipeline) is shown by its name, in a spare colour, in every table.
-    A `paper` column that the paper's Table 1 lacks raises ValueError naming the variant's key."""
+    A `paper` column that the paper's Table 1 lacks, or `published` figures with no source or outside [0, 100],
+    raise ValueError naming the variant's key."""
 
     variants: Mapping[str, ShowConfig]
     roles: ReportConfig
@@ -35,6 +36,16 @@ class Presentation:
             if show.paper is not None and show.paper not in TABLE1_COLUMNS:
                 raise ValueError(f"variants.{name}.show.paper: '{show.paper}' is not a column of the paper's Table 1; "
                                  f"columns: {list(TABLE1_COLUMNS)} (null: no paper figure)")
+            published = show.published
+            if published is not None:
+                where = f"variants.{name}.show.published"
+                if not isinstance(published.source, str) or not published.source.strip():
+                    raise ValueError(f"{where}.source: say where the figures come from (paper and table)")
+                for key in ("gta5", "synthia16", "synthia13"):
+                    value = getattr(published, key)
+                    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                              or not 0.0 <= value <= 100.0):
+                        raise ValueError(f"{where}.{key}: {value!r} is not an mIoU in [0, 100] (null: none)")
         object.__setattr__(self, "_rank", {name: i for i, name in enumerate(self.variants)})
 
     def order(self, names: Iterable[str]) -> list[str]:
@@ -59,6 +70,11 @@ class Presentation:
 
     def paper(self, name: str) -> str | None:
         return self.variants[name].paper if name in self.variants else None
+
+    def published(self, name: str) -> PublishedConfig | None:
+        """The method's published figures on the real benchmarks (facts from papers, never ours); None for a name
+        params do not define or a variant without any."""
+        return self.variants[name].published if name in self.variants else None
 
     def in_table(self, name: str, table: str) -> bool:
         return name not in self.variants or table in self.variants[name].tables

@@ -137,13 +137,45 @@ def qualitative_grid(
 # ---------------------------------------------------------------------------------------------- curves
 
 
+def find_training_logs(
+    paths: Mapping[tuple[str, int], Path | str],
+) -> tuple[dict[tuple[str, int], Path], list[str]]:
+    """Split the expected training logs ({(variant, seed): csv path}) into those to draw and the variants that have
+    none (assembled, not trained: an ensemble), which the curves leave out.
+
+    A variant is drawn when at least one of its logs exists. A variant with logs for some seeds but not others
+    was trained, so a missing log is an error: FileNotFoundError naming the variant and the missing files.
+    """
+    by_variant: dict[str, list[tuple[int, Path]]] = {}
+    for (variant, seed), path in paths.items():
+        by_variant.setdefault(variant, []).append((seed, Path(path)))
+    found: dict[tuple[str, int], Path] = {}
+    unlogged: list[str] = []
+    for variant, runs in by_variant.items():
+        missing = [str(path) for _, path in runs if not path.is_file()]
+        if len(missing) == len(runs):
+            unlogged.append(variant)
+            continue
+        if missing:
+            have = [str(path) for _, path in runs if path.is_file()]
+            raise FileNotFoundError(
+                f"training logs of variant {variant!r} missing: {missing} (it has {have}; a trained variant needs a "
+                "log per seed: did its train stage run for every seed?)"
+            )
+        found.update({(variant, seed): path for seed, path in runs})
+    return found, unlogged
+
+
 def load_training_logs(paths: Mapping[tuple[str, int], Path | str]) -> pd.DataFrame:
     """Read per-run training logs ({(variant, seed): csv path}, columns step, then any logged terms) into one
-    long DataFrame with columns variant, seed, step and the union of the terms (NaN where a run lacks one)."""
+    long DataFrame with columns variant, seed, step and the union of the terms (NaN where a run lacks one).
+    Every path must exist (`find_training_logs` leaves out the variants that have none)."""
     frames = []
     for (variant, seed), path in paths.items():
         try:
             frame = pd.read_csv(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: training log of variant {variant!r} seed {seed} is missing") from None
         except (pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
             raise FigureError(f"{path}: not a training log CSV ({exc})") from exc
         if "step" not in frame.columns:
@@ -162,6 +194,11 @@ def load_training_logs(paths: Mapping[tuple[str, int], Path | str]) -> pd.DataFr
     return logs[[*LOG_INDEX, *terms]]
 
 
+#: A panel that draws at most this many of the figure's variants (a term only some variants log) names them in a
+#: legend of its own, so a line need not be told apart by colour alone.
+PANEL_LEGEND_MAX = 6
+
+
 def training_curves(
     path: Path | str,
     logs: pd.DataFrame,
@@ -169,11 +206,14 @@ def training_curves(
     show: Presentation,
     terms: Sequence[str] | None = None,
     title: str | None = None,
+    unlogged: Sequence[str] = (),
     config: FigureConfig = FigureConfig(),
 ) -> Path:
     """One subplot per logged term (every column but variant/seed/step unless terms says otherwise), one line per
-    variant (in show's order, its colour and label): the mean over seeds at each step, with the seeds' min-max as a
-    band."""
+    variant that logs it (in show's order, its colour and label): the mean over seeds at each step, with the seeds'
+    min-max as a band. A panel drawing only some of the variants (at most PANEL_LEGEND_MAX) names them in its own
+    legend; the figure's legend names every variant drawn. unlogged: variants without a training log (ensembles),
+    named under the title as left out."""
     missing = [c for c in LOG_INDEX if c not in logs.columns]
     if missing:
         raise FigureError(f"{path}: training logs lack columns {missing}")
@@ -185,17 +225,19 @@ def training_curves(
     if not terms:
         raise FigureError(f"{path}: nothing logged to plot")
     variants = show.order(logs["variant"].unique())
-    ncols = min(3, len(terms))
+    ncols = min(3 if len(terms) <= 9 else 4, len(terms))
     nrows = math.ceil(len(terms) / ncols)
     w, h = config.curve_size
-    fig = Figure(figsize=(w * ncols, h * nrows + 0.6), layout="constrained")
+    fig = Figure(figsize=(w * ncols, h * nrows + 0.6 + 0.2 * math.ceil(len(variants) / 4)), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)
     drawn: dict[str, object] = {}
     for ax, term in zip(axes.flat, terms, strict=False):
-        for variant in variants:
+        here = [v for v in variants if logs.loc[logs["variant"] == v, term].notna().any()]
+        # overlapping bands of many variants blur into one another: fainter the more there are
+        alpha = 0.2 if len(here) <= 4 else 0.1
+        lines = []
+        for variant in here:
             rows = logs[(logs["variant"] == variant) & logs[term].notna()]
-            if rows.empty:
-                continue
             per_seed = rows.pivot_table(index="step", columns="seed", values=term, aggfunc="mean").sort_index()
             if config.curve_smooth > 1:
                 per_seed = per_seed.rolling(config.curve_smooth, min_periods=1).mean()
@@ -203,27 +245,34 @@ def training_curves(
             color = show.colour(variant)
             (line,) = ax.plot(steps, per_seed.mean(axis=1).to_numpy(), color=color, linewidth=1.2)
             if per_seed.shape[1] > 1:
-                ax.fill_between(steps, per_seed.min(axis=1), per_seed.max(axis=1), color=color, alpha=0.2, lw=0)
+                ax.fill_between(steps, per_seed.min(axis=1), per_seed.max(axis=1), color=color, alpha=alpha, lw=0)
             drawn.setdefault(variant, line)
+            lines.append(line)
+        if len(here) < len(variants) and len(here) <= PANEL_LEGEND_MAX:
+            ax.legend(lines, [show.short(v) for v in here], fontsize=6, frameon=False, loc="best")
         ax.set_title(term, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(terms) :]:
         ax.set_visible(False)
+    order = [v for v in variants if v in drawn]  # show's order, whichever panel drew a variant first
     fig.legend(
-        [drawn[v] for v in drawn],
-        [show.label(v) for v in drawn],
+        [drawn[v] for v in order],
+        [show.label(v) for v in order],
         loc="outside lower center",
-        ncol=min(4, len(drawn)),
+        ncol=min(4, len(order)),
         fontsize=8,
         frameon=False,
     )
     lo, hi = logs.groupby("variant")["seed"].nunique().agg(["min", "max"])
     n_seeds = f"{lo}" if lo == hi else f"{lo}-{hi}"
+    left_out = [v for v in show.order(unlogged) if v not in drawn]
     fig.suptitle(
         (title + "\n" if title else "")
-        + f"training curves: mean over seeds (n = {n_seeds}), band = min-max over seeds",
+        + f"training curves: mean over seeds (n = {n_seeds}), band = min-max over seeds"
+        + (f"\nno training log (assembled, not trained), not drawn: {', '.join(map(show.label, left_out))}"
+           if left_out else ""),
         fontsize=9,
     )
     return _save(fig, path, config.dpi)

@@ -1,0 +1,239 @@
+"""Pseudo-label sets: a trained model predicts every target training image, a policy decides which images get
+labels and what the labels are, and the set is written whole (label PNGs, the two image lists, per-image scores,
+a summary): the output of a DVC stage that a later training stage, a round, learns from.
+
+A policy sees the predictions twice: `observe` every image (pass 1: scores, statistics), then `select` splits the
+images into labelled and unlabelled, then `label` each labelled image (pass 2). Two passes keep memory flat (no
+prediction is held), at the price of predicting the set twice. Policies register themselves from the method module
+that needs them (`register_policy`), so a method with rounds stays one file. Labels never come from the target's
+ground truth: when the dataset has it, it only scores the pseudo-labels (`precision`), a diagnostic.
+
+Set layout (one folder per seed): `labels/<image name>.png` (train ids, 255 = unlabelled pixel) for every labelled
+image, `labelled.txt` and `unlabelled.txt` (image names, one a line), `images.csv` (name, score, split),
+`summary.json` (policy, options, counts, the diagnostic).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from plca.config import from_dict
+from plca.data.datasets import Sample, read_label_png
+from plca.data.labels import IGNORE_INDEX
+from plca.data.transforms import TransformConfig, eval_transform
+from plca.io import atomic_dir, atomic_write_json, atomic_write_png, atomic_write_text
+from plca.models.output import LOGITS
+
+LABELS_DIR = "labels"
+LABELLED, UNLABELLED = "labelled", "unlabelled"
+
+
+@dataclass
+class PseudoSetConfig:
+    """One pseudo-label set (params `pseudo.<name>`): how the target train images are predicted and which policy
+    (`POLICIES`) decides what is labelled."""
+
+    #: The policy's name, e.g. `entropy_rank` (IntraDA).
+    policy: str
+    #: The policy's options (its config dataclass fills in the rest).
+    options: dict[str, Any] = field(default_factory=dict)
+    #: Network input size (w, h) the images are resized to (IntraDA: 1024 x 512); null = as stored. Predictions
+    #: are upsampled to the stored size, where the label PNGs are written.
+    input_size: tuple[int, int] | None = None
+    batch_size: int = 8
+    #: Score the pseudo-labels against the target train labels when the dataset has them (a diagnostic in the
+    #: set's summary; labels never train).
+    precision: bool = True
+
+
+@dataclass
+class Selection:
+    """What a policy decided after seeing every image: which get labels, and a score per image to record."""
+
+    labelled: list[str]
+    unlabelled: list[str]
+    scores: dict[str, float] = field(default_factory=dict)
+    #: Anything else the summary should keep (thresholds, ...).
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class Policy:
+    """Base class of pseudo-label policies; subclasses set `name` and override the three calls."""
+
+    name: ClassVar[str] = "policy"
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+
+    def observe(self, names: list[str], logits: torch.Tensor) -> None:
+        """Pass 1: [N, C, H, W] float32 logits of the images `names` at their stored size."""
+        raise NotImplementedError
+
+    def select(self) -> Selection:
+        raise NotImplementedError
+
+    def label(self, name: str, logits: torch.Tensor) -> np.ndarray:
+        """Pass 2, for a labelled image: [C, H, W] logits -> [H, W] uint8 train ids, 255 where unlabelled."""
+        raise NotImplementedError
+
+
+P = TypeVar("P", bound=type[Policy])
+
+#: name -> (policy class, its config dataclass)
+POLICIES: dict[str, tuple[type[Policy], type]] = {}
+
+
+def register_policy(config: type) -> Callable[[P], P]:
+    """Class decorator: register a Policy subclass under its `name`, with the dataclass of its options."""
+
+    def add(cls: P) -> P:
+        if cls.name in POLICIES and POLICIES[cls.name][0] is not cls:
+            raise ValueError(f"policy name '{cls.name}' is registered twice ({POLICIES[cls.name][0]} and {cls})")
+        POLICIES[cls.name] = (cls, config)
+        return cls
+
+    return add
+
+
+def build_policy(name: str, options: dict[str, Any], where: str = "policy") -> Policy:
+    """Instantiate policy `name`, its options validated against its config dataclass."""
+    if name not in POLICIES:
+        raise ValueError(f"{where}: unknown pseudo-label policy '{name}'; known: {sorted(POLICIES)}")
+    cls, cfg_cls = POLICIES[name]
+    return cls(from_dict(cfg_cls, options, where))
+
+
+def _predictions(model: torch.nn.Module, reader: Any, tcfg: TransformConfig, cfg: PseudoSetConfig,
+                 device: torch.device, desc: str, progress: bool
+                 ) -> Iterator[tuple[list[Sample], torch.Tensor]]:
+    """(samples, [N, C, H, W] float32 logits at the stored size) for consecutive same-size images of `reader`."""
+
+    def flush(batch: list[tuple[Sample, np.ndarray]]) -> tuple[list[Sample], torch.Tensor]:
+        images = torch.from_numpy(np.stack([b[1] for b in batch])).to(device)
+        h, w = batch[0][0].image.shape[:2]
+        with torch.no_grad():
+            logits = model(images)[LOGITS]
+            logits = model.upsample(logits.float(), (h, w))
+        return [b[0] for b in batch], logits
+
+    model.eval()
+    batch: list[tuple[Sample, np.ndarray]] = []
+    with tqdm(total=len(reader), desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+        for i in range(len(reader)):
+            sample = reader.read(i)
+            image, _ = eval_transform(sample, tcfg, cfg.input_size)
+            if batch and (image.shape != batch[0][1].shape or sample.image.shape != batch[0][0].image.shape
+                          or len(batch) == cfg.batch_size):
+                yield flush(batch)
+                bar.update(len(batch))
+                batch = []
+            batch.append((sample, image))
+        if batch:
+            yield flush(batch)
+            bar.update(len(batch))
+
+
+def make_pseudo_set(model: torch.nn.Module, reader: Any, tcfg: TransformConfig, cfg: PseudoSetConfig,
+                    out_dir: Path, device: torch.device, progress: bool = True, desc: str = "pseudo-labels"
+                    ) -> dict[str, Any]:
+    """Predict every image of `reader` (the target train split) with `model`, let the policy of `cfg` choose and
+    label, and write the set to `out_dir` atomically (see the module docstring). Returns its summary."""
+    policy = build_policy(cfg.policy, cfg.options, f"pseudo set {out_dir}: options")
+    names = list(reader.names)
+    if len(set(names)) != len(names):
+        raise ValueError(f"{reader.root}: image names repeat; a pseudo-label set keys its labels by name")
+    for samples, logits in _predictions(model, reader, tcfg, cfg, device, f"{desc} (scoring)", progress):
+        policy.observe([s.name for s in samples], logits)
+    sel = policy.select()
+    if sorted([*sel.labelled, *sel.unlabelled]) != sorted(names):
+        raise RuntimeError(f"policy '{cfg.policy}' did not split the images exactly once each")
+    chosen = set(sel.labelled)
+    correct = labelled_px = valid_px = 0
+    with atomic_dir(out_dir) as tmp:
+        if chosen:
+            for samples, logits in _predictions(model, reader, tcfg, cfg, device, f"{desc} (labelling)", progress):
+                for sample, lg in zip(samples, logits, strict=True):
+                    if sample.name not in chosen:
+                        continue
+                    label = policy.label(sample.name, lg)
+                    atomic_write_png(label, tmp / LABELS_DIR / f"{sample.name}.png")
+                    if cfg.precision and sample.label is not None:
+                        truth = sample.label
+                        valid = truth != IGNORE_INDEX
+                        mine = valid & (label != IGNORE_INDEX)
+                        correct += int((label[mine] == truth[mine]).sum())
+                        labelled_px += int(mine.sum())
+                        valid_px += int(valid.sum())
+        atomic_write_text(tmp / f"{LABELLED}.txt", "".join(f"{n}\n" for n in sel.labelled))
+        atomic_write_text(tmp / f"{UNLABELLED}.txt", "".join(f"{n}\n" for n in sel.unlabelled))
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["name", "score", "split"])
+        for n in names:
+            score = sel.scores.get(n)
+            writer.writerow([n, "" if score is None else repr(float(score)), LABELLED if n in chosen else UNLABELLED])
+        atomic_write_text(tmp / "images.csv", buf.getvalue())
+        summary = {
+            "policy": cfg.policy, "options": dict(cfg.options), "images": len(names),
+            "labelled": len(sel.labelled), "unlabelled": len(sel.unlabelled), **sel.summary,
+            # share of the labelled images' ground-truth pixels that got a label, and how many of those are right
+            "coverage": labelled_px / valid_px if valid_px else None,
+            "precision": correct / labelled_px if labelled_px else None,
+        }
+        atomic_write_json(summary, tmp / "summary.json")
+    return summary
+
+
+def read_names(set_dir: Path, split: str) -> list[str]:
+    """The image names of a set's split (`labelled` or `unlabelled`)."""
+    path = Path(set_dir) / f"{split}.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such pseudo-label list; is {set_dir} a pseudo-label set (stage pseudo)?")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+class SubsetReader:
+    """The images `names` of `reader` (any order), read as `reader` reads them; no labels."""
+
+    def __init__(self, reader: Any, names: list[str], what: str) -> None:
+        index = {n: i for i, n in enumerate(reader.names)}
+        missing = [n for n in names if n not in index]
+        if missing:
+            raise ValueError(f"{what}: {len(missing)} image(s) not in {reader.root} (e.g. {missing[0]})")
+        if not names:
+            raise ValueError(f"{what}: no images")
+        self.reader, self.names, self.root = reader, list(names), reader.root
+        self._index = [index[n] for n in names]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def read(self, i: int) -> Sample:
+        sample = self.reader.read(self._index[i])
+        return Sample(image=sample.image, label=None, name=sample.name)
+
+
+class PseudoLabelledReader(SubsetReader):
+    """A set's labelled images of `reader` with their pseudo-labels as labels (a round's labelled stream)."""
+
+    def __init__(self, reader: Any, set_dir: Path) -> None:
+        self.set_dir = Path(set_dir)
+        super().__init__(reader, read_names(self.set_dir, LABELLED), f"{self.set_dir}/{LABELLED}.txt")
+
+    def read(self, i: int) -> Sample:
+        sample = super().read(i)
+        path = self.set_dir / LABELS_DIR / f"{sample.name}.png"
+        label = read_label_png(path)
+        if label.shape != sample.image.shape[:2]:
+            raise ValueError(f"{path}: pseudo-label is {label.shape[1]}x{label.shape[0]} (WxH) but its image is "
+                             f"{sample.image.shape[1]}x{sample.image.shape[0]}")
+        return Sample(image=sample.image, label=label, name=sample.name)

@@ -1,0 +1,39 @@
+"""DVC stage: write one pseudo-label set (params `pseudo.<name>`) for every seed (or the seeds given): the target
+train images predicted by the seed's model of the variant params `runs.pseudo.<name>` names, labelled as the set's
+policy decides. Each seed's set is written whole or not at all."""
+
+from __future__ import annotations
+
+import json
+
+import _common
+from _cli import setup
+
+from plca.experiment import pseudo_label_run
+
+
+def main() -> None:
+    parser = setup(__doc__)
+    parser.add_argument("--set", required=True, help="a pseudo-label set of params.runs.pseudo")
+    _common.add_seed_option(parser)
+    args = parser.parse_args()
+    params = _common.params_or_exit(args.params)
+    if args.set not in params.runs.pseudo:
+        raise SystemExit(f"error: params.runs.pseudo has no set '{args.set}'; sets: {sorted(params.runs.pseudo)}")
+    tracking = _common.tracking_config(params)
+    labeller = params.runs.pseudo[args.set]
+    for seed in args.seed or params.seeds:
+        summary = pseudo_label_run(
+            params, args.set, seed,
+            model_path=_common.model_path(labeller, seed),
+            out_dir=_common.pseudo_path(args.set, seed),
+            tracking=tracking,
+            tags=_common.tags(params, "pseudo", args.set, seed),
+            progress=not args.no_progress,
+        )
+        print(json.dumps({"set": args.set, "seed": seed, **{k: summary[k] for k in ("labelled", "unlabelled",
+                                                                                  "precision")}}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
