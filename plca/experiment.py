@@ -147,22 +147,25 @@ def _streams(params: Params, spec: RunSpec, labelled: str, wants_target: bool,
         raise ValueError(f"{spec.run_name}: a pseudo-label set is given exactly when the run learns from one "
                          f"(labelled: {labelled}, set: {pseudo_dir})")
     target_train = params.data.target
+    # stream -> (reader, the domain its images come from: which augmentation they get)
     if pseudo_dir is not None:
         target = make_reader(target_train, "train", with_labels=False)
-        readers = {"source": PseudoLabelledReader(target, pseudo_dir)}
+        readers = {"source": (PseudoLabelledReader(target, pseudo_dir), "target")}
         if wants_target:
             hard = read_names(pseudo_dir, "unlabelled")
-            readers["target"] = SubsetReader(target, hard, f"{pseudo_dir}/unlabelled.txt") if hard else target
+            readers["target"] = (SubsetReader(target, hard, f"{pseudo_dir}/unlabelled.txt") if hard else target,
+                                 "target")
     else:
         domain = params.data.source if labelled == "source" else target_train
-        readers = {"source": make_reader(domain, "train", with_labels=True)}
+        readers = {"source": (make_reader(domain, "train", with_labels=True), labelled)}
         if wants_target:
-            readers["target"] = make_reader(target_train, "train", with_labels=False)
-    return {
-        name: KeyedDataset(reader, lambda s, rng: train_transform(s, params.data.train_transform, rng),
-                           spec.seed, STREAM_IDS[name])
-        for name, reader in readers.items()
-    }
+            readers["target"] = (make_reader(target_train, "train", with_labels=False), "target")
+
+    def dataset(name: str, reader: Any, domain: str) -> KeyedDataset:
+        tcfg = params.transform(domain)
+        return KeyedDataset(reader, lambda s, rng: train_transform(s, tcfg, rng), spec.seed, STREAM_IDS[name])
+
+    return {name: dataset(name, reader, domain) for name, (reader, domain) in readers.items()}
 
 
 def train_run(

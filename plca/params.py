@@ -52,6 +52,9 @@ class DataConfig:
     target: DomainConfig
     #: Training augmentation; its normalisation also applies at evaluation.
     train_transform: TransformConfig
+    #: The target domain's training augmentation when it differs (the released adversarial codes resize GTA5 to
+    #: 1280x720 and Cityscapes to 1024x512); null = train_transform. Same normalisation required.
+    target_transform: TransformConfig | None = None
     #: Evaluation input size (w, h) the image is resized to (paper: 1460 x 730); None = as stored.
     eval_size: tuple[int, int] | None = None
     #: Classes in the evaluation protocol: 19 (GTA5 -> Cityscapes) or 16 (SYNTHIA -> Cityscapes; 13 also reported).
@@ -165,6 +168,10 @@ class VariantConfig:
     show: ShowConfig
 
 
+#: A mapping a profile overlay replaces whole instead of merging (plca.profiles): it selects what runs.
+_SELECTION = {"overlay": "replace"}
+
+
 @dataclass
 class RoundWiring:
     """Where a round (`runs.rounds`) starts and what it learns from."""
@@ -201,11 +208,11 @@ class RunsConfig:
     evaluate: list[str]
     #: Stage pseudo: pseudo-label set (a key of params `pseudo`) -> the trained variant whose models label the
     #: target train images, seed by seed.
-    pseudo: dict[str, str] = field(default_factory=dict)
+    pseudo: dict[str, str] = field(default_factory=dict, metadata=_SELECTION)
     #: Stage round: variant -> its wiring; trained with `adapt`'s optimiser on a pseudo-label set.
-    rounds: dict[str, RoundWiring] = field(default_factory=dict)
+    rounds: dict[str, RoundWiring] = field(default_factory=dict, metadata=_SELECTION)
     #: Stage ensemble: variant -> its two members, assembled (not trained) seed by seed.
-    ensembles: dict[str, EnsembleWiring] = field(default_factory=dict)
+    ensembles: dict[str, EnsembleWiring] = field(default_factory=dict, metadata=_SELECTION)
 
     @property
     def trained(self) -> list[str]:
@@ -250,6 +257,11 @@ class Params:
     pseudo: dict[str, PseudoSetConfig] = field(default_factory=dict)
     #: Which setup this is: `embedded` (the default toy pair), `gta5` or `synthia` (the paper).
     profile: str = "embedded"
+
+    def transform(self, domain: str) -> TransformConfig:
+        """The training augmentation of a domain ("source" | "target")."""
+        d = self.data
+        return d.target_transform if domain == "target" and d.target_transform is not None else d.train_transform
 
     def variant(self, name: str) -> VariantConfig:
         if name not in self.variants:
@@ -466,6 +478,12 @@ def _check(p: Params) -> None:
             raise ConfigError(f"params.pseudo.{name}.options: {exc}") from None
     _check_runs(p)
     _check_show(p)
+    tt, st = p.data.target_transform, p.data.train_transform
+    if tt is not None and (tt.mean, tt.std, tt.channel_order, tt.scale) != (st.mean, st.std, st.channel_order,
+                                                                           st.scale):
+        raise ConfigError("params.data.target_transform: its normalisation (mean, std, channel_order, scale) must "
+                          "be train_transform's: one model reads both domains, and evaluation normalises as "
+                          "train_transform")
     if p.evaluate.cycle_pairs < 0:
         raise ConfigError(f"params.evaluate.cycle_pairs: expected 0 (off) or a number of val pairs, got "
                           f"{p.evaluate.cycle_pairs}")

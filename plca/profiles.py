@@ -3,7 +3,9 @@
 An overlay (profiles/gta5.yaml, a method's recipe, ...) holds only what differs from the default. The rules:
 
 - mappings merge key by key; a list, a scalar or null replaces the base value whole, and so does a mapping whose
-  base value is not a mapping (the default's `data.prepare: null` takes a whole section);
+  base value is not a mapping (the default's `data.prepare: null` takes a whole section) or that the schema marks
+  as a selection (field metadata `overlay: replace`: `runs.pseudo`, `runs.rounds`, `runs.ensembles`, so an
+  overlay that runs fewer variants drops the default's wiring, `{}` for none);
 - an overlay key must be a key of the base mapping at that place, or a field the schema (`plca.params.Params`)
   declares there (e.g. `variants.plca.train.options`, which the default leaves out); a key that is neither (a
   typo, a setting that does not exist) is an error naming the overlay file and the dotted key, also inside a
@@ -120,6 +122,14 @@ def _child(tp: Any, key: str) -> tuple[Any, bool]:
     return Any, True  # Any: a free-form value (e.g. method options given as a plain mapping)
 
 
+def _replaced_whole(tp: Any, key: str) -> bool:
+    """Whether the schema marks field `key` of a mapping of type tp as a selection an overlay replaces whole."""
+    tp = _unwrap(tp)
+    if not dataclasses.is_dataclass(tp):
+        return False
+    return any(f.name == key and f.metadata.get("overlay") == "replace" for f in dataclasses.fields(tp))
+
+
 def _dotted_keys(value: Any, prefix: str) -> set[str]:
     """prefix and every dotted key below it (what an overlay's value sets, for naming it in errors)."""
     out = {prefix}
@@ -149,7 +159,7 @@ def merge(base: Mapping[str, Any], overlay: Overlay, schema: Any = Params) -> tu
                 raise ConfigError(f"{overlay.path}: unknown key '{dotted}': not in the base params nor a setting "
                                   f"of this section (a typo?)")
             if isinstance(value, Mapping):
-                whole = not isinstance(b.get(key), Mapping)
+                whole = not isinstance(b.get(key), Mapping) or _replaced_whole(tp, key)
                 # a mapping over a non-mapping replaces it, but its keys are still checked against the schema
                 out[key] = walk({} if whole else b[key], value, child_tp, f"{dotted}.")
                 if whole:

@@ -160,7 +160,7 @@ def test_an_overlay_key_the_default_lacks_is_an_error_naming_the_file_and_the_ke
 def test_free_form_mappings_and_declared_settings_take_new_keys(tmp_path: Path) -> None:
     default = load_yaml(DEFAULT)
     assert "options" not in default["variants"]["plca"]["train"]  # declared by the schema, absent in the default
-    assert "minent" not in default["methods"]
+    del default["methods"]["minent"]  # a base without MinEnt's shared options
     recipe = write_overlay(tmp_path / "tau.yaml", {
         "variants": {"plca": {"train": {"options": {"tau": 5.0}}},  # a setting of TrainSpec the default leaves out
                      "plca_alpha": {"train": {"method": "plca", "test_time_aggregation": True,  # a new variant
@@ -173,7 +173,7 @@ def test_free_form_mappings_and_declared_settings_take_new_keys(tmp_path: Path) 
     p = compose(default, [overlay(recipe)], DEFAULT).params
     assert p.method_options("plca")["tau"] == 5.0 and p.method_options("fass")["tau"] == 10.0
     assert p.method_options("fass")["cass"] is False and p.method_options("plca")["cass"] is True  # own options win
-    assert p.method_options("minent") == {"lovasz": False, "w_ent": 0.001, "w_lov": 0.75}
+    assert p.method_options("minent") == {"lovasz": False}
     assert p.variant("plca_alpha").train.options == {"alpha": 0.25} and p.test_time_alpha("plca_alpha") == 0.25
     assert p.variant("plca_alpha").show.label == "PLCA (alpha 0.25)"
     assert p.pretrain.options == {"lovasz": False, "w_lov": 0.5}  # merged key by key
@@ -186,14 +186,14 @@ def test_free_form_mappings_and_declared_settings_take_new_keys(tmp_path: Path) 
 
 
 def test_overlays_compose_in_order_later_ones_win(tmp_path: Path) -> None:
-    a = overlay(write_overlay(tmp_path / "a.yaml", {"seeds": [5, 6], "adapt": {"steps": 7}}))
+    a = overlay(write_overlay(tmp_path / "a.yaml", {"seeds": [5, 6], "adapt": {"steps": 8}}))
     b = overlay(write_overlay(tmp_path / "b.yaml", {"seeds": [8], "adapt": {"optim": {"lr": 0.5}}}))
     base = load_yaml(DEFAULT)
     ab, ba = compose(base, [a, b], DEFAULT), compose(base, [b, a], DEFAULT)
     assert (ab.params.seeds, ab.params.profile) == ([8], "a+b")  # lists replace, never concatenate
     assert (ba.params.seeds, ba.params.profile) == ([5, 6], "b+a")
     for m in (ab, ba):  # keys only one overlay sets survive either order; the rest is the default's
-        assert (m.params.adapt.steps, m.params.adapt.optim.lr, m.params.adapt.optim.momentum) == (7, 0.5, 0.9)
+        assert (m.params.adapt.steps, m.params.adapt.optim.lr, m.params.adapt.optim.momentum) == (8, 0.5, 0.9)
     assert base == load_yaml(DEFAULT)  # the base mapping is not modified
 
 
@@ -251,12 +251,11 @@ def test_a_validation_error_names_the_overlay_that_set_the_key(tmp_path: Path,
     table = overlay(write_overlay(tmp_path / "table.yaml", {"runs": {"adapt": ["fass"]}}))
     with pytest.raises(ConfigError) as err:
         compose(base, [gta5, table], DEFAULT)
-    assert str(err.value).startswith(f"{PROFILES['gta5']}, {table.path}: params.runs.evaluate ['source_only', "
-                                     f"'plca', 'oracle'] must list each of runs.train_source, runs.adapt and "
-                                     f"runs.oracle exactly once")
+    assert str(err.value).startswith(f"{PROFILES['gta5']}, {table.path}: params.runs.evaluate: 'plca' is neither "
+                                     "trained nor assembled by runs")
     with pytest.raises(ConfigError) as err:  # the key named is the default's, the overlay set one beside it
         compose(base, [overlay(write_overlay(tmp_path / "t.yaml", {"runs": {"oracle": "fass"}}))], DEFAULT)
-    assert str(err.value).startswith(f"{tmp_path / 't.yaml'}: params.runs.evaluate")
+    assert str(err.value).startswith(f"{tmp_path / 't.yaml'}: params.runs: ['fass'] listed by more than one")
     # an undefined variant in runs: the overlay whose value is merged, not the earlier one (gta5) it replaced
     undefined = overlay(write_overlay(tmp_path / "undefined.yaml", {"runs": {
         "evaluate": ["source_only", "nope", "oracle"], "adapt": ["nope"]}}))

@@ -26,6 +26,8 @@ CAFFE_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
 class TransformConfig:
     """Augmentation and normalisation.
 
+    resize: (w, h) every image is resized to, aspect not kept (the released AdaptSegNet/ADVENT/IntraDA codes:
+      GTA5 1280x720, Cityscapes 1024x512); None keeps the size. Exclusive with short_edge.
     short_edge: [min, max] for the shorter image side, drawn as a random integer per sample (aspect kept);
       None keeps the size. crop: (h, w) random crop, padded when the image is smaller; None keeps the whole image.
     mean/std are given in `channel_order` and in pixel units of `scale` (1: pixels in [0, 1]; 255: [0, 255]).
@@ -35,12 +37,18 @@ class TransformConfig:
     short_edge: tuple[int, int] | None = None
     crop: tuple[int, int] | None = None
     flip: bool = True
+    resize: tuple[int, int] | None = None
     mean: tuple[float, float, float] = IMAGENET_MEAN_RGB
     std: tuple[float, float, float] = IMAGENET_STD_RGB
     channel_order: Literal["rgb", "bgr"] = "rgb"
     scale: Literal[1, 255] = 1
 
     def __post_init__(self) -> None:
+        if self.resize is not None:
+            if min(self.resize) <= 0:
+                raise ValueError(f"resize must be a positive (w, h), got {self.resize}")
+            if self.short_edge is not None:
+                raise ValueError("resize and short_edge both resize the image: set one of them")
         if self.short_edge is not None:
             lo, hi = self.short_edge
             if not 0 < lo <= hi:
@@ -94,13 +102,16 @@ def resize_short_edge(
 def train_transform(
     sample: Sample, cfg: TransformConfig, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Random short-edge resize, random crop (padding: normalised 0 = the mean / label 255), random flip.
+    """Fixed or random short-edge resize, random crop (padding: normalised 0 = the mean / label 255), random flip.
 
     Random draws, in order: short edge, crop offsets, flip; the same rng state gives the same output.
     A sample without a label (target images in adaptation) gets an all-ignore label.
     """
     image = sample.image
     label = sample.label if sample.label is not None else np.full(image.shape[:2], IGNORE_INDEX, np.uint8)
+    if cfg.resize is not None and (image.shape[1], image.shape[0]) != tuple(cfg.resize):
+        image = cv2.resize(image, tuple(cfg.resize), interpolation=cv2.INTER_LINEAR)
+        label = cv2.resize(label, tuple(cfg.resize), interpolation=cv2.INTER_NEAREST_EXACT)
     if cfg.short_edge is not None:
         image, label = resize_short_edge(image, label, int(rng.integers(cfg.short_edge[0], cfg.short_edge[1] + 1)))
     h, w = image.shape[:2]
