@@ -100,7 +100,7 @@ def load_init(model: DeepLabV2, path: Path, added: dict[str, Any]) -> None:
     if unexpected:
         raise ValueError(f"{path}: weights the model to train does not have: {unexpected[:5]}")
     if missing:
-        with torch.random.fork_rng(devices=[]):  # building a model draws: the run's own draws stay as they were
+        with torch.random.fork_rng(devices=[]):  # this check's model must not shift the run's later draws
             fresh = set(model.state_dict()) - set(DeepLabV2(replace(start.cfg, pretrained=None)).state_dict())
         lacking = [k for k in missing if k not in fresh]
         if lacking:

@@ -17,21 +17,21 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from plca.config import from_dict
 from plca.data.datasets import Sample, read_label_png
 from plca.data.labels import IGNORE_INDEX
 from plca.data.transforms import TransformConfig, eval_transform
 from plca.io import atomic_dir, atomic_write_json, atomic_write_png, atomic_write_text
 from plca.models.output import LOGITS
+from plca.registry import Registry
 
 LABELS_DIR = "labels"
 LABELLED, UNLABELLED = "labelled", "unlabelled"
@@ -86,30 +86,17 @@ class Policy:
         raise NotImplementedError
 
 
-P = TypeVar("P", bound=type[Policy])
-
+_POLICIES: Registry[type[Policy]] = Registry("pseudo-label policy")
 #: name -> (policy class, its config dataclass)
-POLICIES: dict[str, tuple[type[Policy], type]] = {}
-
-
-def register_policy(config: type) -> Callable[[P], P]:
-    """Class decorator: register a Policy subclass under its `name`, with the dataclass of its options."""
-
-    def add(cls: P) -> P:
-        if cls.name in POLICIES and POLICIES[cls.name][0] is not cls:
-            raise ValueError(f"policy name '{cls.name}' is registered twice ({POLICIES[cls.name][0]} and {cls})")
-        POLICIES[cls.name] = (cls, config)
-        return cls
-
-    return add
+POLICIES = _POLICIES.entries
+#: Class decorator: register a Policy subclass under its `name`, with the dataclass of its options.
+register_policy = _POLICIES.register
 
 
 def build_policy(name: str, options: dict[str, Any], where: str = "policy") -> Policy:
     """Instantiate policy `name`, its options validated against its config dataclass."""
-    if name not in POLICIES:
-        raise ValueError(f"{where}: unknown pseudo-label policy '{name}'; known: {sorted(POLICIES)}")
-    cls, cfg_cls = POLICIES[name]
-    return cls(from_dict(cfg_cls, options, where))
+    cls, cfg = _POLICIES.config(name, options, where)
+    return cls(cfg)
 
 
 def _predictions(model: torch.nn.Module, reader: Any, tcfg: TransformConfig, cfg: PseudoSetConfig,
