@@ -1,5 +1,6 @@
 """PLCA's losses: association (Eq 1-10), adaptive label smoothing (Eq 13), Lovasz-softmax and cross-entropy;
-ADVENT's entropy (MinEnt) and the output-space adversarial losses (AdaptSegNet, AdvEnt, IntraDA) for baselines."""
+ADVENT's entropy (MinEnt), the output-space adversarial losses (AdaptSegNet, AdvEnt, IntraDA) and the self-training
+loss (CBST, CRST's regularisers, TPLD's bootstrapping) for baselines."""
 
 from plca.losses.adversarial import SOURCE_LABEL, TARGET_LABEL, adversarial_loss, self_information_map
 from plca.losses.association import (
@@ -14,10 +15,12 @@ from plca.losses.cross_entropy import cross_entropy
 from plca.losses.entropy import entropy_loss, entropy_map
 from plca.losses.lovasz import lovasz_softmax
 from plca.losses.lsr import adaptive_lsr
+from plca.losses.self_training import REGULARIZERS, self_training_loss
 
 __all__ = [
     "AssociationConfig",
     "AssociationResult",
+    "REGULARIZERS",
     "SOURCE_LABEL",
     "TARGET_LABEL",
     "adaptive_lsr",
@@ -30,5 +33,6 @@ __all__ = [
     "entropy_map",
     "lovasz_softmax",
     "self_information_map",
+    "self_training_loss",
     "spatial_aggregate",
 ]
