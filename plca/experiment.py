@@ -143,18 +143,23 @@ def _streams(params: Params, spec: RunSpec, labelled: str, wants_target: bool,
              pseudo_dir: Path | None) -> dict[str, KeyedDataset]:
     """The run's training streams: "source" (labelled images) and, for methods that adapt, "target" (images).
     A round reads both from its pseudo-label set: its labelled images with their pseudo-labels, the rest."""
-    if (labelled == "pseudo") != (pseudo_dir is not None):
-        raise ValueError(f"{spec.run_name}: a pseudo-label set is given exactly when the run learns from one "
-                         f"(labelled: {labelled}, set: {pseudo_dir})")
+    if labelled == "pseudo" and pseudo_dir is None:
+        raise ValueError(f"{spec.run_name}: learns from pseudo-labels, but no pseudo-label set was given")
     target_train = params.data.target
     # stream -> (reader, the domain its images come from: which augmentation they get)
-    if pseudo_dir is not None:
+    if pseudo_dir is not None and labelled == "pseudo":  # IntraDA: the set's labelled images are the new source
         target = make_reader(target_train, "train", with_labels=False)
         readers = {"source": (PseudoLabelledReader(target, pseudo_dir), "target")}
         if wants_target:
             hard = read_names(pseudo_dir, "unlabelled")
             readers["target"] = (SubsetReader(target, hard, f"{pseudo_dir}/unlabelled.txt") if hard else target,
                                  "target")
+    elif pseudo_dir is not None:  # self-training: source labels, and the set's images with their pseudo-labels
+        if not wants_target:
+            raise ValueError(f"{spec.run_name}: learns from a pseudo-label set, but its method reads no target")
+        target = make_reader(target_train, "train", with_labels=False)
+        readers = {"source": (make_reader(params.data.source, "train", with_labels=True), "source"),
+                   "target": (PseudoLabelledReader(target, pseudo_dir), "target")}
     else:
         domain = params.data.source if labelled == "source" else target_train
         readers = {"source": (make_reader(domain, "train", with_labels=True), labelled)}
@@ -202,7 +207,8 @@ def train_run(
         init_digest = file_digest(init_model)
     method = build_method(method_name, model, options, where=where)
     streams = _streams(params, spec, labelled, "target" in method.streams, pseudo_dir)
-    pseudo_digest = None if pseudo_dir is None else file_digest(pseudo_dir / "images.csv")
+    # the set's summary holds its policy, options and decisions (thresholds): a changed set never resumes a round
+    pseudo_digest = None if pseudo_dir is None else file_digest(pseudo_dir / "summary.json")
     tcfg = TrainConfig(steps=steps, seed=spec.seed, optim=phase.optim, engine=params.engine)
     run_params = {
         "run": spec.name, "seed": spec.seed, "method": method_name, "labelled": labelled,

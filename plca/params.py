@@ -11,6 +11,7 @@ row reruns only the report. Which variants run is `runs` (plain lists: dvc.yaml'
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -170,6 +171,10 @@ class VariantConfig:
 
 #: A mapping a profile overlay replaces whole instead of merging (plca.profiles): it selects what runs.
 _SELECTION = {"overlay": "replace"}
+#: The shared source-only model's run name (models/pretrain): a round can start from it, a set be labelled by it.
+PRETRAINED = "pretrain"
+#: The folder under metrics/ of the pseudo-label sets' summaries; no variant may take its name.
+PSEUDO_METRICS = "pseudo"
 
 
 @dataclass
@@ -328,19 +333,21 @@ def _check_wiring(p: Params) -> None:
         if key not in p.pseudo:
             raise ConfigError(f"params.runs.pseudo.{key}: no pseudo-label set '{key}' in params.pseudo; "
                               f"defined: {sorted(p.pseudo)}")
-        if model not in trained:
-            raise ConfigError(f"params.runs.pseudo.{key}: '{model}' is not a trained variant of runs; trained: "
-                              f"{trained}")
+        if model not in trained and model != PRETRAINED:
+            raise ConfigError(f"params.runs.pseudo.{key}: '{model}' is neither '{PRETRAINED}' nor a trained variant "
+                              f"of runs; trained: {trained}")
     for name, wiring in r.rounds.items():
         where = f"params.runs.rounds.{name}"
-        if wiring.init != "pretrain" and wiring.init not in trained:
+        if wiring.init != PRETRAINED and wiring.init not in trained:
             raise ConfigError(f"{where}.init: expected 'pretrain' or a trained variant of runs, got "
                               f"'{wiring.init}'; trained: {trained}")
         if wiring.pseudo not in r.pseudo:
             raise ConfigError(f"{where}.pseudo: '{wiring.pseudo}' is not a set of runs.pseudo "
                               f"({sorted(r.pseudo)})")
-        if p.variant(name).train.labelled != "pseudo":
-            raise ConfigError(f"params.variants.{name}.train.labelled must be 'pseudo' for a round (runs.rounds)")
+        if p.variant(name).train.labelled not in ("pseudo", "source"):
+            raise ConfigError(f"params.variants.{name}.train.labelled: a round learns from its set's labelled "
+                              "images as its source ('pseudo', IntraDA) or beside the source labels ('source', "
+                              "self-training), not from target labels")
     for name in trained:
         if name not in r.rounds and p.variant(name).train.labelled == "pseudo":
             raise ConfigError(f"params.variants.{name}.train.labelled: 'pseudo' needs the variant's wiring in "
@@ -348,7 +355,7 @@ def _check_wiring(p: Params) -> None:
     # every run's upstream runs, to refuse a cycle before DVC does
     upstream: dict[str, set[str]] = {name: set() for name in trained}
     for name, wiring in r.rounds.items():
-        upstream[name] |= {wiring.init, r.pseudo[wiring.pseudo]} - {"pretrain"}
+        upstream[name] |= {wiring.init, r.pseudo[wiring.pseudo]} - {PRETRAINED}
     state: dict[str, int] = {}
 
     def visit(name: str, path: list[str]) -> None:
@@ -385,8 +392,14 @@ def _check_runs(p: Params) -> None:
         value = getattr(r, key)
         names = [value] if isinstance(value, str) else list(value.values() if key == "pseudo" else value)
         for name in names:
+            if key == "pseudo" and name == PRETRAINED:  # the shared source-only model labels too
+                continue
             if name not in p.variants:
                 raise ConfigError(f"params.runs.{key}: no variant '{name}'; defined: {sorted(p.variants)}")
+    for reserved in (PRETRAINED, PSEUDO_METRICS):
+        if reserved in p.variants:
+            raise ConfigError(f"params.variants.{reserved}: a reserved name (models/{PRETRAINED}, "
+                              f"metrics/{PSEUDO_METRICS}); rename the variant")
     twice = sorted({n for n in named if named.count(n) > 1})
     if twice:
         raise ConfigError(f"params.runs: {twice} listed by more than one of train_source, adapt, oracle, rounds, "
@@ -412,8 +425,10 @@ def _check_runs(p: Params) -> None:
     for name in trained:
         v = p.variant(name).train
         if v.steps_split < 1 or p.phase(name).steps % v.steps_split:
+            splits = sorted({p.variant(n).train.steps_split for n in trained})
             raise ConfigError(f"params.variants.{name}.train.steps_split: {v.steps_split} does not divide its "
-                              f"phase's steps ({p.phase(name).steps}) into equal parts")
+                              f"phase's steps ({p.phase(name).steps}) into equal parts; the runs split their "
+                              f"steps by {splits}: give the phase a multiple of {math.lcm(*splits)} steps")
     for name in r.train_source:
         method = p.variant(name).train.method
         if "target" in METHODS[method][0].streams:

@@ -124,10 +124,15 @@ def class_balanced_thresholds(probs: Tensor, portion: float, *, ds_rate: int = 4
     The codes cast conf to float32; here it stays in the probs' dtype.
     """
     _check_probs(probs, "class_balanced_thresholds")
-    if policy not in ("cb", "global"):
-        raise ValueError(f"class_balanced_thresholds: unknown policy {policy!r}; expected 'cb' or 'global'")
-    if not 0.0 <= portion <= 1.0:
-        raise ValueError(f"class_balanced_thresholds: portion must be in [0, 1], got {portion}")
+    cls, conf = class_confidence_samples(probs, ds_rate=ds_rate)
+    return thresholds_from_samples(cls, conf, probs.shape[1], portion, policy=policy, cbst_mxnet=cbst_mxnet)
+
+
+def class_confidence_samples(probs: Tensor, *, ds_rate: int = 4) -> tuple[Tensor, Tensor]:
+    """[N, C, H, W] probs -> (predicted class [M] int64, its confidence max p [M]) of the pixels CBST's thresholds
+    read: per image, for every class, every `ds_rate`-th of its pixels in row-major order from the first.
+    Concatenating the samples of several batches gives those of all their images (a set too large to hold)."""
+    _check_probs(probs, "class_confidence_samples")
     if isinstance(ds_rate, bool) or not isinstance(ds_rate, int) or ds_rate < 1:
         raise ValueError(f"class_balanced_thresholds: ds_rate must be an int >= 1, got {ds_rate!r}")
     num_classes = probs.shape[1]
@@ -147,6 +152,17 @@ def class_balanced_thresholds(probs: Tensor, portion: float, *, ds_rate: int = 4
         kept_conf.append(conf[by_class][keep])
     all_cls = torch.cat(kept_cls) if kept_cls else torch.zeros(0, dtype=torch.long, device=probs.device)
     all_conf = torch.cat(kept_conf) if kept_conf else probs.new_zeros(0)
+    return all_cls, all_conf
+
+
+def thresholds_from_samples(cls: Tensor, conf: Tensor, num_classes: int, portion: float, *, policy: Policy = "cb",
+                            cbst_mxnet: bool = False) -> Tensor:
+    """[C] thresholds from `class_confidence_samples` (see `class_balanced_thresholds`), in conf's dtype."""
+    if policy not in ("cb", "global"):
+        raise ValueError(f"class_balanced_thresholds: unknown policy {policy!r}; expected 'cb' or 'global'")
+    if not 0.0 <= portion <= 1.0:
+        raise ValueError(f"class_balanced_thresholds: portion must be in [0, 1], got {portion}")
+    all_cls, all_conf = cls, conf
 
     def kth_largest(values: Tensor, placeholders: int) -> float | Tensor:
         if placeholders:  # CBST-MXNet: the lists start with 0.0 (np.append onto np.float32(0))
@@ -159,7 +175,7 @@ def class_balanced_thresholds(probs: Tensor, portion: float, *, ds_rate: int = 4
             return 1.0
         return value
 
-    out = probs.new_ones(num_classes)
+    out = conf.new_ones(num_classes)
     if policy == "global":
         out[:] = kth_largest(all_conf, 1 + num_classes if cbst_mxnet else 0)
         return out
@@ -218,10 +234,16 @@ def mining_classes(probs: Tensor, *, mine_port: float = 1e-3, rare_cls_num: int 
     class order.
     """
     _check_probs(probs, "mining_classes")
-    if rare_cls_num < 0:
-        raise ValueError(f"mining_classes: rare_cls_num must be >= 0, got {rare_cls_num}")
     num_classes = probs.shape[1]
     counts = torch.bincount(probs.argmax(dim=1).flatten(), minlength=num_classes).to(probs.dtype)
+    return mining_from_counts(counts, mine_port=mine_port, rare_cls_num=rare_cls_num)
+
+
+def mining_from_counts(counts: Tensor, *, mine_port: float = 1e-3, rare_cls_num: int = 3) -> tuple[Tensor, Tensor]:
+    """`mining_classes` from the argmax pixel counts per class [C] (summed over batches of a set too large to
+    hold)."""
+    if rare_cls_num < 0:
+        raise ValueError(f"mining_classes: rare_cls_num must be >= 0, got {rare_cls_num}")
     share = counts / counts.sum().clamp(min=1)
     order = torch.sort(share, stable=True).indices.to(torch.int64)
     num_mine = int((share < mine_port).sum())

@@ -35,8 +35,9 @@ def tiny_params(params: dict) -> dict:
     p["data"]["train_transform"].update(short_edge=[32, 36], crop=[32, 64])
     p["model"].update(width=0.125, groups=4, aspp_rates=[1, 2])
     p["engine"].update(batch_size=2, log_every=2, checkpoint_every=2)
-    for phase in ("pretrain", "adapt", "oracle"):
-        p[phase]["steps"] = 4
+    p["pretrain"]["steps"] = 4
+    for phase in ("adapt", "oracle"):
+        p[phase]["steps"] = 6  # split in 2 (IntraDA's stages) and 3 (self-training rounds)
     p["seeds"] = [0]
     p["evaluate"]["samples"] = [0, 1]
     return p
@@ -173,7 +174,7 @@ def test_repro_writes_every_report(workspace: tuple[Path, dict[str, str]]) -> No
             assert m["cycles"]["pairs"] == 4 and 0 <= m["cycles"]["features"]["positive_rate"] <= 100
     # IntraDA's chain: stage 1 trained half the steps, its ranking split the 12 target images 8 / 4 (int(12 x 0.67)),
     # the easy ones got label PNGs of their size, stage 2 trained the other half
-    (rank, labeller), = params["runs"]["pseudo"].items()
+    rank, labeller = "intrada_rank", params["runs"]["pseudo"]["intrada_rank"]
     pseudo = ws / "pseudo" / rank / "s0"
     easy = (pseudo / "labelled.txt").read_text().split()
     hard = (pseudo / "unlabelled.txt").read_text().split()
@@ -182,12 +183,25 @@ def test_repro_writes_every_report(workspace: tuple[Path, dict[str, str]]) -> No
     assert cv2.imread(str(pseudo / "labels" / f"{easy[0]}.png"), cv2.IMREAD_UNCHANGED).shape == (32, 64)
     summary_set = json.loads((pseudo / "summary.json").read_text())
     assert summary_set["labelled"] == 8 and 0 <= summary_set["precision"] <= 1
-    (round_name, wiring), = params["runs"]["rounds"].items()
-    assert wiring["pseudo"] == rank
+    round_name = "intrada"
+    assert params["runs"]["rounds"][round_name]["pseudo"] == rank
     full = pd.read_csv(ws / "logs" / "plca" / "s0.csv")["step"].max()
-    assert full == 4
+    assert full == 6
     for v in (labeller, round_name):
         assert pd.read_csv(ws / "logs" / v / "s0.csv")["step"].max() == full // 2  # each half of adapt.steps
+    # self-training: three rounds of a third each, each round's set labelled by the model before it; every
+    # target image is in a class-balanced set, its unselected pixels 255; the report shows every set
+    rounds = params["runs"]["rounds"]
+    assert [rounds[v]["init"] for v in ("crst_r1", "crst_r2", "crst")] == ["pretrain", "crst_r1", "crst_r2"]
+    for v in ("cbst_r1", "crst_r2", "plca_crst"):
+        log = pd.read_csv(ws / "logs" / v / "s0.csv")
+        assert log["step"].max() == full // 3 and "target_labelled" in log
+    cb = json.loads((ws / "pseudo" / "crst_p3" / "s0" / "summary.json").read_text())
+    assert (cb["labelled"], cb["unlabelled"], len(cb["thresholds"])) == (12, 0, 19)
+    assert json.loads((ws / "metrics" / "pseudo" / "crst_p3" / "s0.json").read_text()) == cb
+    assert len(list((ws / "metrics" / "pseudo" / "crst_p3" / "s0").glob("*.png"))) == 4
+    pseudo_page = (ws / "reports" / "pseudo_labels.md").read_text()
+    assert all(f"| {s} |" in pseudo_page or f"| `{s}` |" in pseudo_page for s in params["runs"]["pseudo"])
     assert "4 val pairs" in (ws / "reports" / "cycles.md").read_text()
     assert next((ws / "data/embedded/target/gtFine/val").rglob("*_gtFine_labelIds.png"))
     assert next((ws / "data/embedded/source/labels").glob("*.png"))

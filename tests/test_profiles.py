@@ -186,14 +186,14 @@ def test_free_form_mappings_and_declared_settings_take_new_keys(tmp_path: Path) 
 
 
 def test_overlays_compose_in_order_later_ones_win(tmp_path: Path) -> None:
-    a = overlay(write_overlay(tmp_path / "a.yaml", {"seeds": [5, 6], "adapt": {"steps": 8}}))
+    a = overlay(write_overlay(tmp_path / "a.yaml", {"seeds": [5, 6], "adapt": {"steps": 12}}))
     b = overlay(write_overlay(tmp_path / "b.yaml", {"seeds": [8], "adapt": {"optim": {"lr": 0.5}}}))
     base = load_yaml(DEFAULT)
     ab, ba = compose(base, [a, b], DEFAULT), compose(base, [b, a], DEFAULT)
     assert (ab.params.seeds, ab.params.profile) == ([8], "a+b")  # lists replace, never concatenate
     assert (ba.params.seeds, ba.params.profile) == ([5, 6], "b+a")
     for m in (ab, ba):  # keys only one overlay sets survive either order; the rest is the default's
-        assert (m.params.adapt.steps, m.params.adapt.optim.lr, m.params.adapt.optim.momentum) == (8, 0.5, 0.9)
+        assert (m.params.adapt.steps, m.params.adapt.optim.lr, m.params.adapt.optim.momentum) == (12, 0.5, 0.9)
     assert base == load_yaml(DEFAULT)  # the base mapping is not modified
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import re
@@ -433,14 +434,15 @@ def test_latex_escape_and_booktabs(tmp_path):
     md1, tex1 = T.write_table1(results, tmp_path / "t1.md", tmp_path / "t1.tex", dataset_label=label, show=SHOW)
     _, tex2 = T.write_table2(results, tmp_path / "t2.md", tmp_path / "t2.tex", dataset_label=label, show=SHOW)
     assert label in md1.read_text()
-    for path, ncols in ((tex1, 8), (tex2, 23)):
+    for path, ncols, table in ((tex1, 8, "table1"), (tex2, 23, "table2")):
         tex = path.read_text()
         assert r"toy\_pair 100\% \& more" in tex
         for cmd in (r"\toprule", r"\midrule", r"\bottomrule", r"\end{tabular}"):
             assert cmd in tex
-        body = [ln for ln in tex.splitlines() if ln.endswith(r"\\")]
-        # every unescaped & is a column separator: first table's rows all have ncols columns
-        first = body[: len(ORDER) + 1]
+        # every unescaped & is a column separator: the first tabular's rows (header included) all have ncols columns
+        first = [ln for ln in tex.split(r"\end{tabular}")[0].splitlines() if ln.endswith(r"\\")]
+        paper_rows = len(P.TABLE2) if table == "table2" else 0
+        assert len(first) == 1 + sum(SHOW.in_table(v, table) for v in ORDER) + paper_rows
         assert all(len(re.split(r"(?<!\\)&", ln)) == ncols for ln in first), first[0]
         stripped = re.sub(r"\\[_%&#${}]", "", "\n".join(ln for ln in tex.splitlines() if not ln.startswith("%")))
         assert not re.search(r"[_%#]", stripped)  # every special character is escaped
@@ -653,3 +655,131 @@ def test_a_variant_without_a_colour_gets_a_stable_spare() -> None:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip()
         assert out == SHOW.colour("my_method")
+
+
+# ---------------------------------------------------------------------------------------------- pseudo-label sets
+
+
+#: Two sets on seeds 0, 1, 2: `rank` labelled by a variant HAND defines (shown by its label), precision scored on
+#: seeds 0 and 1 only; `cb` labelled by the pretrained model, never scored (no target train labels).
+PSEUDO_SEEDS = (0, 1, 2)
+PSEUDO_RUNS = {"rank": "other", "cb": "pretrain"}
+PSEUDO_ROUNDS = {"r1": ("pretrain", "cb"), "r2": ("r1", "cb"), "stage2": ("pretrain", "rank")}
+PSEUDO_SUMMARIES = {
+    "rank": {0: (8, 12, 0.50, 0.80), 1: (8, 12, 0.60, 0.90), 2: (9, 12, 0.55, None)},
+    "cb": {0: (12, 12, None, None), 1: (12, 12, None, None), 2: (12, 12, None, None)},
+}
+
+
+def _pseudo_inputs(tmp_path: Path, images: dict[str, np.ndarray] | None = None):
+    from plca.labelling import PseudoSetConfig
+    from plca.params import RoundWiring
+    from plca.report.build import ReportInputs
+
+    pseudo_dir = tmp_path / "metrics" / "pseudo"
+    policies = {"rank": ("entropy_rank", {"ratio": 0.67}), "cb": ("class_balanced", {"portion": 0.2})}
+    for name, runs in PSEUDO_SUMMARIES.items():
+        for seed, (labelled, total, coverage, precision) in runs.items():
+            policy, options = policies[name]
+            summary = {"policy": policy, "options": options, "images": total, "labelled": labelled,
+                       "unlabelled": total - labelled, "coverage": coverage, "precision": precision,
+                       "thresholds": [0.5] * 19}
+            atomic_write(pseudo_dir / name / f"s{seed}.json", lambda f, s=summary: f.write(json.dumps(s).encode()))
+    configs = {name: PseudoSetConfig(policy=p, options=o) for name, (p, o) in policies.items()}
+    configs["unused"] = PseudoSetConfig(policy="entropy_rank")
+    rounds = {name: RoundWiring(init=init, pseudo=ps) for name, (init, ps) in PSEUDO_ROUNDS.items()}
+    return ReportInputs(metrics_dir=tmp_path / "metrics", logs_dir=tmp_path / "logs", eval_dir=tmp_path / "eval",
+                        variants=["base", "other"], seeds=list(PSEUDO_SEEDS), dataset_label=LABEL, show=HAND,
+                        pseudo=dict(PSEUDO_RUNS), pseudo_configs=configs, rounds=rounds, pseudo_dir=pseudo_dir,
+                        target_train_image=None if images is None else images.__getitem__)
+
+
+def test_pseudo_label_table_from_summaries(tmp_path):
+    from plca.report import pseudo_sets as S
+
+    inp = _pseudo_inputs(tmp_path)
+    sets = S.describe_sets(inp.pseudo, inp.pseudo_configs, inp.rounds)
+    assert [(s.name, s.labeller, s.rounds) for s in sets] == [("rank", "other", ("stage2",)),
+                                                              ("cb", "pretrain", ("r1", "r2"))]
+    md = S.pseudo_table_markdown(sets, S.load_summaries(inp.pseudo_dir, sets, inp.seeds), dataset_label=LABEL,
+                                 label=HAND.label)
+    rows = _md_rows(md)
+    assert rows[0] == ["set", "labelled by", "policy (options)", "rounds learning from it", "n seeds",
+                       "images labelled / total", "coverage (%)", "precision (%)"]
+    assert [r[0] for r in rows[1:]] == ["rank", "cb"]  # runs.pseudo order
+    rank, cb = rows[1], rows[2]
+    assert rank[1:6] == ["PLCA", "entropy_rank (ratio=0.67)", "stage2", "3", "8.3 / 12"]
+    assert rank[6] == _fmt(55.0, statistics.stdev([50.0, 60.0, 55.0]))
+    assert rank[7] == _fmt(85.0, statistics.stdev([80.0, 90.0])) + " (n=2)"  # seed 2 unscored
+    assert cb[1:8] == ["pretrain", "class_balanced (portion=0.2)", "r1, r2", "3", "12 / 12", T.NA, T.NA]
+    assert LABEL in md and "never train" in md
+    assert "agree with the target train ground truth" in md and "got a pseudo-label" in md
+    for paper_word in ("GTA5→", "Kang et al."):
+        assert paper_word not in md
+
+
+def test_pseudo_label_report_without_sets_says_so_and_drops_a_stale_figure(tmp_path):
+    from plca.report.build import pseudo_reports
+
+    inp = replace(_pseudo_inputs(tmp_path), pseudo={}, pseudo_dir=None)
+    stale = tmp_path / "reports" / "figures" / "pseudo_labels.png"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old")
+    entries = pseudo_reports(inp, tmp_path / "reports")
+    assert [rel for rel, _ in entries] == ["pseudo_labels.md"] and not stale.exists()
+    text = (tmp_path / "reports" / "pseudo_labels.md").read_text()
+    assert "No pseudo-label set ran" in text and LABEL in text and "|" not in text
+
+
+def test_pseudo_label_figure_one_row_per_set_few_samples_each(tmp_path):
+    from plca.report.build import pseudo_reports
+
+    h, w = 24, 48
+    person, car, bus, bicycle, road = 11, 13, 15, 18, 0
+    images, seed = {}, PSEUDO_SEEDS[0]
+    # rank keeps 4 samples (one class each, the last in name order not drawn); cb keeps 1, half unlabelled
+    for name, samples in {"rank": {"a1": person, "a2": car, "a3": bus, "a4": bicycle}, "cb": {"b1": road}}.items():
+        for image, cls in samples.items():
+            label = np.full((h, w), cls, np.uint8)
+            if name == "cb":
+                label[:, : w // 2] = 255
+            folder = tmp_path / "metrics" / "pseudo" / name / f"s{seed}"
+            folder.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(folder / f"{image}.png"), label)
+            images[image] = np.full((h, w, 3), (10, 200, 10), np.uint8)
+    inp = _pseudo_inputs(tmp_path, images)
+    entries = pseudo_reports(inp, tmp_path / "reports", samples=3)
+    assert [rel for rel, _ in entries] == ["pseudo_labels.md", "figures/pseudo_labels.png"]
+    figure = _png(tmp_path / "reports" / "figures" / "pseudo_labels.png")
+    panel = (F.FigureConfig().panel_width * F.FigureConfig().dpi) ** 2 * h / w
+    for cls in (person, car, bus):
+        assert _count(figure, PALETTE[cls]) > 0.5 * panel, CLASS_NAMES[cls]
+    assert _count(figure, PALETTE[bicycle]) == 0  # 4th sample of rank: not drawn, not in the legend
+    assert 0.25 * panel < _count(figure, PALETTE[road]) < 0.75 * panel  # half of one panel
+    assert _count(figure, (10, 200, 10)) > 0.5 * 4 * panel  # 3 + 1 target images
+    assert figure.shape[1] > figure.shape[0]  # 2 rows of 6 panels
+
+    # a pseudo-label of another size than its image is named
+    cv2.imwrite(str(tmp_path / "metrics" / "pseudo" / "cb" / f"s{seed}" / "b1.png"), np.zeros((h, w // 2), np.uint8))
+    with pytest.raises(F.FigureError, match="pseudo-label of b1 must be integer"):
+        pseudo_reports(inp, tmp_path / "reports")
+
+
+def test_pseudo_label_report_names_a_missing_summary(tmp_path):
+    from plca.report.build import pseudo_reports
+
+    inp = _pseudo_inputs(tmp_path, {})
+    missing = tmp_path / "metrics" / "pseudo" / "cb" / "s1.json"
+    missing.unlink()
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing)) + ".*pseudo@cb"):
+        pseudo_reports(inp, tmp_path / "reports")
+    assert not (tmp_path / "reports" / "pseudo_labels.md").exists()
+    # a set that labelled images but kept none of their pseudo-labels is named (one that labelled none draws none)
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "metrics" / "pseudo" / "rank" / "s0"))
+                       + ": sample pseudo-labels"):
+        pseudo_reports(replace(inp, pseudo={"rank": "other"}), tmp_path / "reports")
+    # metrics of another policy than the set's config are stale
+    stale = tmp_path / "metrics" / "pseudo" / "rank" / "s0.json"
+    stale.write_text(json.dumps({"policy": "class_balanced", "images": 1, "labelled": 1}))
+    with pytest.raises(T.ResultsError, match=re.escape(str(stale)) + ".*stale"):
+        pseudo_reports(replace(inp, pseudo={"rank": "other"}), tmp_path / "reports")

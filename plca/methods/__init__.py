@@ -6,7 +6,7 @@ A new method is one file in this folder and one name in the import line below (w
 from __future__ import annotations
 
 from plca.engine.contract import EMASpec, Method, StepOutput, TrainContext
-from plca.methods import adaptsegnet, advent, intrada, minent, plca, source_only  # noqa: F401  (each registers itself)
+from plca.methods import adaptsegnet, advent, cbst, crst, intrada, minent, plca, source_only  # noqa: F401
 from plca.methods.registry import METHODS, build_method, register
 
 __all__ = ["METHODS", "EMASpec", "Method", "StepOutput", "TrainContext", "build_method", "register"]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -18,12 +18,15 @@ from plca.report.config import Presentation
 from plca.report.cycle_table import write_cycle_table
 from plca.report.figures import (
     FigureError,
+    PseudoLabelRow,
     class_iou_bars,
     find_training_logs,
     load_training_logs,
+    pseudo_label_grid,
     qualitative_grid,
     training_curves,
 )
+from plca.report.pseudo_sets import describe_sets, load_summaries, sample_labels, write_pseudo_table
 from plca.report.tables import (
     EXTRA_COLUMNS,
     headline,
@@ -33,6 +36,13 @@ from plca.report.tables import (
     write_table1,
     write_table2,
 )
+
+if TYPE_CHECKING:  # params' schema; the report reads only policy/options of a set and pseudo of a round
+    from plca.labelling import PseudoSetConfig
+    from plca.params import RoundWiring
+
+#: Pseudo-labels per set the figure shows (of the first seed; the pseudo stage keeps up to 4).
+PSEUDO_FIGURE_SAMPLES = 3
 
 #: Files in reports/ that this stage does not write, listed in its README.md when present.
 _HAND_WRITTEN = (
@@ -55,6 +65,18 @@ class ReportInputs:
     dataset_label: str
     #: Labels, tables, colours and roles of the variants (params `variants.*.show` and `report`).
     show: Presentation
+    #: Pseudo-label sets that ran (params `runs.pseudo`: set -> the run that labelled it), in params order.
+    pseudo: Mapping[str, str] = field(default_factory=dict)
+    #: Every set's config (params `pseudo`); the report shows its policy and options.
+    pseudo_configs: Mapping[str, PseudoSetConfig] = field(default_factory=dict)
+    #: The rounds (params `runs.rounds`: variant -> wiring); the report lists those learning from each set.
+    rounds: Mapping[str, RoundWiring] = field(default_factory=dict)
+    #: Where the pseudo stage keeps each set's summaries and sample pseudo-labels (metrics/pseudo); needed when
+    #: `pseudo` names a set.
+    pseudo_dir: Path | None = None
+    #: A target train image ([H, W, 3] uint8 RGB) by name, for the pseudo-label figure; needed when `pseudo` names
+    #: a set.
+    target_train_image: Callable[[str], np.ndarray] | None = None
 
 
 def _load_json(path: Path) -> dict[str, Any]:
@@ -94,11 +116,46 @@ def training_logs(inp: ReportInputs) -> tuple[pd.DataFrame, list[str]]:
     return load_training_logs(found), unlogged
 
 
-def _read_mask(path: Path) -> np.ndarray:
+def _read_mask(path: Path, what: str = "sample prediction") -> np.ndarray:
     mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if mask is None:
-        raise FileNotFoundError(f"{path}: sample prediction missing or unreadable")
+        raise FileNotFoundError(f"{path}: {what} missing or unreadable")
     return mask
+
+
+def pseudo_reports(inp: ReportInputs, out_dir: Path, samples: int = PSEUDO_FIGURE_SAMPLES) -> list[tuple[str, str]]:
+    """Write pseudo_labels.md (always) and figures/pseudo_labels.png (when a set ran; otherwise any old one is
+    removed); returns their README entries. A set whose summary of a seed is missing raises FileNotFoundError
+    naming the file."""
+    sets = describe_sets(inp.pseudo, inp.pseudo_configs, inp.rounds)
+    figure = out_dir / "figures" / "pseudo_labels.png"
+    entries = [("pseudo_labels.md", "the pseudo-label sets rounds learn from: labeller, policy, images labelled, "
+                                    "coverage and precision against target train labels (a diagnostic)")]
+    if not sets:
+        write_pseudo_table([], {}, out_dir / "pseudo_labels.md", dataset_label=inp.dataset_label)
+        figure.unlink(missing_ok=True)
+        return entries
+    if inp.pseudo_dir is None or inp.target_train_image is None:
+        raise ValueError(f"pseudo-label sets {list(inp.pseudo)} ran but the report was given no "
+                         f"{'pseudo_dir' if inp.pseudo_dir is None else 'target_train_image'} to read them with")
+    summaries = load_summaries(inp.pseudo_dir, sets, inp.seeds)
+    label = inp.show.label
+    write_pseudo_table(sets, summaries, out_dir / "pseudo_labels.md", dataset_label=inp.dataset_label, label=label,
+                       pseudo_dir=inp.pseudo_dir)
+    seed = inp.seeds[0]
+    rows = []
+    for s in sets:
+        pngs = sample_labels(inp.pseudo_dir, s.name, seed, samples, summaries[s.name][seed].get("labelled"))
+        rows.append(PseudoLabelRow(
+            title=f"{s.name}: labelled by {label(s.labeller)} ({s.policy})",
+            names=[p.stem for p in pngs],
+            images=[inp.target_train_image(p.stem) for p in pngs],
+            labels=[_read_mask(p, "pseudo-label") for p in pngs],
+        ))
+    pseudo_label_grid(figure, rows, title=f"Pseudo-labels of target train images, seed {seed} — {inp.dataset_label}")
+    entries.append(("figures/pseudo_labels.png", f"each pseudo-label set's first (up to {samples}) labelled target "
+                                                 f"train images (seed {seed}) and their pseudo-labels (black: none)"))
+    return entries
 
 
 def _finite(x: float) -> float | None:
@@ -107,9 +164,11 @@ def _finite(x: float) -> float | None:
 
 def build_reports(inp: ReportInputs, target_val: Any, sample_indices: Sequence[int], out_dir: Path,
                   command: str) -> dict[str, Any]:
-    """Write results.csv, Table 1/2 (md + tex), cycles.md, figures, summary.json and README.md into `out_dir`."""
+    """Write results.csv, Table 1/2 (md + tex), cycles.md, pseudo_labels.md, figures, summary.json and README.md
+    into `out_dir`."""
     show, roles, label = inp.show, inp.show.roles, inp.dataset_label
     records = collect_records(inp)
+    pseudo_entries = pseudo_reports(inp, out_dir)  # before the rest: a set's missing summary stops the report
     results = results_frame(records)
     write_results_csv(results, out_dir / "results.csv")
     write_table1(results, out_dir / "table1.md", out_dir / "table1.tex", dataset_label=label, show=show)
@@ -160,6 +219,7 @@ def build_reports(inp: ReportInputs, target_val: Any, sample_indices: Sequence[i
                                                if unlogged else "")),
             ("figures/class_iou.png", f"per-class IoU: {' vs '.join(map(show.short, bars))}, mean ± std over seeds"),
             ("summary.json", "per-variant mean/std mIoU (the DVC metrics file)"),
+            *pseudo_entries,
         ] + [(name, about) for name, about in _HAND_WRITTEN if (out_dir / name).is_file()],
         dataset_label=label,
         command=command,

@@ -1,5 +1,5 @@
-"""Report figures as PNGs: the qualitative grid of the paper's Fig. 3, training curves of every logged term,
-and per-class IoU bars.
+"""Report figures as PNGs: the qualitative grid of the paper's Fig. 3, the pseudo-label sets' samples, training
+curves of every logged term, and per-class IoU bars.
 
 Figures are drawn on matplotlib's Agg canvas directly (no pyplot), so nothing here touches global backend
 state and every call is independent. A variant's legend label and colour come from the caller's `Presentation`
@@ -131,6 +131,84 @@ def qualitative_grid(
     handles = [Patch(facecolor=PALETTE[c] / 255.0, label=CLASS_NAMES[c]) for c in sorted(present)]
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=config.legend_columns, fontsize=7, frameon=False)
+    return _save(fig, path, config.dpi)
+
+
+@dataclass(frozen=True)
+class PseudoLabelRow:
+    """One row of the pseudo-label figure: a set's title and its sample images with their pseudo-labels."""
+
+    title: str
+    names: Sequence[str]
+    #: [H, W, 3] uint8 RGB target images
+    images: Sequence[np.ndarray]
+    #: [H, W] train ids of each image, 255 = no pseudo-label (drawn black)
+    labels: Sequence[np.ndarray]
+
+
+def pseudo_label_grid(
+    path: Path | str,
+    rows: Sequence[PseudoLabelRow],
+    *,
+    title: str | None = None,
+    config: FigureConfig = FigureConfig(),
+) -> Path:
+    """One row per pseudo-label set, headed by its title: each sample's target image then its pseudo-label in the
+    Cityscapes palette (unlabelled pixels black), as many pairs as the row with the most samples (a row with none
+    says so); a legend of the classes shown and of black. Columns = 2 x the most samples of a row."""
+    if not rows:
+        raise FigureError(f"{path}: no pseudo-label set to draw")
+    present: set[int] = set()
+    for row in rows:
+        if not len(row.names) == len(row.images) == len(row.labels):
+            raise FigureError(f"{path}: row {row.title!r} has {len(row.names)} names, {len(row.images)} images and "
+                              f"{len(row.labels)} pseudo-labels")
+        for name, image, label in zip(row.names, row.images, row.labels, strict=True):
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+                raise FigureError(f"{path}: {row.title!r}: image {name} must be [H, W, 3] uint8, got {image.dtype} "
+                                  f"{image.shape}")
+            if label.shape != image.shape[:2] or not np.issubdtype(label.dtype, np.integer):
+                raise FigureError(f"{path}: {row.title!r}: pseudo-label of {name} must be integer {image.shape[:2]} "
+                                  f"(its image's size), got {label.dtype} {label.shape}")
+            present.update(int(c) for c in np.unique(label) if c < NUM_CLASSES)
+    pairs = max(1, max(len(row.names) for row in rows))
+    shapes = [im.shape for row in rows for im in row.images]
+    aspect = max((h / w for h, w, _ in shapes), default=0.5)
+    panel_w = config.panel_width
+    panel_h = panel_w * aspect
+    row_head = 0.6  # the set's title and the panels' titles
+    legend_rows = math.ceil((len(present) + 1) / config.legend_columns)
+    head, foot = (0.4 if title else 0.1), 0.25 * legend_rows + 0.15
+    width = 2 * pairs * panel_w * 1.03 + 0.1
+    height = head + len(rows) * (panel_h + row_head) + foot
+    fig = Figure(figsize=(width, height))
+    grid = fig.add_gridspec(len(rows), 2 * pairs, left=0.05 / width, right=1 - 0.05 / width,
+                            top=1 - (head + row_head) / height, bottom=foot / height, wspace=0.03,
+                            hspace=row_head / panel_h)
+    for r, row in enumerate(rows):
+        for c in range(2 * pairs):
+            ax = fig.add_subplot(grid[r, c])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            k = c // 2
+            if k >= len(row.names):
+                ax.set_axis_off()
+                if not row.names and c == 0:
+                    ax.text(0.0, 0.5, "no image labelled", fontsize=8, va="center", transform=ax.transAxes)
+                continue
+            if c % 2 == 0:
+                ax.imshow(row.images[k], interpolation="nearest")
+                ax.set_title(row.names[k], fontsize=6)
+            else:
+                ax.imshow(colorize(np.asarray(row.labels[k])), interpolation="nearest")
+                ax.set_title("pseudo-label", fontsize=6)
+        top = 1 - (head + r * (panel_h + row_head)) / height
+        fig.text(0.05 / width, top - 0.12 / height, row.title, fontsize=8, fontweight="bold", va="top", ha="left")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    handles = [Patch(facecolor=PALETTE[c] / 255.0, label=CLASS_NAMES[c]) for c in sorted(present)]
+    handles.append(Patch(facecolor="black", label="no pseudo-label"))
+    fig.legend(handles=handles, loc="lower center", ncol=config.legend_columns, fontsize=7, frameon=False)
     return _save(fig, path, config.dpi)
 
 

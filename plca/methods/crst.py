@@ -1,0 +1,24 @@
+"""CRST (Zou et al., ICCV 2019): CBST's rounds (`plca.methods.cbst`: the class-balanced pseudo-labels, the same
+training on source and pseudo-labelled target images) with a model regulariser on the target prediction, MRKLD
+by default as the released code (`mrkld.sh`: mr_weight_kld 0.1, image weights = that weight on target images).
+MRENT and MRL2 (the paper only) are the `regularizer` option."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from plca.methods.cbst import CBST, CBSTConfig
+from plca.methods.registry import register
+
+
+@dataclass
+class CRSTConfig(CBSTConfig):
+    regularizer: Literal["none", "kld", "ent", "l2"] = "kld"
+    weight: float = 0.1
+
+
+@register(CRSTConfig)
+class CRST(CBST):
+    name: ClassVar[str] = "crst"
+    cfg: CRSTConfig
