@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from plca.config import flatten, from_dict, to_dict
+from plca.config import flatten, to_dict
 from plca.data.datasets import CityscapesReader, GTA5Reader, SynthiaReader
 from plca.data.transforms import train_transform
 from plca.engine import checkpoint as ckpt
@@ -25,7 +25,7 @@ from plca.evaluation.inference import InferenceConfig, evaluate
 from plca.evaluation.metrics import summarize
 from plca.io import atomic_write_json, atomic_write_png
 from plca.labelling import PseudoLabelledReader, SubsetReader, make_pseudo_set, read_names
-from plca.methods import METHODS, build_method
+from plca.methods.registry import method_config
 from plca.models.deeplabv2 import DeepLabV2, DeepLabV2Config, build_model
 from plca.models.ensemble import Ensemble
 from plca.models.output import SegmentationModel
@@ -147,19 +147,20 @@ def _streams(params: Params, spec: RunSpec, labelled: str, wants_target: bool,
         raise ValueError(f"{spec.run_name}: learns from pseudo-labels, but no pseudo-label set was given")
     target_train = params.data.target
     # stream -> (reader, the domain its images come from: which augmentation they get)
-    if pseudo_dir is not None and labelled == "pseudo":  # IntraDA: the set's labelled images are the new source
+    if pseudo_dir is not None:
         target = make_reader(target_train, "train", with_labels=False)
-        readers = {"source": (PseudoLabelledReader(target, pseudo_dir), "target")}
-        if wants_target:
-            hard = read_names(pseudo_dir, "unlabelled")
-            readers["target"] = (SubsetReader(target, hard, f"{pseudo_dir}/unlabelled.txt") if hard else target,
-                                 "target")
-    elif pseudo_dir is not None:  # self-training: source labels, and the set's images with their pseudo-labels
-        if not wants_target:
+        pseudo_labelled = (PseudoLabelledReader(target, pseudo_dir), "target")
+        if labelled == "pseudo":  # IntraDA: the set's labelled images are the new source, the rest the target
+            readers = {"source": pseudo_labelled}
+            if wants_target:
+                hard = read_names(pseudo_dir, "unlabelled")
+                readers["target"] = (SubsetReader(target, hard, f"{pseudo_dir}/unlabelled.txt") if hard else target,
+                                     "target")
+        elif wants_target:  # self-training: source labels, and the set's images with their pseudo-labels
+            readers = {"source": (make_reader(params.data.source, "train", with_labels=True), "source"),
+                       "target": pseudo_labelled}
+        else:
             raise ValueError(f"{spec.run_name}: learns from a pseudo-label set, but its method reads no target")
-        target = make_reader(target_train, "train", with_labels=False)
-        readers = {"source": (make_reader(params.data.source, "train", with_labels=True), "source"),
-                   "target": (PseudoLabelledReader(target, pseudo_dir), "target")}
     else:
         domain = params.data.source if labelled == "source" else target_train
         readers = {"source": (make_reader(domain, "train", with_labels=True), labelled)}
@@ -193,10 +194,9 @@ def train_run(
     if params.engine.threads:
         torch.set_num_threads(params.engine.threads)
     torch.manual_seed(spec.seed)
-    where = f"params.variants.{spec.name}.options"
-    cls, cfg_cls = METHODS[method_name]
+    cls, cfg = method_config(method_name, options, where=f"params.variants.{spec.name}.options")
     # parts the method needs on top of params.model (the multi-level methods' auxiliary head)
-    added = cls.model_options(from_dict(cfg_cls, options, where))
+    added = cls.model_options(cfg)
     model_cfg = replace(params.model, **added)
     model = build_model(model_cfg)
     init_digest = None
@@ -205,7 +205,7 @@ def train_run(
             raise ValueError(f"{spec.run_name}: starts from a trained model, but none was given")
         load_init(model, init_model, added)
         init_digest = file_digest(init_model)
-    method = build_method(method_name, model, options, where=where)
+    method = cls(model, cfg)
     streams = _streams(params, spec, labelled, "target" in method.streams, pseudo_dir)
     # the set's summary holds its policy, options and decisions (thresholds): a changed set never resumes a round
     pseudo_digest = None if pseudo_dir is None else file_digest(pseudo_dir / "summary.json")
@@ -233,6 +233,14 @@ def train_run(
     return {"seconds": result.seconds, "resumed_from": result.resumed_from, "steps": result.steps}
 
 
+def inference_config(params: Params, name: str) -> InferenceConfig:
+    """How variant `name` is scored: test-time aggregation as it says, with its method's alpha (else
+    `evaluate.test_time_alpha`), at `data.eval_size`."""
+    return InferenceConfig(test_time_aggregation=params.variant(name).train.test_time_aggregation,
+                           alpha=params.test_time_alpha(name), input_size=params.data.eval_size,
+                           batch_size=params.evaluate.batch_size)
+
+
 def evaluate_run(
     params: Params,
     spec: RunSpec,
@@ -253,8 +261,7 @@ def evaluate_run(
         torch.set_num_threads(params.engine.threads)
     model = load_model(model_path, device)
     # dvc.yaml's evaluate stage declares `methods`, `evaluate` and the variant's `train`, where the alpha comes from
-    icfg = InferenceConfig(test_time_aggregation=v.test_time_aggregation, alpha=params.test_time_alpha(spec.name),
-                           input_size=params.data.eval_size, batch_size=params.evaluate.batch_size)
+    icfg = inference_config(params, spec.name)
     tcfg = params.data.train_transform
     target_reader = make_reader(params.data.target, "val")
     keep = tuple(i for i in params.evaluate.samples if i < len(target_reader))

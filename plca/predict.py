@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -32,7 +33,7 @@ from plca.data.labels import TRAINID_TO_ID, colorize
 from plca.data.transforms import eval_transform
 from plca.engine.trainer import resolve_device
 from plca.evaluation.inference import InferenceConfig, predict_probs
-from plca.experiment import load_model
+from plca.experiment import inference_config, load_model
 from plca.io import atomic_write_png
 from plca.models.deeplabv2 import DeepLabV2
 from plca.params import load_params
@@ -79,19 +80,21 @@ def predict_folder(argv: Sequence[str] | None = None) -> int:
         images = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not images:
             raise FileNotFoundError(f"{args.images}: no {', '.join(IMAGE_SUFFIXES)} images below it")
-        train = params.variant(variant).train if variant is not None else None
-        tta = args.tta if args.tta is not None else bool(train and train.test_time_aggregation)
-        alpha = args.alpha if args.alpha is not None else (
-            params.test_time_alpha(variant) if variant is not None else params.evaluate.test_time_alpha)
-        size = tuple(args.input_size) if args.input_size else params.data.eval_size
+        # as the pipeline scores the variant (an unknown one: no aggregation, evaluate's alpha), then the flags
+        cfg = (inference_config(params, variant) if variant is not None else
+               InferenceConfig(alpha=params.evaluate.test_time_alpha, input_size=params.data.eval_size))
+        cfg = replace(cfg, batch_size=1, **{k: v for k, v in (("test_time_aggregation", args.tta),
+                                                               ("alpha", args.alpha)) if v is not None})
+        if args.input_size:
+            cfg = replace(cfg, input_size=tuple(args.input_size))
         device = resolve_device(args.device)
         model = load_model(args.model, device).eval()
-        if tta and not isinstance(model, DeepLabV2):
+        if cfg.test_time_aggregation and not isinstance(model, DeepLabV2):
             raise ValueError(f"{args.model}: an ensemble has no feature map to aggregate; use --no-tta")
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    cfg = InferenceConfig(test_time_aggregation=tta, alpha=alpha, input_size=size, batch_size=1)
+    tta, alpha, size = cfg.test_time_aggregation, cfg.alpha, cfg.input_size
     tcfg = params.data.train_transform
     print(f"{args.model} ({variant or 'variant unknown'}): {len(images)} images, test-time aggregation "
           f"{'on, alpha ' + str(alpha) if tta else 'off'}, input {'as stored' if size is None else size}, {device}",

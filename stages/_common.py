@@ -18,6 +18,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 from plca.config import ConfigError  # noqa: E402
 from plca.engine.tracking import TrackingConfig  # noqa: E402
@@ -45,6 +46,13 @@ def model_path(run: str, seed: int) -> Path:
 def pseudo_path(name: str, seed: int) -> Path:
     """Where pseudo-label set `name` of one seed lives (the pseudo stage's output)."""
     return Path("pseudo") / name / f"s{seed}"
+
+
+def wired(mapping: dict[str, Any], key: str, where: str) -> Any:
+    """`mapping[key]` of params `runs.<where>` (a stage's own entry), or exit naming what is there."""
+    if key not in mapping:
+        sys.exit(f"error: params.runs.{where} has no entry '{key}'; entries: {sorted(mapping)}")
+    return mapping[key]
 
 
 def add_seed_option(parser: argparse.ArgumentParser) -> None:

@@ -19,10 +19,7 @@ def main() -> None:
     _common.add_seed_option(parser)
     args = parser.parse_args()
     params = _common.params_or_exit(args.params)
-    if args.run not in params.runs.ensembles:
-        raise SystemExit(f"error: params.runs.ensembles has no variant '{args.run}'; "
-                         f"ensembles: {sorted(params.runs.ensembles)}")
-    members = params.runs.ensembles[args.run].members
+    members = _common.wired(params.runs.ensembles, args.run, "ensembles").members
     for seed in args.seed or params.seeds:
         meta = ensemble_run(params, RunSpec(args.run, seed),
                             members=[_common.model_path(m, seed) for m in members],

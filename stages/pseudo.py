@@ -27,10 +27,8 @@ def main() -> None:
     _common.add_seed_option(parser)
     args = parser.parse_args()
     params = _common.params_or_exit(args.params)
-    if args.set not in params.runs.pseudo:
-        raise SystemExit(f"error: params.runs.pseudo has no set '{args.set}'; sets: {sorted(params.runs.pseudo)}")
+    labeller = _common.wired(params.runs.pseudo, args.set, "pseudo")
     tracking = _common.tracking_config(params)
-    labeller = params.runs.pseudo[args.set]
     for seed in args.seed or params.seeds:
         summary = pseudo_label_run(
             params, args.set, seed,

@@ -16,7 +16,12 @@ METHODS = _METHODS.entries
 register = _METHODS.register
 
 
+def method_config(name: str, options: dict[str, Any], where: str = "method") -> tuple[type[Method], Any]:
+    """(the class of method `name`, its options validated against its config dataclass); errors name `where`."""
+    return _METHODS.config(name, options, where)
+
+
 def build_method(name: str, model: nn.Module, options: dict[str, Any], where: str = "method") -> Method:
     """Instantiate method `name` on `model`, its options validated against the method's config dataclass."""
-    cls, cfg = _METHODS.config(name, options, where)
+    cls, cfg = method_config(name, options, where)
     return cls(model, cfg)
