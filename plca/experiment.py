@@ -14,6 +14,7 @@ import torch
 
 from plca.config import flatten, to_dict
 from plca.data.datasets import CityscapesReader, GTA5Reader, SynthiaReader
+from plca.data.rcs import RareClassSampler, RCSConfig, RCSDataset, class_pixel_counts
 from plca.data.transforms import train_transform
 from plca.engine import checkpoint as ckpt
 from plca.engine.hooks import default_hooks
@@ -26,8 +27,9 @@ from plca.evaluation.metrics import summarize
 from plca.io import atomic_write_json, atomic_write_png
 from plca.labelling import PseudoLabelledReader, SubsetReader, make_pseudo_set, read_names
 from plca.methods.registry import method_config
-from plca.models.deeplabv2 import DeepLabV2, DeepLabV2Config, build_model
+from plca.models.deeplabv2 import DeepLabV2
 from plca.models.ensemble import Ensemble
+from plca.models.networks import ARCHS, arch_of, from_saved, saved_config
 from plca.models.output import SegmentationModel
 from plca.params import DomainConfig, Params, PhaseConfig
 
@@ -50,15 +52,8 @@ def make_reader(domain: DomainConfig, split: str, with_labels: bool = True) -> A
     return SynthiaReader(domain.root, ids=ids)
 
 
-def save_model(model: DeepLabV2, path: Path, meta: dict[str, Any]) -> None:
-    ckpt.atomic_save({"model_config": to_dict(model.cfg), "state_dict": model.state_dict(), "meta": meta}, path)
-
-
-def _model_from_state(state: dict[str, Any]) -> DeepLabV2:
-    cfg = DeepLabV2Config(**{**state["model_config"], "pretrained": None})
-    model = DeepLabV2(cfg)
-    model.load_state_dict(state["state_dict"])
-    return model
+def save_model(model: SegmentationModel, path: Path, meta: dict[str, Any]) -> None:
+    ckpt.atomic_save({**saved_config(model), "state_dict": model.state_dict(), "meta": meta}, path)
 
 
 def save_ensemble(members: list[Path], weights: tuple[float, ...], path: Path, meta: dict[str, Any]) -> None:
@@ -68,7 +63,7 @@ def save_ensemble(members: list[Path], weights: tuple[float, ...], path: Path, m
         state = ckpt.load(member, map_location="cpu")
         if "ensemble" in state:
             raise ValueError(f"{member}: is an ensemble itself; ensemble members are trained models")
-        parts.append({"model_config": state["model_config"], "state_dict": state["state_dict"]})
+        parts.append({k: v for k, v in state.items() if k != "meta"})
     ckpt.atomic_save({"ensemble": parts, "weights": list(weights), "meta": meta}, path)
 
 
@@ -77,19 +72,21 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> SegmentationMo
     saved by `save_ensemble`."""
     state = ckpt.load(path, map_location=device)
     if "ensemble" in state:
-        model: SegmentationModel = Ensemble([_model_from_state(m) for m in state["ensemble"]], state["weights"])
+        model: SegmentationModel = Ensemble([from_saved(m) for m in state["ensemble"]], state["weights"])
     else:
-        model = _model_from_state(state)
+        model = from_saved(state)
     return model.to(device)
 
 
-def load_init(model: DeepLabV2, path: Path, added: dict[str, Any]) -> None:
+def load_init(model: SegmentationModel, path: Path, added: dict[str, Any]) -> None:
     """Load the weights of `path` into `model`, which may have parts the file's model lacks because the method
     asked for them (`added`, e.g. the auxiliary head): those keep their fresh initialisation. Anything else
     missing or unexpected is an error naming the file."""
     start = load_model(path)
-    if not isinstance(start, DeepLabV2):
+    if isinstance(start, Ensemble):
         raise ValueError(f"{path}: an ensemble cannot be a starting model")
+    if type(start) is not type(model):
+        raise ValueError(f"{path}: holds a {arch_of(start)} network; the run trains a {arch_of(model)} network")
     own = {k: v for k, v in vars(start.cfg).items() if k != "pretrained"}
     new = {k: v for k, v in vars(model.cfg).items() if k != "pretrained"}
     differ = {k for k in own if own[k] != new[k] and not (k in added and new[k] == added[k])}
@@ -101,7 +98,7 @@ def load_init(model: DeepLabV2, path: Path, added: dict[str, Any]) -> None:
         raise ValueError(f"{path}: weights the model to train does not have: {unexpected[:5]}")
     if missing:
         with torch.random.fork_rng(devices=[]):  # this check's model must not shift the run's later draws
-            fresh = set(model.state_dict()) - set(DeepLabV2(replace(start.cfg, pretrained=None)).state_dict())
+            fresh = set(model.state_dict()) - set(type(start)(replace(start.cfg, pretrained=None)).state_dict())
         lacking = [k for k in missing if k not in fresh]
         if lacking:
             raise ValueError(f"{path}: lacks weights of the model to train: {lacking[:5]}")
@@ -134,15 +131,49 @@ def _phase_and_method(params: Params, name: str) -> tuple[PhaseConfig, int, str,
     if name == PRETRAIN:
         p = params.pretrain
         return p, p.steps, p.method, params.pretrain_options(), "source", False
+    network = params.network_of(name)
+    if network is not None and name not in params.runs.networks:  # pretrain_<network>
+        p = params.networks[network].pretrain
+        return p, p.steps, p.method, {**params.shared_options(p.method), **p.options}, "source", False
     v = params.variant(name).train
-    from_model = v.init == "pretrain" or name in params.runs.rounds
+    from_model = v.init == PRETRAIN or name in params.runs.rounds
     return params.phase(name), params.steps(name), v.method, params.method_options(name), v.labelled, from_model
 
 
+def read_class_stats(path: Path) -> list[dict[int, int]]:
+    """The per-image class pixel counts `class_stats_run` wrote."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+        return [{int(c): int(n) for c, n in image.items()} for image in data["counts"]]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no class statistics; the class_stats stage writes them") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path}: not the class statistics class_stats writes ({exc})") from None
+
+
+def class_stats_run(params: Params, out_path: Path, progress: bool = True) -> dict[str, Any]:
+    """Count the pixels of each class in every source train label (rare class sampling's statistics, computed
+    once); written atomically as JSON {"num_classes", "images", "counts": [{class: pixels}, ...]}."""
+    reader = make_reader(params.data.source, "train", with_labels=True)
+    counts = class_pixel_counts(reader, num_classes=params.model.num_classes, progress=progress)
+    totals: dict[int, int] = {}
+    for image in counts:
+        for c, n in image.items():
+            totals[c] = totals.get(c, 0) + n
+    atomic_write_json({"num_classes": params.model.num_classes, "images": len(counts),
+                       "totals": {str(c): totals[c] for c in sorted(totals)},
+                       "counts": [{str(c): n for c, n in sorted(image.items())} for image in counts]}, out_path)
+    return {"images": len(counts), "classes": len(totals)}
+
+
 def _streams(params: Params, spec: RunSpec, labelled: str, wants_target: bool,
-             pseudo_dir: Path | None) -> dict[str, KeyedDataset]:
+             pseudo_dir: Path | None, rcs: RCSConfig | None = None,
+             class_stats: Path | None = None) -> dict[str, KeyedDataset]:
     """The run's training streams: "source" (labelled images) and, for methods that adapt, "target" (images).
-    A round reads both from its pseudo-label set: its labelled images with their pseudo-labels, the rest."""
+    A round reads both from its pseudo-label set: its labelled images with their pseudo-labels, the rest.
+    With `rcs` the source-domain stream draws its images by rare class sampling from `class_stats`."""
     if labelled == "pseudo" and pseudo_dir is None:
         raise ValueError(f"{spec.run_name}: learns from pseudo-labels, but no pseudo-label set was given")
     target_train = params.data.target
@@ -169,7 +200,16 @@ def _streams(params: Params, spec: RunSpec, labelled: str, wants_target: bool,
 
     def dataset(name: str, reader: Any, domain: str) -> KeyedDataset:
         tcfg = params.transform(domain)
-        return KeyedDataset(reader, lambda s, rng: train_transform(s, tcfg, rng), spec.seed, STREAM_IDS[name])
+        transform = lambda s, rng: train_transform(s, tcfg, rng)  # noqa: E731
+        if rcs is not None and name == "source" and domain == "source":
+            if class_stats is None:
+                raise ValueError(f"{spec.run_name}: samples rare classes, but no class statistics were given")
+            counts = read_class_stats(class_stats)
+            if len(counts) != len(reader):
+                raise ValueError(f"{class_stats}: counts {len(counts)} images, the source train split has "
+                                 f"{len(reader)}; rerun the class_stats stage")
+            return RCSDataset(reader, transform, spec.seed, STREAM_IDS[name], RareClassSampler(counts, rcs))
+        return KeyedDataset(reader, transform, spec.seed, STREAM_IDS[name])
 
     return {name: dataset(name, reader, domain) for name, (reader, domain) in readers.items()}
 
@@ -186,19 +226,22 @@ def train_run(
     tags: dict[str, str],
     progress: bool = True,
     pseudo_dir: Path | None = None,
+    class_stats: Path | None = None,
 ) -> dict[str, Any]:
     """Train one run and write `out_dir/model.pt`; resumes from `checkpoint_dir/last.pt` after a crash (and returns
     at once when that checkpoint is of the finished run). The caller removes the checkpoint when it has served.
-    `init_model`: the model it starts from (the pretrained one, or a round's); `pseudo_dir`: a round's set."""
+    `init_model`: the model it starts from (the pretrained one, or a round's); `pseudo_dir`: a round's set;
+    `class_stats`: the source labels' class statistics, for a method that samples rare classes."""
     phase, steps, method_name, options, labelled, from_model = _phase_and_method(params, spec.name)
     if params.engine.threads:
         torch.set_num_threads(params.engine.threads)
     torch.manual_seed(spec.seed)
     cls, cfg = method_config(method_name, options, where=f"params.variants.{spec.name}.options")
-    # parts the method needs on top of params.model (the multi-level methods' auxiliary head)
+    # parts the method needs on top of the network's options (the multi-level methods' auxiliary head)
     added = cls.model_options(cfg)
-    model_cfg = replace(params.model, **added)
-    model = build_model(model_cfg)
+    arch, net_cfg = params.network_options(spec.name)
+    model_cfg = replace(net_cfg, **added)
+    model = ARCHS[arch].build(model_cfg)
     init_digest = None
     if from_model:
         if init_model is None:
@@ -206,7 +249,9 @@ def train_run(
         load_init(model, init_model, added)
         init_digest = file_digest(init_model)
     method = cls(model, cfg)
-    streams = _streams(params, spec, labelled, "target" in method.streams, pseudo_dir)
+    method.set_normalization(params.data.train_transform)
+    rcs = cls.rare_class_sampling(cfg)
+    streams = _streams(params, spec, labelled, "target" in method.streams, pseudo_dir, rcs, class_stats)
     # the set's summary holds its policy, options and decisions (thresholds): a changed set never resumes a round
     pseudo_digest = None if pseudo_dir is None else file_digest(pseudo_dir / "summary.json")
     tcfg = TrainConfig(steps=steps, seed=spec.seed, optim=phase.optim, engine=params.engine)
@@ -219,6 +264,8 @@ def train_run(
         run_params["steps"] = steps
     if pseudo_digest is not None:
         run_params["pseudo_labels"] = pseudo_digest
+    if rcs is not None and class_stats is not None:  # a run that samples rare classes resumes on the same stats
+        run_params["class_stats"] = file_digest(class_stats)
     run_fp = fingerprint(run_params)
     trainer = Trainer(tcfg)
     with Tracker(tracking, spec.run_name, flatten(run_params), tags) as tracker:

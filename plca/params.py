@@ -28,6 +28,7 @@ from plca.labelling import POLICIES, PseudoSetConfig
 from plca.losses.constants import DEFAULT_ALPHA
 from plca.methods import METHODS
 from plca.models.deeplabv2 import DeepLabV2Config
+from plca.models.networks import ARCHS, DEFAULT_ARCH, network_config
 
 
 @dataclass
@@ -81,6 +82,21 @@ class PretrainConfig(PhaseConfig):
 
     method: str = field(kw_only=True)
     options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class NetworkConfig:
+    """A segmentation network besides params `model` (params `networks.<name>`): its architecture, its own
+    source-only pretraining (stage pretrain_network@<name> writes models/pretrain_<name>, which its variants start
+    from, seed by seed) and the optimiser its variants train with (`adapt.steps` steps, as every other row)."""
+
+    #: An architecture of `plca.models.networks.ARCHS` (`mit_daformer`: MiT encoder + DAFormer head).
+    arch: str
+    #: The architecture's options (`mit_daformer`: `plca.models.DAFormerConfig`; `pretrained`: SegFormer's mit_b*.pth).
+    model: dict[str, Any]
+    pretrain: PretrainConfig
+    #: The optimiser of its variants (runs.networks): DAFormer's AdamW with the head at 10x and a warmup.
+    optim: OptimConfig
 
 
 @dataclass
@@ -143,6 +159,9 @@ class ShowConfig:
     paper: str | None = None
     #: The method's published figures, shown beside the row in Table 2 (null: none).
     published: PublishedConfig | None = None
+    #: The variant this row's Table 2 gain is paired against instead of `report.baseline`: a row trained on
+    #: another network against that network's own source-only row (null: report.baseline).
+    baseline: str | None = None
 
 
 @dataclass
@@ -175,6 +194,8 @@ _SELECTION = {"overlay": "replace"}
 PRETRAINED = "pretrain"
 #: The folder under metrics/ of the pseudo-label sets' summaries; no variant may take its name.
 PSEUDO_METRICS = "pseudo"
+#: Run name prefix of a network's source-only pretraining (models/pretrain_<network>).
+NETWORK_PRETRAIN = "pretrain_"
 
 
 @dataclass
@@ -218,11 +239,14 @@ class RunsConfig:
     rounds: dict[str, RoundWiring] = field(default_factory=dict, metadata=_SELECTION)
     #: Stage ensemble: variant -> its two members, assembled (not trained) seed by seed.
     ensembles: dict[str, EnsembleWiring] = field(default_factory=dict, metadata=_SELECTION)
+    #: Stage train_network: variant -> a network of params `networks` it trains on, from that network's
+    #: source-only model (models/pretrain_<network>), with the network's optimiser for `adapt.steps` steps.
+    networks: dict[str, str] = field(default_factory=dict, metadata=_SELECTION)
 
     @property
     def trained(self) -> list[str]:
         """Every variant some stage trains, in stage order."""
-        return [*self.train_source, *self.adapt, self.oracle, *self.rounds]
+        return [*self.train_source, *self.adapt, self.oracle, *self.rounds, *self.networks]
 
 
 @dataclass
@@ -260,6 +284,9 @@ class Params:
     tracking: TrackingConfig
     #: Pseudo-label sets a round can learn from (which run labels each: `runs.pseudo`).
     pseudo: dict[str, PseudoSetConfig] = field(default_factory=dict)
+    #: Segmentation networks besides `model`, each with its own source-only pretraining (`runs.networks`: which
+    #: variants train on them).
+    networks: dict[str, NetworkConfig] = field(default_factory=dict, metadata=_SELECTION)
     #: Which setup this is: `embedded` (the default toy pair), `gta5` or `synthia` (the paper).
     profile: str = "embedded"
 
@@ -296,12 +323,37 @@ class Params:
                               f"known: {sorted(METHODS)}")
         if v.method is None:
             raise ConfigError(f"params.variants.{name}.train: no method (an ensemble is assembled, not trained)")
-        return from_dict(METHODS[v.method][1], self.method_options(name),
-                         f"params.methods.{v.method} + params.variants.{name}.train.options")
+        where = f"params.methods.{v.method} + params.variants.{name}.train.options"
+        try:
+            return from_dict(METHODS[v.method][1], self.method_options(name), where)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as exc:  # an options dataclass's own checks do not know where they are
+            raise ConfigError(f"{where}: {exc}") from None
 
     def phase(self, name: str) -> PhaseConfig:
-        """The phase (length and segmenter optimiser) a variant trains in: `oracle` for the oracle, else `adapt`."""
-        return self.oracle if name == self.runs.oracle else self.adapt
+        """The phase (length and segmenter optimiser) a variant trains in: `oracle` for the oracle, `adapt`'s
+        length with its network's optimiser for a variant on a network of `networks`, else `adapt`."""
+        if name == self.runs.oracle:
+            return self.oracle
+        if name in self.runs.networks:
+            return PhaseConfig(steps=self.adapt.steps, optim=self.networks[self.runs.networks[name]].optim)
+        return self.adapt
+
+    def network_of(self, run: str) -> str | None:
+        """The network of `networks` a run trains (`pretrain_<network>` or a variant of runs.networks); None for
+        params `model`."""
+        if run.startswith(NETWORK_PRETRAIN) and run[len(NETWORK_PRETRAIN):] in self.networks:
+            return run[len(NETWORK_PRETRAIN):]
+        return self.runs.networks.get(run)
+
+    def network_options(self, run: str) -> tuple[str, Any]:
+        """(architecture, validated options) of the network a run trains."""
+        network = self.network_of(run)
+        if network is None:
+            return DEFAULT_ARCH, self.model
+        net = self.networks[network]
+        return net.arch, network_config(net.arch, net.model, f"params.networks.{network}.model")
 
     def steps(self, name: str) -> int:
         """A variant's optimiser steps: its phase's, divided by its `steps_split`."""
@@ -341,6 +393,9 @@ def _check_wiring(p: Params) -> None:
         if wiring.init != PRETRAINED and wiring.init not in trained:
             raise ConfigError(f"{where}.init: expected 'pretrain' or a trained variant of runs, got "
                               f"'{wiring.init}'; trained: {trained}")
+        if wiring.init in r.networks:  # a round builds params `model`; rounds on other networks are not wired
+            raise ConfigError(f"{where}.init: '{wiring.init}' trains on network '{r.networks[wiring.init]}' "
+                              "(runs.networks); a round starts from 'pretrain' or a variant of params `model`")
         if wiring.pseudo not in r.pseudo:
             raise ConfigError(f"{where}.pseudo: '{wiring.pseudo}' is not a set of runs.pseudo "
                               f"({sorted(r.pseudo)})")
@@ -396,10 +451,14 @@ def _check_runs(p: Params) -> None:
                 continue
             if name not in p.variants:
                 raise ConfigError(f"params.runs.{key}: no variant '{name}'; defined: {sorted(p.variants)}")
-    for reserved in (PRETRAINED, PSEUDO_METRICS):
+    for reserved in (PRETRAINED, PSEUDO_METRICS, *(NETWORK_PRETRAIN + n for n in p.networks)):
         if reserved in p.variants:
             raise ConfigError(f"params.variants.{reserved}: a reserved name (models/{PRETRAINED}, "
-                              f"metrics/{PSEUDO_METRICS}); rename the variant")
+                              f"metrics/{PSEUDO_METRICS}, models/{NETWORK_PRETRAIN}<network>); rename the variant")
+    for name, network in r.networks.items():
+        if network not in p.networks:
+            raise ConfigError(f"params.runs.networks.{name}: no network '{network}' in params.networks; "
+                              f"defined: {sorted(p.networks)}")
     twice = sorted({n for n in named if named.count(n) > 1})
     if twice:
         raise ConfigError(f"params.runs: {twice} listed by more than one of train_source, adapt, oracle, rounds, "
@@ -450,6 +509,10 @@ def _check_show(p: Params) -> None:
             other = colours.setdefault(v.show.colour.lower(), name)
             if other != name:  # a figure must never draw two variants alike
                 raise ConfigError(f"{where}.colour: {v.show.colour} is variants.{other}'s colour too")
+    for name, v in p.variants.items():
+        if v.show.baseline is not None and (v.show.baseline not in p.variants or v.show.baseline == name):
+            raise ConfigError(f"params.variants.{name}.show.baseline: expected another defined variant, got "
+                              f"'{v.show.baseline}'")
     roles = p.report
     named = [("baseline", roles.baseline), ("headline", roles.headline), ("control", roles.control)]
     named += [(f"qualitative[{i}]", n) for i, n in enumerate(roles.qualitative)]
@@ -482,6 +545,19 @@ def _check(p: Params) -> None:
                           "shares no options)")
     from_dict(METHODS[p.pretrain.method][1], p.pretrain_options(),
               f"params.methods.{p.pretrain.method} + params.pretrain.options")
+    for name, net in p.networks.items():
+        where = f"params.networks.{name}"
+        if net.arch not in ARCHS:
+            raise ConfigError(f"{where}.arch: unknown architecture '{net.arch}'; known: {sorted(ARCHS)}")
+        if net.arch == DEFAULT_ARCH:
+            raise ConfigError(f"{where}.arch: '{DEFAULT_ARCH}' is params `model`; a network here is another one")
+        network_config(net.arch, net.model, f"{where}.model")
+        method = net.pretrain.method
+        if method not in METHODS or method not in p.methods:
+            raise ConfigError(f"{where}.pretrain.method: '{method}' must be a known method with an entry in "
+                              f"params.methods (`{{}}` when it shares none); known: {sorted(METHODS)}")
+        from_dict(METHODS[method][1], {**p.shared_options(method), **net.pretrain.options},
+                  f"params.methods.{method} + {where}.pretrain.options")
     for name, ps in p.pseudo.items():
         if ps.policy not in POLICIES:
             raise ConfigError(f"params.pseudo.{name}.policy: unknown policy '{ps.policy}'; known: {sorted(POLICIES)}")

@@ -1,6 +1,7 @@
 """Pseudo-label selection and ranking of target images: IntraDA's entropy ranking (Pan et al. CVPR 2020) and the
 self-training family's selection (CBST, Zou et al. ECCV 2018; CRST, Zou et al. ICCV 2019; TPLD, Shin et al. ECCV
-2020; the project spec `self-training.md`); ClassMix's mixing will join them.
+2020; the project spec `self-training.md`); and the mean teacher's ClassMix and strong augmentation (DACS, Tranheden
+et al. WACV 2021; DAFormer, Hoyer et al. CVPR 2022; PGPC; the project spec `mean-teacher.md`).
 
 IntraDA scores every target training image by R, the mean over its pixels of ADVENT's normalised entropy map of
 the stage-1 prediction (the released code takes the mean over C, H, W too, i.e. R / C: same order), optionally
@@ -12,6 +13,11 @@ Self-training (below `entropy_rank_split`): probs [N, C, H, W] are softmax outpu
 [C] the class thresholds lambda_c, r_c = p_c / lambda_c. Everything is computed in the probs' dtype (float64 in,
 float64 out); labels are int64 with `ignore_index` (255) for unlabelled pixels. Where the released code and the
 paper differ, the code is the default and the paper's choice a keyword parameter (the spec's "Code vs paper").
+
+Mean teacher (below `full_pseudo_labels`): `sample_mix_classes` draws the source classes to paste, `class_mix_mask`
+and `class_mix` mix images, labels and weights, and `strong_augment` (kornia 0.5.8's ColorJitter and
+gaussian_blur2d, re-implemented in torch: `color_jitter`, `gaussian_blur`) augments the mixed images. Every
+random draw comes from the torch.Generator passed in, so a step is reproducible.
 """
 
 from __future__ import annotations
@@ -358,3 +364,226 @@ def full_pseudo_labels(probs: Tensor, thresholds: Tensor | Sequence[float], gamm
     confident = r.amax(dim=1, keepdim=True) >= 1
     onehot = torch.zeros_like(r).scatter_(1, r.argmax(dim=1, keepdim=True), 1.0)
     return torch.where(confident, onehot, r.pow(gamma))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ClassMix and the strong augmentation of the mean teacher (DACS, DAFormer, PGPC; kornia 0.5.8)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def class_mix_mask(label: Tensor, classes: Tensor | Sequence[int]) -> Tensor:
+    """label [H, W] (any shape), classes 1-D -> int64 mask of the label's shape: 1 where label is in `classes`.
+
+    ClassMix's M = [y_src in chosen] (DACS/DAFormer `generate_class_mask`); 255 counts as a class like any other.
+    """
+    label = torch.as_tensor(label)
+    chosen = torch.as_tensor(classes, device=label.device).reshape(-1).to(label.dtype)
+    return torch.isin(label, chosen).to(torch.int64)
+
+
+def class_mix(mask: Tensor, source: Tensor, target: Tensor) -> Tensor:
+    """mask * source + (1 - mask) * target, in the source's dtype (DAFormer `one_mix`).
+
+    `mask` [H, W] (or any shape that broadcasts as is, e.g. [1, H, W] or [B, 1, H, W]) is used as is for labels
+    [H, W] / [B, H, W] and weights, and broadcast over the channels of images [C, H, W] / [B, C, H, W]; a [B, H, W]
+    mask with [B, C, H, W] images gets a channel axis. Labels stay int64 (a pasted 255 stays 255), weights float.
+    """
+    source = torch.as_tensor(source)
+    mask = torch.as_tensor(mask, device=source.device)
+    if mask.dim() >= 3 and mask.dim() == source.dim() - 1:
+        mask = mask.unsqueeze(-3)
+    m = mask.to(source.dtype)
+    return m * source + (1 - m) * torch.as_tensor(target, device=source.device).to(source.dtype)
+
+
+def sample_mix_classes(labels: Tensor, *, generator: torch.Generator | None = None,
+                       batch_union: bool = True) -> list[Tensor]:
+    """labels [B, 1, H, W] (or [B, H, W]) source labels -> per image a 1-D tensor of the classes to paste.
+
+    Candidates: the sorted unique values, 255 included, of the whole batch (`batch_union`, DAFormer/PGPC
+    `get_class_masks`: every image draws from the batch union) or of image i alone (False: DACS). Of the n
+    candidates k = ceil(n / 2) are drawn without replacement: `torch.randperm(n, generator=generator)[:k]`, in
+    the order drawn (np.random.choice(n, k, replace=False) in the release).
+    """
+    labels = torch.as_tensor(labels)
+    if labels.dim() not in (3, 4) or (labels.dim() == 4 and labels.shape[1] != 1):
+        raise ValueError(f"sample_mix_classes expects labels [B, 1, H, W] or [B, H, W], got {tuple(labels.shape)}")
+    device = generator.device if generator is not None else torch.device("cpu")
+    union = torch.unique(labels) if batch_union else None
+    chosen = []
+    for image in labels:
+        candidates = union if union is not None else torch.unique(image)
+        n = candidates.numel()
+        pick = torch.randperm(n, generator=generator, device=device)[:(n + 1) // 2]
+        chosen.append(candidates[pick.to(candidates.device)])
+    return chosen
+
+
+def blur_kernel_size(size: int) -> int:
+    """Gaussian kernel size along an axis of `size` pixels: ceil(0.1 * size), minus 1 if even (DAFormer
+    `gaussian_blur`: 64 -> 7, 128 -> 13, 512 -> 51; at least 1)."""
+    if size < 1:
+        raise ValueError(f"blur_kernel_size: size must be >= 1, got {size}")
+    k = math.ceil(0.1 * size)  # a float product, as the release's np.ceil(0.1 * n)
+    return k - 1 if k % 2 == 0 else k
+
+
+def _gaussian_kernels(size: int, sigma: Tensor) -> Tensor:
+    """[B] sigmas -> [B, size] normalised 1-D kernels exp(-(x - size // 2)^2 / (2 sigma^2)) (kornia 0.5.8)."""
+    x = torch.arange(size, dtype=sigma.dtype, device=sigma.device) - size // 2
+    kernel = torch.exp(-x[None] ** 2 / (2 * sigma[:, None] ** 2))
+    return kernel / kernel.sum(dim=1, keepdim=True)
+
+
+def gaussian_blur(img: Tensor, sigma: float | Tensor) -> Tensor:
+    """img [B, C, H, W] float -> blurred, same dtype: kornia 0.5.8 `gaussian_blur2d` with reflect padding.
+
+    Kernel size per axis `blur_kernel_size` of that axis (51 x 51 for 512 x 512); `sigma` a float for every
+    image or a [B] tensor, one per image (DAFormer draws one per image). Computed separably (the 2-D kernel is
+    the outer product of the 1-D ones, and reflect padding is separable too).
+    """
+    if img.dim() != 4 or not img.is_floating_point():
+        raise ValueError(f"gaussian_blur expects a float image [B, C, H, W], got {img.dtype} {tuple(img.shape)}")
+    batch, channels, height, width = img.shape
+    sig = torch.as_tensor(sigma, dtype=img.dtype, device=img.device).reshape(-1)
+    if sig.numel() == 1:
+        sig = sig.expand(batch)
+    if sig.numel() != batch:
+        raise ValueError(f"gaussian_blur: sigma needs 1 or B = {batch} values, got {sig.numel()}")
+    if not bool((sig > 0).all()):
+        raise ValueError(f"gaussian_blur: sigma must be > 0, got {sig.tolist()}")
+    x = img.reshape(1, batch * channels, height, width)
+    ky, kx = blur_kernel_size(height), blur_kernel_size(width)
+    kernel_x = _gaussian_kernels(kx, sig).repeat_interleave(channels, dim=0)  # [B*C, kx]
+    kernel_y = _gaussian_kernels(ky, sig).repeat_interleave(channels, dim=0)
+    x = F.conv2d(F.pad(x, (kx // 2, kx // 2, 0, 0), mode="reflect"), kernel_x[:, None, None, :],
+                 groups=batch * channels)
+    x = F.conv2d(F.pad(x, (0, 0, ky // 2, ky // 2), mode="reflect"), kernel_y[:, None, :, None],
+                 groups=batch * channels)
+    return x.reshape(batch, channels, height, width)
+
+
+def rgb_to_hsv(image: Tensor, eps: float = 1e-6) -> Tensor:
+    """[*, 3, H, W] RGB in [0, 1] -> HSV with H in [0, 2 pi) radians, S and V in [0, 1] (kornia 0.5.8's formulas:
+    S = (max - min) / (max + eps); ties for the maximum go to R, then G, then B; grey pixels get H = 0)."""
+    maxc, _ = image.max(dim=-3)
+    minc, _ = image.min(dim=-3)
+    is_max = image == maxc.unsqueeze(-3)
+    first_max = ((is_max.cumsum(dim=-3) == 1) & is_max).to(torch.uint8).argmax(dim=-3, keepdim=True)
+    delta = maxc - minc
+    s = delta / (maxc + eps)
+    delta = torch.where(delta == 0, torch.ones_like(delta), delta)
+    rc, gc, bc = (maxc.unsqueeze(-3) - image).unbind(dim=-3)
+    h = torch.stack([bc - gc, 2.0 * delta + rc - bc, 4.0 * delta + gc - rc], dim=-3)
+    h = torch.gather(h, -3, first_max).squeeze(-3) / delta
+    h = 2 * math.pi * ((h / 6.0) % 1.0)
+    return torch.stack([h, s, maxc], dim=-3)
+
+
+def hsv_to_rgb(image: Tensor) -> Tensor:
+    """[*, 3, H, W] HSV (H in radians, any real value: read mod 2 pi) -> RGB (kornia 0.5.8's formulas)."""
+    h = image[..., 0, :, :] / (2 * math.pi)
+    s, v = image[..., 1, :, :], image[..., 2, :, :]
+    hi = torch.floor(h * 6) % 6
+    f = ((h * 6) % 6) - hi
+    p = v * (1 - s)
+    q = v * (1 - f * s)
+    t = v * (1 - (1 - f) * s)
+    hi = hi.long()
+    indices = torch.stack([hi, hi + 6, hi + 12], dim=-3)
+    table = torch.stack((v, q, p, p, t, v, t, v, v, q, p, p, p, p, t, v, v, q), dim=-3)
+    return torch.gather(table, -3, indices)
+
+
+def _per_image(factor: Tensor, img: Tensor) -> Tensor:
+    return factor.to(img).reshape(-1, *([1] * (img.dim() - 1)))
+
+
+def apply_color_jitter(img01: Tensor, brightness: Tensor, contrast: Tensor, saturation: Tensor, hue: Tensor,
+                       order: Sequence[int] = (0, 1, 2, 3)) -> Tensor:
+    """img01 [B, 3, H, W] RGB in [0, 1] and per-image [B] factors -> jittered, kornia 0.5.8 `apply_color_jitter`.
+
+    Transforms 0 brightness (x + b, clamped to [0, 1]), 1 contrast (x * c, no mean subtraction, clamped),
+    2 saturation (S * s in HSV, clamped to [0, 1]), 3 hue (H + h, h in radians, torch.fmod by 2 pi; HSV -> RGB
+    reads H mod 2 pi), applied in `order`.
+    """
+    out = img01
+    for index in [int(i) for i in order]:
+        if index == 0:
+            out = (out + _per_image(brightness, out)).clamp(0.0, 1.0)
+        elif index == 1:
+            out = (out * _per_image(contrast, out)).clamp(0.0, 1.0)
+        elif index == 2:
+            h, s, v = rgb_to_hsv(out).unbind(dim=-3)
+            s = (s * _per_image(saturation, s)).clamp(0.0, 1.0)
+            out = hsv_to_rgb(torch.stack([h, s, v], dim=-3))
+        elif index == 3:
+            h, s, v = rgb_to_hsv(out).unbind(dim=-3)
+            h = torch.fmod(h + _per_image(hue, h), 2 * math.pi)
+            out = hsv_to_rgb(torch.stack([h, s, v], dim=-3))
+        else:
+            raise ValueError(f"apply_color_jitter: order holds {index}; transforms are 0-3")
+    return out
+
+
+def _uniform(generator: torch.Generator | None, n: int, low: float, high: float) -> Tensor:
+    """n draws of U(low, high) as float64 on the generator's device (so the draws do not depend on the images)."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    return low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64, device=device)
+
+
+def color_jitter(img01: Tensor, strength: float, generator: torch.Generator | None) -> Tensor:
+    """img01 [B, 3, H, W] RGB in [0, 1] -> jittered in [0, 1]: kornia 0.5.8 ColorJitter(s, s, s, s), one call.
+
+    Per image: brightness b ~ U(-s, s) added, contrast c ~ U(1 - s, 1 + s) multiplied, saturation ~ U(1 - s, 1 + s),
+    hue ~ U(-s, s) * 2 pi radians (draws in that order: b, c, saturation, hue, each [B]); then one random order of
+    the four transforms for the call (`torch.randperm(4, generator=generator)`), as kornia draws one per call.
+    """
+    if img01.dim() != 4 or img01.shape[1] != 3 or not img01.is_floating_point():
+        raise ValueError(f"color_jitter expects float RGB images [B, 3, H, W], got {img01.dtype} "
+                         f"{tuple(img01.shape)}")
+    if not 0 <= strength <= 0.5:
+        raise ValueError(f"color_jitter: strength must be in [0, 0.5] (kornia's hue bound), got {strength}")
+    batch = img01.shape[0]
+    brightness = _uniform(generator, batch, -strength, strength)
+    contrast = _uniform(generator, batch, 1 - strength, 1 + strength)
+    saturation = _uniform(generator, batch, 1 - strength, 1 + strength)
+    hue = _uniform(generator, batch, -strength, strength) * 2 * math.pi
+    device = generator.device if generator is not None else torch.device("cpu")
+    order = torch.randperm(4, generator=generator, device=device).tolist()
+    return apply_color_jitter(img01, brightness, contrast, saturation, hue, order)
+
+
+def strong_augment(images: Tensor, mean: Tensor | Sequence[float], std: Tensor | Sequence[float], *,
+                   generator: torch.Generator | None, jitter_strength: float = 0.2, jitter_p: float = 0.8,
+                   blur_p: float = 0.5, blur_sigma: tuple[float, float] = (0.15, 1.15)) -> Tensor:
+    """images [B, 3, H, W] normalised RGB -> strongly augmented images, same dtype (DAFormer `strong_transform`).
+
+    `mean`/`std` (3 values each, per RGB channel) are the normalisation in [0, 1] pixel units: x = (p - mean) / std
+    with p in [0, 1] (`plca.data.TransformConfig` scale 1; for scale 255 pass mean / 255 and std / 255).
+    Draws, all from `generator` and in this order: u = U(0, 1) for colour jitter and u2 = U(0, 1) for blur, one
+    each for the whole batch (the release draws them once per step). If u > 1 - jitter_p: denormalise to [0, 1],
+    `color_jitter` each image on its own (the release calls kornia once per mixed image, so each image has its own
+    factors and its own order of the four transforms), renormalise. If u2 > 1 - blur_p (the release: > 0.5):
+    sigma ~ U(blur_sigma) per image [B], `gaussian_blur`. Jitter before blur.
+    """
+    if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
+        raise ValueError(f"strong_augment expects float RGB images [B, 3, H, W], got {images.dtype} "
+                         f"{tuple(images.shape)}")
+    for name, p in (("jitter_p", jitter_p), ("blur_p", blur_p)):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"strong_augment: {name} must be in [0, 1], got {p}")
+    lo, hi = blur_sigma
+    if not 0 < lo <= hi:
+        raise ValueError(f"strong_augment: blur_sigma must be (low, high) with 0 < low <= high, got {blur_sigma}")
+    u_jitter, u_blur = _uniform(generator, 2, 0.0, 1.0).tolist()
+    out = images
+    if u_jitter > 1 - jitter_p:
+        m = torch.as_tensor(mean, dtype=images.dtype, device=images.device).reshape(1, 3, 1, 1)
+        s = torch.as_tensor(std, dtype=images.dtype, device=images.device).reshape(1, 3, 1, 1)
+        img01 = out * s + m
+        img01 = torch.cat([color_jitter(img01[i:i + 1], jitter_strength, generator) for i in range(len(img01))])
+        out = (img01 - m) / s
+    if u_blur > 1 - blur_p:
+        out = gaussian_blur(out, _uniform(generator, len(out), lo, hi).to(out))
+    return out

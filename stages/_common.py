@@ -38,6 +38,10 @@ def repo_root(cwd: Path | None = None) -> Path:
     return cwd
 
 
+#: Pixels of each class in every source train label (stage class_stats): rare class sampling reads it.
+CLASS_STATS = Path("stats") / "source_classes.json"
+
+
 def model_path(run: str, seed: int) -> Path:
     """Where a run's model of one seed lives (`models/<run>/s<seed>/model.pt`; run = pretrain or a variant)."""
     return Path("models") / run / f"s{seed}" / "model.pt"

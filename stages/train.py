@@ -1,5 +1,6 @@
 """DVC stage: train one run for every seed (or the seeds given), one after another in one process — the
-source-only pretraining, or one variant (a round starts from the model and learns from the pseudo-label set its
+source-only pretraining (of params `model`, or `pretrain_<network>` of a network of params `networks`), or
+one variant (a round starts from the model and learns from the pseudo-label set its
 wiring in params `runs.rounds` names). A run killed at any point resumes from its checkpoint; a seed that had
 finished is restored from its final checkpoint instead of retrained. The checkpoints go once every seed is done."""
 
@@ -13,6 +14,7 @@ import _common
 from _cli import setup
 
 from plca.experiment import PRETRAIN, RunSpec, train_run
+from plca.params import NETWORK_PRETRAIN
 
 
 def main() -> None:
@@ -25,9 +27,13 @@ def main() -> None:
     tracking = _common.tracking_config(params)
     specs = [RunSpec(args.run, seed) for seed in (args.seed or params.seeds)]
     wiring = params.runs.rounds.get(args.run)
+    network = params.network_of(args.run)
+    # the source-only model a variant continues: the shared one, its network's (pretrain_<network>) or its round's
+    start = wiring.init if wiring else PRETRAIN if network is None else NETWORK_PRETRAIN + network
+    pretraining = args.run == PRETRAIN or (network is not None and args.run == NETWORK_PRETRAIN + network)
     for spec in specs:
         seed = spec.seed
-        init = None if args.run == PRETRAIN else _common.model_path(wiring.init if wiring else PRETRAIN, seed)
+        init = None if pretraining else _common.model_path(start, seed)
         result = train_run(
             params, spec,
             out_dir=Path("models") / args.run / f"s{seed}",
@@ -38,6 +44,7 @@ def main() -> None:
             tags=_common.tags(params, args.stage, args.run, seed),
             progress=not args.no_progress,
             pseudo_dir=_common.pseudo_path(wiring.pseudo, seed) if wiring else None,
+            class_stats=None if pretraining else _common.CLASS_STATS,
         )
         print(json.dumps({"run": spec.run_name, **result}), flush=True)
     for spec in specs:  # every model is saved: the checkpoints have served

@@ -119,6 +119,22 @@ def test_shared_options_come_from_the_methods_section_under_the_variants_own() -
         (lambda r: r["report"].update(headline="source_only"), "params.report.headline: 'source_only' is the baseline"),
         (lambda r: r["report"].update(qualitative=[]), "params.report.qualitative: expected distinct variants"),
         (lambda r: r.update(table1={}), "params: unknown key(s) ['table1']"),
+        (lambda r: r["networks"]["mit"].update(arch="vit"), "params.networks.mit.arch: unknown architecture 'vit'"),
+        (lambda r: r["networks"]["mit"].update(arch="deeplabv2"), "params.networks.mit.arch: 'deeplabv2' is params"),
+        (lambda r: r["networks"]["mit"]["model"].update(widths=[1]), "params.networks.mit.model: unknown key(s)"),
+        (lambda r: r["networks"]["mit"]["model"].update(depths=[1, 1]), "params.networks.mit.model"),
+        (lambda r: r["networks"]["mit"]["pretrain"]["options"].update(lovas=True),
+         "params.methods.source_only + params.networks.mit.pretrain.options: unknown key(s) ['lovas']"),
+        (lambda r: r["networks"]["mit"]["pretrain"].update(method="nope"), "params.networks.mit.pretrain.method"),
+        (lambda r: r["runs"]["networks"].update(daformer="vit"), "params.runs.networks.daformer: no network 'vit'"),
+        (lambda r: r["variants"].update(pretrain_mit=r["variants"]["fass"]),
+         "params.variants.pretrain_mit: a reserved"),
+        (lambda r: r["runs"]["rounds"]["cbst_r1"].update(init="daformer"),
+         "params.runs.rounds.cbst_r1.init: 'daformer' trains on network 'mit'"),
+        (lambda r: r["variants"]["pgpc"]["show"].update(baseline="nope"),
+         "params.variants.pgpc.show.baseline: expected another defined variant, got 'nope'"),
+        (lambda r: r["methods"]["daformer"]["rcs"].update(temperature=0),
+         "params.methods.daformer + params.variants.daformer.train.options"),
     ],
 )
 def test_bad_params_stop_with_the_key(edit: Callable[[dict[str, Any]], None], message: str) -> None:
@@ -166,3 +182,17 @@ def test_no_variant_name_is_a_string_literal_in_plca_outside_the_methods(tmp_pat
     (tmp_path / "plca" / "report.py").write_text('X = 1\n\n\ndef f(v="plca"):\n    return f"{v}" + "oracle"\n')
     (tmp_path / "plca" / "methods" / "m.py").write_text('NAME = "plca"\n')  # methods name themselves
     assert _variant_literals(tmp_path / "plca", names) == ["plca/report.py:4: 'plca'", "plca/report.py:5: 'oracle'"]
+
+
+def test_a_variant_on_a_network_trains_it_with_the_networks_optimiser_for_adapt_steps() -> None:
+    p = load_params(REPO / "params.yaml")
+    assert p.network_of("daformer") == p.network_of("pretrain_mit") == "mit"
+    assert p.network_of("dacs") is None and p.network_of("pretrain") is None
+    arch, cfg = p.network_options("daformer")
+    assert arch == "mit_daformer" and cfg.embed_dims == (32, 64, 160, 256) and cfg.head_channels == 64
+    assert p.network_options("dacs") == ("deeplabv2", p.model)
+    phase = p.phase("daformer")
+    assert phase.steps == p.adapt.steps and phase.optim == p.networks["mit"].optim and phase.optim.name == "adamw"
+    assert p.phase("dacs") is p.adapt  # DACS on DeepLab: the DeepLab rows' optimiser
+    assert "daformer" in p.runs.trained and "pretrain_mit" not in p.runs.trained
+

@@ -36,6 +36,10 @@ def tiny_params(params: dict) -> dict:
     p["model"].update(width=0.125, groups=4, aspp_rates=[1, 2])
     p["engine"].update(batch_size=2, log_every=2, checkpoint_every=2)
     p["pretrain"]["steps"] = 4
+    mit = p["networks"]["mit"]  # the smallest MiT whose stage-4 map (stride 32) the 32x64 crop still divides
+    mit["model"].update(embed_dims=[8, 16, 40, 64], depths=[1, 1, 1, 1], head_embed_dims=16, head_channels=16)
+    mit["pretrain"]["steps"] = 4
+    p["methods"]["pgpc"]["contrast_size"] = [4, 8]
     for phase in ("adapt", "oracle"):
         p[phase]["steps"] = 6  # split in 2 (IntraDA's stages) and 3 (self-training rounds)
     p["seeds"] = [0]
@@ -167,8 +171,8 @@ def test_repro_writes_every_report(workspace: tuple[Path, dict[str, str]]) -> No
         assert (ws / "logs" / v / "s0.csv").is_file() == (v not in ensembles)  # an ensemble is assembled
         m = json.loads((ws / "metrics" / v / "s0.json").read_text())
         assert m["variant"] == v and 0 <= m["miou"] <= 100
-        # the cycle diagnostics ran on the 4 val pairs, for every variant with a feature map (not an ensemble)
-        if v in ensembles:
+        # the cycle diagnostics ran on the 4 val pairs, for every DeepLab variant (not an ensemble, not a MiT)
+        if v in ensembles or v in params["runs"]["networks"]:
             assert "cycles" not in m
         else:
             assert m["cycles"]["pairs"] == 4 and 0 <= m["cycles"]["features"]["positive_rate"] <= 100
@@ -202,11 +206,21 @@ def test_repro_writes_every_report(workspace: tuple[Path, dict[str, str]]) -> No
     assert len(list((ws / "metrics" / "pseudo" / "crst_p3" / "s0").glob("*.png"))) == 4
     pseudo_page = (ws / "reports" / "pseudo_labels.md").read_text()
     assert all(f"| {s} |" in pseudo_page or f"| `{s}` |" in pseudo_page for s in params["runs"]["pseudo"])
+    # the mean-teacher family: the MiT pretrained once per seed, its variants from it with the EMA teacher; RCS's
+    # class statistics counted once; each MiT row's gain paired against the MiT source-only row
+    assert pd.read_csv(ws / "logs" / "pretrain_mit" / "s0.csv")["step"].max() == 4
+    stats = json.loads((ws / "stats" / "source_classes.json").read_text())
+    assert stats["images"] == len(stats["counts"]) == 12
+    for v, terms in (("dacs", {"ce_mix", "pseudo_weight"}), ("daformer", {"fd"}), ("pgpc", {"cl_src", "cl_mix"})):
+        assert terms <= set(pd.read_csv(ws / "logs" / v / "s0.csv").columns), v
+    table2 = (ws / "reports" / "table2.md").read_text()
+    assert "(vs MiT source-only)" in table2
     assert "4 val pairs" in (ws / "reports" / "cycles.md").read_text()
     assert next((ws / "data/embedded/target/gtFine/val").rglob("*_gtFine_labelIds.png"))
     assert next((ws / "data/embedded/source/labels").glob("*.png"))
     lock = yaml.safe_load((ws / "dvc.lock").read_text())
-    assert {"prepare", "pretrain", "adapt@plca", "evaluate@oracle", "report", f"pseudo@{rank}", f"round@{round_name}",
+    assert {"prepare", "pretrain", "pretrain_network@mit", "class_stats", "train_network@daformer", "adapt@plca",
+            "evaluate@oracle", "report", f"pseudo@{rank}", f"round@{round_name}",
             "ensemble@advent_minent"} <= set(lock["stages"])
 
 

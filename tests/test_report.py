@@ -783,3 +783,26 @@ def test_pseudo_label_report_names_a_missing_summary(tmp_path):
     stale.write_text(json.dumps({"policy": "class_balanced", "images": 1, "labelled": 1}))
     with pytest.raises(T.ResultsError, match=re.escape(str(stale)) + ".*stale"):
         pseudo_reports(replace(inp, pseudo={"rank": "other"}), tmp_path / "reports")
+
+
+def test_a_row_with_its_own_baseline_is_paired_against_it_and_says_so():
+    # `mit_base` is another network's source-only row; `mit_method` pairs against it (seeds 0, 1: +5, +7)
+    show = Presentation({**HAND.variants,
+                         "mit_base": ShowConfig(label="MiT source-only (CE + Lovász)", short="MiT source-only",
+                                                tables=["table2"], colour="#a55194"),
+                         "mit_method": ShowConfig(label="DAFormer (MiT)", tables=["table2"], colour="#de9ed6",
+                                                  baseline="mit_base")}, HAND.roles)
+    miou = {**HAND_MIOU, "mit_base": {0: 20.0, 1: 21.0}, "mit_method": {0: 25.0, 1: 28.0, 2: 99.0}}
+    records = [{"variant": v, "seed": seed, "miou": m, "iou": {c: 50.0 for c in CLASS_NAMES}}
+               for v, runs in miou.items() for seed, m in runs.items()]
+    results = T.results_frame(records, order=list(show.variants))
+    summary = T.summarize(results, "base", show.baselines())
+    assert show.baselines() == {"mit_method": "mit_base"}
+    assert (summary["mit_method"].gain_vs, summary["mit_method"].gain_seeds) == ("mit_base", (0, 1))
+    assert summary["mit_method"].gain_mean == 6.0 and summary["mit_method"].gain_std == pytest.approx(2 ** 0.5)
+    assert summary["mit_base"].gain_vs == "base" and summary["mit_base"].gain_mean == -10.5  # vs the report's
+    rows = {r[0]: r for r in _md_rows(T.table2_markdown(results, dataset_label=LABEL, show=show).split("## 16")[0])}
+    delta = "Δ vs source-only (paired)"
+    header = rows["method"]
+    assert rows["ours: DAFormer (MiT) (n=3)"][header.index(delta)] == "+6.0 ± 1.4 (vs MiT source-only)"
+    assert rows["ours: MiT source-only (CE + Lovász) (n=2)"][header.index(delta)] == "-10.5 ± 0.7"

@@ -70,6 +70,18 @@ class Method:
         del cfg
         return {}
 
+    @classmethod
+    def rare_class_sampling(cls, cfg: Any) -> Any:
+        """How the source stream samples its images: a `plca.data.rcs.RCSConfig` (DAFormer's rare class sampling,
+        from the class statistics the pipeline computes once), or None: uniformly, as every other method."""
+        del cfg
+        return None
+
+    def set_normalization(self, transform: Any) -> None:
+        """Told the input normalisation (`plca.data.TransformConfig`) before training, for a method that works on
+        pixel values (the mean teacher's colour jitter); most methods ignore it."""
+        del transform
+
     def networks(self) -> dict[str, nn.Module]:
         """Every network the method holds (all are checkpointed and put in train mode by the engine)."""
         return {"model": self.model}

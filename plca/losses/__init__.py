@@ -1,6 +1,7 @@
 """PLCA's losses: association (Eq 1-10), adaptive label smoothing (Eq 13), Lovasz-softmax and cross-entropy;
 ADVENT's entropy (MinEnt), the output-space adversarial losses (AdaptSegNet, AdvEnt, IntraDA) and the self-training
-loss (CBST, CRST's regularisers, TPLD's bootstrapping) for baselines."""
+loss (CBST, CRST's regularisers, TPLD's bootstrapping), the mean-teacher losses (DACS / DAFormer pseudo-label
+weight, all-pixel CE, ImageNet feature distance) and PGPC's pixel contrast (CLUDA's loss) for baselines."""
 
 from plca.losses.adversarial import SOURCE_LABEL, TARGET_LABEL, adversarial_loss, self_information_map
 from plca.losses.association import (
@@ -11,10 +12,18 @@ from plca.losses.association import (
     downsample_labels,
     spatial_aggregate,
 )
+from plca.losses.contrast import contrast_inputs, pixel_contrast_loss
 from plca.losses.cross_entropy import cross_entropy
 from plca.losses.entropy import entropy_loss, entropy_map
 from plca.losses.lovasz import lovasz_softmax
 from plca.losses.lsr import adaptive_lsr
+from plca.losses.mean_teacher import (
+    THING_CLASSES,
+    downscale_label_ratio,
+    feature_distance,
+    pseudo_label_weight,
+    weighted_pixel_ce,
+)
 from plca.losses.self_training import REGULARIZERS, self_training_loss
 
 __all__ = [
@@ -23,16 +32,23 @@ __all__ = [
     "REGULARIZERS",
     "SOURCE_LABEL",
     "TARGET_LABEL",
+    "THING_CLASSES",
     "adaptive_lsr",
     "adversarial_loss",
     "associate",
     "association_loss",
+    "contrast_inputs",
     "cross_entropy",
     "downsample_labels",
+    "downscale_label_ratio",
     "entropy_loss",
     "entropy_map",
+    "feature_distance",
     "lovasz_softmax",
+    "pixel_contrast_loss",
+    "pseudo_label_weight",
     "self_information_map",
     "self_training_loss",
     "spatial_aggregate",
+    "weighted_pixel_ce",
 ]

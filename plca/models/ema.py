@@ -1,10 +1,13 @@
 """The exponential moving average of a teacher's parameters (Mean Teacher; DACS, DAFormer, PGPC as released):
-parameters only, never BatchNorm buffers; no gradient reaches the teacher."""
+parameters only, never BatchNorm buffers; no gradient reaches the teacher. `teacher_mode_` puts the teacher in the
+mode it predicts in: train mode (BatchNorm on the batch's statistics) with Dropout and DropPath off."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from plca.models.mit import DropPath
 
 
 def ema_alpha(step: int, alpha_max: float = 0.999) -> float:
@@ -27,3 +30,16 @@ def ema_update_(teacher: nn.Module, student: nn.Module, step: int, alpha_max: fl
     for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
         t.mul_(alpha).add_(s.detach(), alpha=1.0 - alpha)
     return alpha
+
+
+def teacher_mode_(model: nn.Module) -> nn.Module:
+    """`model.train()`, then every Dropout (any `_DropoutNd`) and DropPath module in eval mode; returns `model`.
+
+    The mean teacher of DAFormer/PGPC as released predicts in train mode, so its BatchNorm layers use the target
+    batch's statistics, but without the stochastic layers, so its pseudo-labels are not randomly perturbed.
+    """
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd | DropPath):
+            m.eval()
+    return model

@@ -218,6 +218,8 @@ class VariantSummary:
     gain_mean: float = math.nan
     gain_std: float = math.nan
     gain_seeds: tuple[int, ...] = ()
+    #: the variant the gain is paired against (the report's baseline, or the row's own)
+    gain_vs: str = ""
     source_val_mean: float = math.nan
     source_val_std: float = math.nan
     #: the same models scored without test-time aggregation (variants scored with it only), and the paired gain
@@ -245,20 +247,23 @@ def _by_seed(rows: pd.DataFrame, column: str) -> pd.Series:
     return rows.set_index("seed")[column].dropna()
 
 
-def summarize(results: pd.DataFrame, baseline: str) -> dict[str, VariantSummary]:
+def summarize(results: pd.DataFrame, baseline: str, baselines: Mapping[str, str] | None = None
+              ) -> dict[str, VariantSummary]:
     """Mean and std (ddof=1) of mIoU over seeds per variant (in the results' order), per-class means over seeds,
-    and the gain over baseline: mean and std of the per-seed differences over the seeds both variants ran."""
+    and the gain over baseline: mean and std of the per-seed differences over the seeds both variants ran.
+    `baselines`: variant -> its own baseline, for the variants paired against another one (`gain_vs`)."""
     results = check_results(results)
-    base = results[results["variant"] == baseline].set_index("seed")["miou"]
     out = {}
     for variant in dict.fromkeys(results["variant"]):
+        own = (baselines or {}).get(variant, baseline)
+        base = results[results["variant"] == own].set_index("seed")["miou"]
         rows = results[results["variant"] == variant]
         miou = rows["miou"].to_numpy(dtype=float)
-        gain: dict[str, Any] = {}
-        if variant != baseline:
+        gain: dict[str, Any] = {"gain_vs": own}
+        if variant != own:
             common, diffs = _paired_differences(rows.set_index("seed")["miou"], base)
             if common:
-                gain = {"gain_mean": float(diffs.mean()), "gain_std": _std(diffs), "gain_seeds": tuple(common)}
+                gain.update(gain_mean=float(diffs.mean()), gain_std=_std(diffs), gain_seeds=tuple(common))
         source_val = _by_seed(rows, SOURCE_VAL)
         if len(source_val):
             gain.update(source_val_mean=float(source_val.mean()), source_val_std=_std(source_val.to_numpy(dtype=float)))
@@ -266,7 +271,7 @@ def summarize(results: pd.DataFrame, baseline: str) -> dict[str, VariantSummary]
         if len(plain):
             gain.update(without_tta_mean=float(plain.mean()), without_tta_std=_std(plain.to_numpy(dtype=float)))
             common, diffs = _paired_differences(plain, base)
-            if common and variant != baseline:
+            if common and variant != own:
                 gain.update(without_tta_gain_mean=float(diffs.mean()), without_tta_gain_std=_std(diffs))
         out[variant] = VariantSummary(
             variant=variant,
@@ -532,7 +537,7 @@ def _table2(
         raise ValueError(f"unknown protocols {unknown}; known: {sorted(PROTOCOLS)}")
     baseline = show.roles.baseline
     # gains are paired against the baseline's runs whether or not the baseline is a row (as in Table 1)
-    summary = _rows(summarize(results, baseline), show, "table2")
+    summary = _rows(summarize(results, baseline, show.baselines()), show, "table2")
     tables = []
 
     def published(v: str, key: str) -> str:
@@ -547,6 +552,8 @@ def _table2(
         for v, s in summary.items():
             cells = [_num(s.per_class[CLASS_NAMES[i]]) for i in ids19]
             delta = "reference" if v == baseline else _mean_std(s.gain_mean, s.gain_std, signed=True)
+            if s.gain_vs != baseline and v != baseline:  # a row paired against its own network's baseline
+                delta += f" (vs {show.short(s.gain_vs)})"
             rows.append([f"ours: {show.label(v)} (n={len(s.seeds)})", *cells, _num(s.mean), delta,
                          published(v, "gta5")])
     first_paper = len(rows)
@@ -605,7 +612,8 @@ def _table2(
         "`miou`.",
         f"{delta_header(show.label(baseline))}: our mIoU gain over {show.label(baseline)} paired by seed (each seed "
         "against the baseline run of the same seed), mean ± std of the per-seed differences over the seeds both "
-        "have, as in Table 1.",
+        "have, as in Table 1; a row trained on another network is paired against that network's own source-only "
+        "row, named in its cell (params `variants.<name>.show.baseline`).",
         "Rows `paper ...`: published in Kang et al., NeurIPS 2020 (Tables 2 and 3, single runs on the real "
         "benchmarks), for reference only: they are not our numbers. Source Only there is CE + Lovász.",
         "Columns `published ...`: the method's own published mIoU on the real benchmarks (GTA5→Cityscapes, 19 "
