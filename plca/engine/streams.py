@@ -79,4 +79,7 @@ def stream_loader(dataset: KeyedDataset, sampler: StepBatchSampler, num_workers:
         num_workers=num_workers,
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
+        # iter() draws the loader's base seed from this generator instead of torch's global RNG, which a resumed
+        # run restores from its checkpoint; samples are seeded by (seed, stream, k) anyway
+        generator=torch.Generator(),
     )

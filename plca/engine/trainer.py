@@ -103,7 +103,8 @@ class Trainer:
 
     def _batches(self, streams: dict[str, KeyedDataset]) -> Iterator[dict[str, torch.Tensor]]:
         e = self.cfg.engine
-        # the loaders are made here, not on the first draw: making one draws from torch's RNG, resumed just before
+        # making a loader draws its base seed from the loader's own generator (streams.stream_loader), never from
+        # torch's RNG: a resumed step draws (dropout, a method's mixing) what the uninterrupted step drew
         iters = {
             name: iter(stream_loader(ds, StepBatchSampler(len(ds), e.batch_size, e.grad_accum, self.cfg.seed,
                                                           STREAM_IDS[name], self.start, self.total_steps),
