@@ -368,6 +368,26 @@ class Params:
         alpha = getattr(self.method_config(name), "alpha", None)
         return self.evaluate.test_time_alpha if alpha is None else float(alpha)
 
+    def lineage(self, name: str) -> tuple[set[str], set[str]]:
+        """(the variants whose training `name`'s model depends on, itself included; the pseudo-label sets it
+        learns from, directly or through them): a round's starting model and its set's labeller, an ensemble's
+        members."""
+        r = self.runs
+        variants: set[str] = set()
+        sets: set[str] = set()
+        todo = [name]
+        while todo:
+            v = todo.pop()
+            if v in variants or v == PRETRAINED:
+                continue
+            variants.add(v)
+            if v in r.rounds:
+                sets.add(r.rounds[v].pseudo)
+                todo += [r.rounds[v].init, r.pseudo.get(r.rounds[v].pseudo, PRETRAINED)]
+            if v in r.ensembles:
+                todo += list(r.ensembles[v].members)
+        return variants, sets
+
     @property
     def all_variants(self) -> list[str]:
         """Every variant that runs (`runs.evaluate`)."""

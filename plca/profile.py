@@ -67,6 +67,37 @@ def replaced_edits(current: dict[str, Any], base: Path) -> list[str]:
     return sorted(k for k in now.keys() | then.keys() if now.get(k, ...) != then.get(k, ...))
 
 
+def changed_variants(current: dict[str, Any], base: Path) -> dict[str, tuple[str, ...]]:
+    """Variant -> the edits (`key=value`, key relative to `variants.<v>.train`, `methods` or `pseudo`) of what its
+    model was trained with, since what its profile builds: its own `train`, its method's shared options, and those
+    of the runs and pseudo-label sets it is built from (`Params.lineage`). A `dvc exp run -S` of a variant's
+    options makes it another row than the one its paper figures belong to; the report says so."""
+    edits = replaced_edits(current, base)
+    if not edits:
+        return {}
+    params = validate_params(current, "params")
+    flat = flatten(current)
+
+    def show(key: str, prefix: str) -> str:
+        value = flat.get(key, "(removed)")
+        return f"{key[len(prefix):]}={value}"
+
+    out: dict[str, tuple[str, ...]] = {}
+    for name in params.variants:
+        variants, sets = params.lineage(name)
+        found: list[str] = []
+        for v in sorted(variants, key=lambda x: x != name):  # its own edits first
+            own = f"variants.{v}.train."
+            found += [show(k, own) for k in edits if k.startswith(own)]
+            method = params.variants[v].train.method
+            if method is not None:
+                found += [show(k, "") for k in edits if k.startswith(f"methods.{method}.")]
+        found += [show(k, "") for s in sorted(sets) for k in edits if k.startswith(f"pseudo.{s}.")]
+        if found:
+            out[name] = tuple(dict.fromkeys(found))
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m plca.profile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -5,7 +5,8 @@
 GT_DIR is a `gtFine/<split>` folder (`<city>/<city>_<seq>_<frame>_gtFine_labelIds.png`). PRED_DIR holds one
 `<city>_<seq>_<frame>*.png` per ground-truth image, anywhere below it, with Cityscapes LABEL ids (0..33), as
 `cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling` expects. Prints per-class IoU and mIoU in percent;
-exit status 0 on success, 2 on bad input (message on stderr).
+exit status 0 on success, 2 on bad input (message on stderr): a ground-truth image without its prediction, or
+predictions that look like train ids (the evaluator would print a near-zero mIoU).
 """
 
 from __future__ import annotations
@@ -141,8 +142,32 @@ def _fold_to_train_ids(label_counts: np.ndarray) -> ConfusionMatrix:
     return ConfusionMatrix(NUM_CLASSES, rows @ label_counts @ cols)
 
 
+#: Label ids that are no evaluated class (void ones, and those without a train id): a model's label-id prediction
+#: rarely holds them, a train-id prediction read as label ids mostly does (road 0, sidewalk 1, building 2, ...).
+_UNEVALUATED = np.asarray([i for i in range(_N_LABEL_IDS) if CITYSCAPES_ID_TO_TRAINID[i] >= NUM_CLASSES])
+#: Share of predicted pixels on such ids, all ids <= 18, above which the predictions look like train ids.
+TRAIN_ID_SHARE = 0.5
+
+
+def check_not_train_ids(label_counts: np.ndarray, pred_dir: Path | str) -> None:
+    """Stop when the predictions look like train ids (0..18) rather than label ids: every predicted value is at
+    most 18 and most pixels fall on label ids that are no evaluated class. Scored as label ids, such files give a
+    near-zero mIoU that looks like a result."""
+    predicted = label_counts.sum(axis=0)
+    total = int(predicted.sum())
+    if total == 0 or predicted[NUM_CLASSES:].any():
+        return
+    share = float(predicted[_UNEVALUATED[_UNEVALUATED < NUM_CLASSES]].sum()) / total
+    if share > TRAIN_ID_SHARE:
+        raise ScoreError(
+            f"{pred_dir}: the predictions look like train ids (0..18), not Cityscapes label ids: every value is at "
+            f"most 18 and {share:.0%} of the pixels are on ids that are no evaluated class; convert them "
+            "(plca.data.labels.TRAINID_TO_ID), or score the pipeline's eval/<variant>/s<seed>/labelIds/")
+
+
 def confusion_from_pairs(pairs: Sequence[tuple[Path, Path]]) -> ConfusionMatrix:
-    """The train-id confusion matrix of (prediction, ground truth) label-id PNG pairs."""
+    """The train-id confusion matrix of (prediction, ground truth) label-id PNG pairs; stops when they look like
+    train ids (`check_not_train_ids`)."""
     # counted in label-id space first (one bincount per image, no lookups), folded to train ids once
     total = np.zeros((_N_LABEL_IDS, _N_LABEL_IDS), dtype=np.int64)
     for pred_file, gt_file in pairs:
@@ -154,6 +179,8 @@ def confusion_from_pairs(pairs: Sequence[tuple[Path, Path]]) -> ConfusionMatrix:
                 f"{gt_file} ({gt_ids.shape[1]}x{gt_ids.shape[0]})"
             )
         total += _label_id_counts(pred_ids, gt_ids, pred_file, gt_file)
+    if pairs:
+        check_not_train_ids(total, pairs[0][0].parent)
     return _fold_to_train_ids(total)
 
 

@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING, Any
 import _common
 from _cli import setup
 
+from plca.config import load_yaml
 from plca.experiment import make_reader
 from plca.params import PSEUDO_METRICS, Params
+from plca.profile import changed_variants
 from plca.report.build import ReportInputs, build_reports
 from plca.report.config import Presentation
 
@@ -46,8 +48,10 @@ def main() -> None:
     parser = setup(__doc__)
     args = parser.parse_args()
     params = _common.params_or_exit(args.params)
+    # rows trained otherwise than their profile says (a `dvc exp run -S` of their options) are marked as such
+    changed = changed_variants(load_yaml(args.params), Path("profiles") / "default.yaml")
     try:
-        show = Presentation({name: v.show for name, v in params.variants.items()}, params.report)
+        show = Presentation({name: v.show for name, v in params.variants.items()}, params.report, changed)
     except ValueError as exc:  # a paper column the paper lacks: stop before reading any run
         sys.exit(f"error: {args.params}: params.{exc}")
     inputs = ReportInputs(

@@ -313,3 +313,12 @@ def test_walker_resolves_every_kind_of_import(tmp_path: Path) -> None:
 def test_each_stage_script_exists(stage: str) -> None:
     raw = load_dvc_yaml()["stages"][stage]
     assert (REPO / stage_script(stage, raw.get("do", raw))).is_file()
+
+
+def test_the_readme_pipeline_picture_names_every_stage_family() -> None:
+    """The README's picture of `dvc repro` (its stage families) stays in sync with dvc.yaml."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## What `dvc repro` does", 1)[1].split("```", 2)[1]
+    drawn = set(re.findall(r"[a-z_]+", section))
+    missing = sorted(set(load_dvc_yaml()["stages"]) - drawn)
+    assert not missing, f"README.md's pipeline picture lacks the stage families {missing}"

@@ -258,3 +258,32 @@ def test_a_method_that_adds_the_aux_head_starts_from_a_model_without_one(tmp_pat
     with pytest.raises(RuntimeError, match="classifier.branches.0.weight"):
         load_init(DeepLabV2(DeepLabV2Config(**{**vars(TINY), "aux_head": True})), tmp_path / "broken.pt",
                   {"aux_head": True})
+
+
+@pytest.mark.parametrize("cache_bytes", [2 << 30, 3 * H * W * 4 * 4, 0])  # all, the first batch only, none
+def test_the_labelling_pass_reuses_the_scoring_pass_outputs_and_writes_the_same_set(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache_bytes: int) -> None:
+    import plca.labelling as labelling
+
+    class Counting(Stub):
+        calls = 0
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            Counting.calls += 1
+            return super().forward(x)
+
+    cfg = PseudoSetConfig(policy="entropy_rank", options={"ratio": 0.5}, batch_size=4)  # 6 images: batches 4 + 2
+    monkeypatch.setattr(labelling, "OUTPUT_CACHE_BYTES", 0)
+    make_pseudo_set(Counting(), FakeReader(PIXELS), RAW, cfg, tmp_path / "plain", torch.device("cpu"),
+                    progress=False)
+    assert Counting.calls == 4  # both passes predict both batches
+    Counting.calls = 0
+    monkeypatch.setattr(labelling, "OUTPUT_CACHE_BYTES", cache_bytes)
+    make_pseudo_set(Counting(), FakeReader(PIXELS), RAW, cfg, tmp_path / "cached", torch.device("cpu"),
+                    progress=False)
+    assert Counting.calls == {2 << 30: 2, 3 * H * W * 4 * 4: 3, 0: 4}[cache_bytes]
+    plain = sorted(p.relative_to(tmp_path / "plain") for p in (tmp_path / "plain").rglob("*") if p.is_file())
+    cached = sorted(p.relative_to(tmp_path / "cached") for p in (tmp_path / "cached").rglob("*") if p.is_file())
+    assert plain == cached and len(plain) > 3
+    for rel in plain:
+        assert (tmp_path / "plain" / rel).read_bytes() == (tmp_path / "cached" / rel).read_bytes(), rel

@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from plca.data.labels import CLASS_NAMES
+from plca.score import score
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -215,6 +216,11 @@ def test_repro_writes_every_report(workspace: tuple[Path, dict[str, str]]) -> No
         assert terms <= set(pd.read_csv(ws / "logs" / v / "s0.csv").columns), v
     table2 = (ws / "reports" / "table2.md").read_text()
     assert "(vs MiT source-only)" in table2
+    # each evaluation wrote its whole target-val prediction set in label ids: the scorer gives the stage's mIoU
+    for v in ("plca", "daformer"):
+        scored, _ = score(ws / "eval" / v / "s0" / "labelIds", ws / "data/embedded/target/gtFine/val")
+        m = json.loads((ws / "metrics" / v / "s0.json").read_text())
+        assert scored["images"] == 4 and scored["mIoU"] == pytest.approx(m["miou"], abs=1e-9), v
     assert "4 val pairs" in (ws / "reports" / "cycles.md").read_text()
     assert next((ws / "data/embedded/target/gtFine/val").rglob("*_gtFine_labelIds.png"))
     assert next((ws / "data/embedded/source/labels").glob("*.png"))

@@ -31,7 +31,7 @@ from plca.data.prepare import RECORD, RealDataConfig, check_domain_roots
 from plca.experiment import PRETRAIN, RunSpec, evaluate_run, load_model, make_reader, train_run
 from plca.models.resnet import ResNet
 from plca.params import Params, load_params
-from plca.profile import build, main
+from plca.profile import build, changed_variants, main
 from plca.profiles import Merged, Overlay, compose
 
 REPO = Path(__file__).resolve().parents[1]
@@ -613,3 +613,25 @@ def test_real_data_config_checks_its_splits() -> None:
         RealDataConfig(["cityscapes"], splits={"cityscapes": ["val"]}, full_size={"cityscapes": ["test"]})
     with pytest.raises(ValueError, match=r"data.prepare.splits: \['synthia'\] not among"):
         RealDataConfig(["gta5"], splits={"synthia": ["all"]})
+
+
+def test_a_row_trained_otherwise_than_its_profile_is_named_with_its_changes() -> None:
+    """`dvc exp run -S` of a variant's options, its method's shared options or a pseudo-label set it learns from
+    (directly or through the runs it starts from) marks the row; relabelling it does not."""
+    raw = load_yaml(REPO / "params.yaml")
+    assert changed_variants(raw, DEFAULT) == {}
+    edited = copy.deepcopy(raw)
+    edited["variants"]["fass"]["train"]["options"]["lsr"] = True
+    edited["variants"]["plca"]["show"]["label"] = "Ours"
+    edited["methods"]["advent"]["w_adv_main"] = 0.002
+    edited["pseudo"]["crst_p2"]["options"]["portion"] = 0.3
+    changed = changed_variants(edited, DEFAULT)
+    assert changed["fass"] == ("options.lsr=True",) and "plca" not in changed
+    adv = ("methods.advent.w_adv_main=0.002",)
+    # AdvEnt's rows, the ensemble built on it and IntraDA's two stages (both AdvEnt); MinEnt alone is untouched
+    assert {v: changed[v] for v in ("advent", "advent_minent", "intrada_s1", "intrada")} == dict.fromkeys(
+        ("advent", "advent_minent", "intrada_s1", "intrada"), adv)
+    assert "minent" not in changed
+    # the set labelled by round 1 feeds round 2, which round 3 starts from; round 1 itself is as it was
+    assert changed["crst_r2"] == changed["crst"] == ("pseudo.crst_p2.options.portion=0.3",)
+    assert "crst_r1" not in changed and "cbst" not in changed

@@ -21,9 +21,9 @@ from test_profiles import DEFAULT, PROFILES, REPO, SOURCE, TINY_MODEL, write_par
 from plca.config import load_yaml
 from plca.engine.optim import lr_factor, make_optimizer, poly_warmup_factor
 from plca.experiment import RunSpec, class_stats_run, evaluate_run, load_model, read_class_stats, train_run
-from plca.models import DAFormer, DAFormerConfig, MixVisionTransformer
+from plca.models import DAFormer, DAFormerConfig, MixVisionTransformer, WeightsError
 from plca.models.networks import ARCHS
-from plca.models.resnet import ResNet, WeightsError
+from plca.models.resnet import ResNet
 from plca.params import NETWORK_PRETRAIN, Params
 from plca.profiles import Merged, Overlay, compose
 

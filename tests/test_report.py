@@ -806,3 +806,17 @@ def test_a_row_with_its_own_baseline_is_paired_against_it_and_says_so():
     header = rows["method"]
     assert rows["ours: DAFormer (MiT) (n=3)"][header.index(delta)] == "+6.0 ± 1.4 (vs MiT source-only)"
     assert rows["ours: MiT source-only (CE + Lovász) (n=2)"][header.index(delta)] == "-10.5 ± 0.7"
+
+
+def test_a_changed_row_names_its_change_and_shows_no_paper_or_published_figure():
+    show = Presentation(HAND.variants, HAND.roles, {"adv": ("options.w_adv_main=0.002",)})
+    assert show.label("adv") == "AdvEnt (multi-level) (changed: options.w_adv_main=0.002)"
+    assert show.short("adv") == "AdvEnt (multi-level) (changed)" and show.published("adv") is None
+    assert show.published("ent") is PUB_ENT and show.label("ent") == "MinEnt"
+    changed_t1 = Presentation(HAND.variants | {"other": replace(HAND.variants["other"], paper="+ L_lsr = PLCA")},
+                              HAND.roles, {"other": ("options.lsr=False",)})
+    assert changed_t1.paper("other") is None
+    md = T.table2_markdown(_hand_frame(), dataset_label=LABEL, show=show)
+    row = next(r for r in _md_rows(md.split("## 16")[0]) if r[0].startswith("ours: AdvEnt"))
+    assert row[0] == "ours: AdvEnt (multi-level) (changed: options.w_adv_main=0.002) (n=3)" and row[-1] == T.NA
+    assert "AdvEnt (multi-level): ADVENT" not in md  # its published source line goes with its figures

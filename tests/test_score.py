@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from plca.data.labels import CLASS_NAMES, PROTOCOLS, TRAINID_TO_ID
+from plca.data.labels import CITYSCAPES_ID_TO_TRAINID, CLASS_NAMES, PROTOCOLS, TRAINID_TO_ID
 from plca.score import main, score
 
 H, W = 8, 16
@@ -232,3 +232,25 @@ def test_module_entry_point_without_traceback(fixture_set, tmp_path):
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "no prediction" in proc.stderr
+
+
+def test_train_id_predictions_exit_2_instead_of_a_near_zero_miou(fixture_set, capsys):
+    """The pipeline's train-id PNGs (0..18) scored as label ids: the scorer names the folder and says why."""
+    pred_dir, gt_dir = fixture_set
+    rng = np.random.default_rng(1)
+    for city, frame in FRAMES:
+        gt = np.array(Image.open(gt_path(gt_dir.parent.parent, city, frame)))
+        train = CITYSCAPES_ID_TO_TRAINID[gt]  # a perfect prediction, written in train ids
+        train[train == 255] = rng.integers(0, 19, int((train == 255).sum()))
+        for old in pred_dir.rglob(f"{city}_000000_{frame:06d}*.png"):
+            old.unlink()
+        write_png(pred_dir / pred_name(city, frame), train)
+    assert main([str(pred_dir), str(gt_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "look like train ids (0..18), not Cityscapes label ids" in err and str(pred_dir) in err
+    # the same predictions in label ids score (and the perfect one scores 100 on every class it has)
+    for city, frame in FRAMES:
+        path = pred_dir / pred_name(city, frame)
+        write_png(path, TRAINID_TO_ID[np.array(Image.open(path))])
+    result, _ = score(pred_dir, gt_dir)
+    assert result["mIoU"] == pytest.approx(100.0)

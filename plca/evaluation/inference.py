@@ -82,8 +82,10 @@ def evaluate(
     progress: bool = True,
     desc: str = "evaluate",
     on_batch: Callable[[int], None] | None = None,
+    on_prediction: Callable[[str, np.ndarray], None] | None = None,
 ) -> EvalResult:
-    """Confusion matrix of `model` over every labelled item of `reader`; keeps the predictions of `keep`."""
+    """Confusion matrix of `model` over every labelled item of `reader`; keeps the predictions of `keep` and hands
+    every prediction (name, [H, W] uint8 train ids) to `on_prediction`."""
     model.eval()
     matrix = ConfusionMatrix()
     result = EvalResult(matrix)
@@ -94,8 +96,12 @@ def evaluate(
             pred = predict_probs(model, images, tuple(labels.shape[-2:]), cfg).argmax(1)
             matrix.update(pred, labels)
             for (i, _, _, name), p in zip(batch, pred, strict=True):
+                if i in keep or on_prediction is not None:
+                    p = p.to(torch.uint8).cpu().numpy()
                 if i in keep:
-                    result.kept[i] = (name, p.to(torch.uint8).cpu().numpy())
+                    result.kept[i] = (name, p)
+                if on_prediction is not None:
+                    on_prediction(name, p)
             bar.update(len(batch))
             if on_batch is not None:
                 on_batch(len(batch))

@@ -8,7 +8,8 @@ from plca.models.discriminator import fc_discriminator
 from plca.models.ema import ema_alpha, ema_init_, ema_update_, teacher_mode_
 from plca.models.mit import MixVisionTransformer, load_mit_weights
 from plca.models.output import AUX_LOGITS, FEATURE_MAPS, FEATURES, LOGITS, SegmentationModel, upsample
-from plca.models.resnet import FrozenBatchNorm2d, ResNet, WeightsError, load_imagenet_weights
+from plca.models.resnet import FrozenBatchNorm2d, ResNet, load_imagenet_weights
+from plca.models.weights import WeightsError
 
 __all__ = [
     "ASPPClassifier",

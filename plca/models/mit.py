@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from plca.models.resnet import WeightsError
+from plca.models.weights import check_fit, read_state_dict
 
 NUM_STAGES = 4
 BLOCK_LN_EPS = 1e-6  # mit_b* builds blocks and stage-end norms with partial(nn.LayerNorm, eps=1e-6)
@@ -245,11 +245,6 @@ def _needed(encoder: MixVisionTransformer) -> str:
     )
 
 
-def _short(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def load_mit_weights(encoder: MixVisionTransformer, path: Path | str) -> list[str]:
     """Load a SegFormer ``mit_b*.pth`` state_dict into `encoder`; return the file's keys that were ignored.
 
@@ -257,37 +252,12 @@ def load_mit_weights(encoder: MixVisionTransformer, path: Path | str) -> list[st
     no other key is accepted, else WeightsError lists what differs.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"MiT ImageNet weights not found at {path.resolve()}: need {_needed(encoder)}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any unreadable file gets the same clear message
-        raise WeightsError(f"{path}: not a readable torch state_dict ({exc}); need {_needed(encoder)}") from None
-    if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
-        wrapped = isinstance(state, dict) and "state_dict" in state
-        hint = " (it looks like a training checkpoint: save its 'state_dict' entry)" if wrapped else ""
-        raise WeightsError(f"{path}: expected a flat mapping of name -> tensor{hint}; need {_needed(encoder)}")
+    state = read_state_dict(path, "MiT ImageNet weights", _needed(encoder))
 
     expected = encoder.state_dict()
     ignored = sorted(k for k in state if k.startswith("head."))
     kept = {k: v for k, v in state.items() if not k.startswith("head.")}
-    # Listed in the model's (or the file's) key order, so the first entries are the first stage's.
-    missing = [k for k in expected if k not in kept]
-    unexpected = [k for k in kept if k not in expected]
-    mismatched = [
-        f"{k} file {tuple(kept[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in kept and kept[k].shape != v.shape
-    ]
-    if missing or unexpected or mismatched:
-        parts = [f"{path}: does not fit MiT with widths {encoder.embed_dims} and depths {encoder.depths}"]
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {_short(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {_short(unexpected)}")
-        if mismatched:
-            parts.append(f"shape mismatches ({len(mismatched)}): {_short(mismatched, 4)}")
-        parts.append(f"need {_needed(encoder)}")
-        raise WeightsError("; ".join(parts))
+    check_fit(path, expected, kept,
+              f"does not fit MiT with widths {encoder.embed_dims} and depths {encoder.depths}", _needed(encoder))
     encoder.load_state_dict(kept, strict=True)
     return ignored

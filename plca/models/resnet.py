@@ -23,6 +23,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from plca.models.weights import check_fit, read_state_dict
+
 Norm = Literal["batch", "group", "frozen_batch"]
 
 # Blocks per stage, as in He et al. 2016 (Table 1).
@@ -42,10 +44,6 @@ TORCHVISION_FILES = {
     101: "resnet101-63fe2227.pth",
 }
 _RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
-
-
-class WeightsError(ValueError):
-    """A weights file does not fit the backbone (missing/unexpected keys or shape mismatches)."""
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -245,11 +243,6 @@ def _needed(backbone: ResNet) -> str:
     )
 
 
-def _short(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def load_imagenet_weights(backbone: ResNet, path: Path | str) -> list[str]:
     """Load a torchvision-layout ImageNet state_dict into `backbone`; return the file's keys that were ignored.
 
@@ -259,16 +252,7 @@ def load_imagenet_weights(backbone: ResNet, path: Path | str) -> list[str]:
     ``num_batches_tracked`` counters are ignored.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ImageNet weights not found at {path.resolve()}: need {_needed(backbone)}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any unreadable file gets the same clear message
-        raise WeightsError(f"{path}: not a readable torch state_dict ({exc}); need {_needed(backbone)}") from None
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        wrapped = isinstance(state, dict) and "state_dict" in state
-        hint = " (it looks like a training checkpoint: save its 'state_dict' entry)" if wrapped else ""
-        raise WeightsError(f"{path}: expected a flat mapping of name -> tensor{hint}; need {_needed(backbone)}")
+    state = read_state_dict(path, "ImageNet weights", _needed(backbone))
 
     expected = backbone.state_dict()
     modules = dict(backbone.named_modules())
@@ -281,23 +265,8 @@ def load_imagenet_weights(backbone: ResNet, path: Path | str) -> list[str]:
             ignored.add(key)
     kept = {k: v for k, v in state.items() if k not in ignored}
 
-    # Listed in the model's (or the file's) key order, so the first entries are the stem's.
-    missing = [k for k in expected if k not in kept]
-    unexpected = [k for k in kept if k not in expected]
-    mismatched = [
-        f"{k} file {tuple(kept[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in kept and kept[k].shape != v.shape
-    ]
-    if missing or unexpected or mismatched:
-        parts = [f"{path}: does not fit ResNet-{backbone.depth} width {backbone.width} norm {backbone.norm}"]
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {_short(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {_short(unexpected)}")
-        if mismatched:
-            parts.append(f"shape mismatches ({len(mismatched)}): {_short(mismatched, 4)}")
-        parts.append(f"need {_needed(backbone)}; ImageNet weights exist only for width 1.0")
-        raise WeightsError("; ".join(parts))
+    check_fit(path, expected, kept,
+              f"does not fit ResNet-{backbone.depth} width {backbone.width} norm {backbone.norm}",
+              f"{_needed(backbone)}; ImageNet weights exist only for width 1.0")
     backbone.load_state_dict(kept, strict=True)
     return sorted(ignored)

@@ -28,6 +28,9 @@ class Presentation:
 
     variants: Mapping[str, ShowConfig]
     roles: ReportConfig
+    #: Variant -> the edits of what it trains with since its profile ("options.lsr=True"), for a row trained
+    #: otherwise than the method its paper figures belong to: its label names them, its figures are not shown.
+    changed: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     #: Rank of each defined variant: params order is row order.
     _rank: Mapping[str, int] = field(init=False, repr=False, compare=False)
 
@@ -54,12 +57,17 @@ class Presentation:
         known = sorted((n for n in names if n in self._rank), key=self._rank.__getitem__)
         return known + sorted(names - set(known))
 
+    def _mark(self, name: str, text: str) -> str:
+        changes = self.changed.get(name)
+        return f"{text} (changed: {', '.join(changes)})" if changes else text
+
     def label(self, name: str) -> str:
-        return self.variants[name].label if name in self.variants else name
+        return self._mark(name, self.variants[name].label if name in self.variants else name)
 
     def short(self, name: str) -> str:
         show = self.variants.get(name)
-        return name if show is None else show.short or show.label
+        text = name if show is None else show.short or show.label
+        return f"{text} (changed)" if self.changed.get(name) else text
 
     def colour(self, name: str) -> str:
         show = self.variants.get(name)
@@ -69,12 +77,13 @@ class Presentation:
         return SPARE_COLOURS[sum(name.encode()) % len(SPARE_COLOURS)]
 
     def paper(self, name: str) -> str | None:
-        return self.variants[name].paper if name in self.variants else None
+        """The paper's Table 1 column of the row; None when it trained otherwise (`changed`)."""
+        return self.variants[name].paper if name in self.variants and not self.changed.get(name) else None
 
     def published(self, name: str) -> PublishedConfig | None:
         """The method's published figures on the real benchmarks (facts from papers, never ours); None for a name
-        params do not define or a variant without any."""
-        return self.variants[name].published if name in self.variants else None
+        params do not define, a variant without any, or one trained otherwise (`changed`)."""
+        return self.variants[name].published if name in self.variants and not self.changed.get(name) else None
 
     def baselines(self) -> dict[str, str]:
         """Variant -> the variant its Table 2 gain is paired against, for rows that name their own
