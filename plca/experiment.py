@@ -27,7 +27,7 @@ from plca.engine.trainer import STREAM_IDS, TrainConfig, Trainer, fingerprint, r
 from plca.evaluation.cycles import CycleConfig, cycle_diagnostics
 from plca.evaluation.inference import InferenceConfig, evaluate
 from plca.evaluation.metrics import summarize
-from plca.io import atomic_write_json, atomic_write_png
+from plca.io import atomic_write_json, atomic_write_png, remove_leftovers
 from plca.labelling import PseudoLabelledReader, SubsetReader, make_pseudo_set, read_names
 from plca.methods.registry import method_config
 from plca.models.deeplabv2 import DeepLabV2
@@ -219,6 +219,14 @@ def _streams(params: Params, spec: RunSpec, labelled: str, wants_target: bool,
     return {name: dataset(name, reader, domain) for name, (reader, domain) in readers.items()}
 
 
+def training_data(params: Params) -> dict[str, Any]:
+    """What a training reads of params `data` (its domains and augmentations; not the report's label, nor how the
+    data were prepared, which reach it through the prepared files): its fingerprint and MLflow params."""
+    d = params.data
+    return {"source": to_dict(d.source), "target": to_dict(d.target), "train_transform": to_dict(d.train_transform),
+            "target_transform": None if d.target_transform is None else to_dict(d.target_transform)}
+
+
 def train_run(
     params: Params,
     spec: RunSpec,
@@ -263,7 +271,7 @@ def train_run(
     run_params = {
         "run": spec.name, "seed": spec.seed, "method": method_name, "labelled": labelled,
         "options": options, "phase": to_dict(phase), "engine": to_dict(params.engine), "model": to_dict(model_cfg),
-        "data": to_dict(params.data), "init_model": init_digest,
+        "data": training_data(params), "init_model": init_digest,
     }
     if steps != phase.steps:  # keys only when they apply: the fingerprints of existing runs stay as they were
         run_params["steps"] = steps
@@ -275,9 +283,13 @@ def train_run(
     trainer = Trainer(tcfg)
     with Tracker(tracking, spec.run_name, flatten(run_params), tags) as tracker:
         e = params.engine
+        checkpoint = checkpoint_dir / "last.pt"
+        # what a killed write of this run left beside its files
+        for path in (checkpoint, checkpoint.with_name("last.pt.sha256"), log_csv, out_dir / "model.pt"):
+            remove_leftovers(path)
         hooks = default_hooks(steps_name=method.name, log_every=e.log_every, checkpoint_every=e.checkpoint_every,
-                              checkpoint_path=checkpoint_dir / "last.pt", fingerprint=run_fp, log_csv=log_csv,
-                              tracker=tracker, progress=progress)
+                              checkpoint_path=checkpoint, fingerprint=run_fp, log_csv=log_csv,
+                              tracker=tracker, progress=progress, code=ckpt.source_digest(Path(__file__).parent))
         result = trainer.fit(method, streams, hooks)
         save_model(model, out_dir / "model.pt", {"run": spec.run_name, "fingerprint": run_fp, "steps": result.steps})
         tracker.log_artifact(log_csv)

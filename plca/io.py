@@ -35,6 +35,8 @@ __all__ = [
     "atomic_write_png",
     "atomic_write_text",
     "encode_png",
+    "remove_leftovers",
+    "rename",
 ]
 
 
@@ -54,6 +56,28 @@ def atomic_write(path: Path | str, write: Callable[[IO[bytes]], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def rename(src: Path | str, dst: Path | str) -> None:
+    """Move `src` over `dst` in one step (same file system): a reader sees the old `dst` or `src`, never a mix."""
+    os.replace(src, dst)
+
+
+def remove_leftovers(path: Path | str) -> list[Path]:
+    """Remove the temporary files a killed `atomic_write` of `path` left beside it (`.<name>.*.tmp`); returns
+    them. Called before a run writes `path` again."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    stale = sorted(path.parent.glob(f".{glob_escape(path.name)}.*.tmp"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
+
+
+def glob_escape(name: str) -> str:
+    """`name` with glob's special characters taken literally."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 @contextmanager

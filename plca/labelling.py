@@ -54,6 +54,10 @@ class PseudoSetConfig:
     #: set's summary; labels never train).
     precision: bool = True
 
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
 
 @dataclass
 class Selection:

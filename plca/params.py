@@ -74,6 +74,10 @@ class PhaseConfig:
     steps: int
     optim: OptimConfig = field(default_factory=OptimConfig)
 
+    def __post_init__(self) -> None:
+        if self.steps < 0:  # 0 is a model as initialised (the benchmarks' pretraining)
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+
 
 @dataclass
 class PretrainConfig(PhaseConfig):
@@ -264,6 +268,12 @@ class EvaluateConfig:
     #: Sec. 3.5's aggregation weight for a model scored with test-time aggregation whose method has no `alpha`
     #: option (a method with one, PLCA, aggregates at test time with the alpha it trains with).
     test_time_alpha: float = DEFAULT_ALPHA
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0.0 <= self.test_time_alpha <= 1.0:
+            raise ValueError(f"test_time_alpha must be in [0, 1], got {self.test_time_alpha}")
 
 
 @dataclass
@@ -598,8 +608,8 @@ def _check(p: Params) -> None:
     if p.evaluate.cycle_pairs < 0:
         raise ConfigError(f"params.evaluate.cycle_pairs: expected 0 (off) or a number of val pairs, got "
                           f"{p.evaluate.cycle_pairs}")
-    if len(set(p.seeds)) != len(p.seeds) or not p.seeds:
-        raise ConfigError(f"params.seeds: expected distinct seeds, got {p.seeds}")
+    if len(set(p.seeds)) != len(p.seeds) or not p.seeds or min(p.seeds) < 0:
+        raise ConfigError(f"params.seeds: expected distinct seeds >= 0, got {p.seeds}")
 
 
 def validate_params(raw: dict[str, Any], where: str) -> Params:

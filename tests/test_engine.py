@@ -504,6 +504,38 @@ def test_checkpoint_hook_saves_then_resumes_every_state(tmp_path: Path) -> None:
     assert log2.rows == log_hook.rows and loaded == {"k": 7}
 
 
+def test_a_checkpoint_of_other_code_is_not_resumed_and_the_warning_says_why(tmp_path: Path,
+                                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """Resuming across a code change would end with weights neither version gives: the run starts over."""
+    net, scaler = torch.nn.Linear(2, 2), torch.amp.GradScaler("cuda", enabled=False)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    method = SimpleNamespace(state_dict=dict, load_state_dict=lambda s: None)
+    t = fake_trainer(networks={"model": net}, optimizers={"model": opt}, scaler=scaler, method=method, hooks=[],
+                     step=1, total_steps=2)
+    CheckpointHook(tmp_path / "c.pt", "fp", every=1, code="old").after_step(t)
+    assert ckpt.load(tmp_path / "c.pt")["code"] == "old"
+    t2 = fake_trainer(networks={"model": torch.nn.Linear(2, 2)}, optimizers={"model": opt}, scaler=scaler,
+                      method=method, hooks=[], start=0, step=0)
+    with caplog.at_level("WARNING"):
+        CheckpointHook(tmp_path / "c.pt", "fp", every=1, code="new").before_train(t2)
+    assert t2.start == 0 and "written by other code" in caplog.text
+    CheckpointHook(tmp_path / "c.pt", "fp", every=1, code="old").before_train(t2)
+    assert t2.start == 2
+
+
+def test_the_source_digest_follows_every_source_file(tmp_path: Path) -> None:
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "a.py").write_text("x = 1\n")
+    (pkg / "sub" / "t.yaml").write_text("k: 1\n")
+    (pkg / "notes.txt").write_text("ignored")
+    first = ckpt.source_digest(pkg)
+    (pkg / "notes.txt").write_text("changed, still ignored")
+    assert ckpt.source_digest(pkg) == first
+    (pkg / "sub" / "t.yaml").write_text("k: 2\n")
+    assert ckpt.source_digest(pkg) != first
+
+
 def test_fit_is_the_loop_and_the_hooks_see_every_step(tmp_path: Path) -> None:
     calls: list[tuple[str, int]] = []
 
@@ -525,3 +557,48 @@ def test_fit_is_the_loop_and_the_hooks_see_every_step(tmp_path: Path) -> None:
     assert calls == [("before_train", 0), ("before_step", 0), ("after_step", 0), ("before_step", 1),
                      ("after_step", 1), ("after_train", 1)]
     assert method.model.training
+
+
+def _saved_twice(tmp_path: Path) -> tuple[Path, SimpleNamespace]:
+    """A checkpoint hook that saved after steps 1 and 2 (every step): last.pt at 2, last.prev.pt at 1."""
+    net, scaler = torch.nn.Linear(2, 2), torch.amp.GradScaler("cuda", enabled=False)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    method = SimpleNamespace(state_dict=dict, load_state_dict=lambda s: None)
+    hook = CheckpointHook(tmp_path / "last.pt", "fp", every=1)
+    for step in (0, 1):
+        t = fake_trainer(networks={"model": net}, optimizers={"model": opt}, scaler=scaler, method=method,
+                         hooks=[], step=step, total_steps=4)
+        hook.after_step(t)
+    fresh = fake_trainer(networks={"model": torch.nn.Linear(2, 2)}, optimizers={"model": opt}, scaler=scaler,
+                         method=method, hooks=[], start=0, step=0)
+    return tmp_path / "last.pt", fresh
+
+
+@pytest.mark.parametrize("damage", ["bit_flip", "truncated", "no_checksum"])
+def test_a_damaged_last_checkpoint_is_refused_and_the_one_before_resumes(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str) -> None:
+    last, fresh = _saved_twice(tmp_path)
+    assert ckpt.load_verified(last)["step"] == 2 and ckpt.load_verified(ckpt.previous(last))["step"] == 1
+    data = bytearray(last.read_bytes())
+    if damage == "bit_flip":  # one flipped bit: torch may well load it without a word
+        data[-200] ^= 0x01
+        last.write_bytes(bytes(data))
+    elif damage == "truncated":
+        last.write_bytes(bytes(data[: len(data) // 2]))
+    else:  # killed between the checkpoint and its checksum
+        last.with_name("last.pt.sha256").unlink()
+    with pytest.raises(ckpt.CheckpointError, match="last.pt: "):
+        ckpt.load_verified(last)
+    with caplog.at_level("WARNING"):
+        CheckpointHook(last, "fp", every=1).before_train(fresh)
+    assert fresh.start == 1 and "trying the checkpoint before it" in caplog.text
+
+
+def test_with_no_trustworthy_checkpoint_the_run_starts_afresh_and_says_so(tmp_path: Path,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    last, fresh = _saved_twice(tmp_path)
+    for path in (last, ckpt.previous(last)):
+        path.write_bytes(b"garbage")
+    with caplog.at_level("WARNING"):
+        CheckpointHook(last, "fp", every=1).before_train(fresh)
+    assert fresh.start == 0 and "no usable checkpoint" in caplog.text

@@ -20,6 +20,7 @@ from plca.io import (
     atomic_write_json,
     atomic_write_png,
     atomic_write_text,
+    remove_leftovers,
 )
 
 
@@ -138,3 +139,15 @@ def test_no_other_hand_written_temp_and_rename_writer() -> None:
             if "mkstemp" in text or "os.replace(" in text:
                 found.add(path.relative_to(root).as_posix())
     assert found <= allowed, f"hand-written atomic writers outside plca/io.py: {sorted(found - allowed)}"
+
+
+def test_the_leftovers_of_a_killed_write_are_removed_and_nothing_else(tmp_path: Path) -> None:
+    target = tmp_path / "last.pt"
+    target.write_bytes(b"good")
+    stale = [tmp_path / ".last.pt.abc123.tmp", tmp_path / ".last.pt.x.tmp"]
+    keep = [tmp_path / ".other.pt.abc.tmp", tmp_path / "last.pt.tmp", tmp_path / ".last.pt.abc"]
+    for p in stale + keep:
+        p.write_bytes(b"partial")
+    assert remove_leftovers(target) == sorted(stale)
+    assert target.read_bytes() == b"good" and all(p.exists() for p in keep) and not any(p.exists() for p in stale)
+    assert remove_leftovers(tmp_path / "missing" / "x.csv") == []

@@ -196,3 +196,34 @@ def test_a_variant_on_a_network_trains_it_with_the_networks_optimiser_for_adapt_
     assert p.phase("dacs") is p.adapt  # DACS on DeepLab: the DeepLab rows' optimiser
     assert "daformer" in p.runs.trained and "pretrain_mit" not in p.runs.trained
 
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda r: r["pretrain"].update(steps=-5), "params.pretrain: steps must be >= 0, got -5"),
+        (lambda r: r["networks"]["mit"]["pretrain"].update(steps=-1), "params.networks.mit.pretrain: steps must be"),
+        (lambda r: r["engine"].update(batch_size=0), "params.engine: batch_size must be >= 1, got 0"),
+        (lambda r: r["engine"].update(grad_accum=0), "params.engine: grad_accum must be >= 1"),
+        (lambda r: r["engine"].update(log_every=0), "params.engine: log_every must be >= 1"),
+        (lambda r: r["engine"].update(checkpoint_every=0), "params.engine: checkpoint_every must be >= 1"),
+        (lambda r: r["engine"].update(threads=-1), "params.engine: threads must be >= 0"),
+        (lambda r: r["evaluate"].update(batch_size=0), "params.evaluate: batch_size must be >= 1"),
+        (lambda r: r["evaluate"].update(test_time_alpha=2.0), "params.evaluate: test_time_alpha must be in [0, 1]"),
+        (lambda r: r["pseudo"]["cbst_p1"].update(batch_size=0), "params.pseudo.cbst_p1: batch_size must be >= 1"),
+        (lambda r: r["methods"]["plca"].update(alpha=1.5), "params.methods.plca + params.variants.fass.train.options: "
+                                                           "alpha must be in [0, 1]"),
+        (lambda r: r["methods"]["plca"].update(tau=0), "tau must be > 0"),
+        (lambda r: r.update(seeds=[-1]), "params.seeds: expected distinct seeds >= 0, got [-1]"),
+    ],
+)
+def test_values_out_of_range_stop_at_load_with_the_key(edit: Callable[[dict[str, Any]], None], message: str) -> None:
+    """Values that validated and then failed deep in a run (an untrained model, a ZeroDivisionError, ...)."""
+    assert message in _error(edit)
+
+
+def test_a_key_given_twice_in_a_params_file_is_refused(tmp_path: Path) -> None:
+    text = (REPO / "params.yaml").read_text().replace("seeds: [0, 1, 2]", "seeds: [0, 1, 2]\nseeds: [3]")
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=r"params.yaml: not valid YAML: key 'seeds' given twice \(lines \d+ and"):
+        load_params(tmp_path / "params.yaml")

@@ -170,17 +170,35 @@ class CheckpointHook(Hook):
 
     name = "checkpoint"
 
-    def __init__(self, path: Path, fingerprint: str, every: int) -> None:
+    def __init__(self, path: Path, fingerprint: str, every: int, code: str | None = None) -> None:
         if every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {every}")
-        self.path, self.fingerprint, self.every = Path(path), fingerprint, every
+        self.path, self.fingerprint, self.every, self.code = Path(path), fingerprint, every, code
+
+    def _load(self, trainer: Trainer) -> dict[str, Any] | None:
+        """The last checkpoint, or the one before it when the last is damaged; None (with a warning) when
+        neither can be trusted."""
+        for path in (self.path, ckpt.previous(self.path)):
+            if not path.is_file():
+                continue
+            try:
+                return ckpt.load_verified(path, map_location=trainer.device)
+            except ckpt.CheckpointError as exc:
+                log.warning("%s; trying the checkpoint before it", exc)
+        if self.path.is_file() or ckpt.previous(self.path).is_file():
+            log.warning("no usable checkpoint in %s: starting afresh", self.path.parent)
+        return None
 
     def before_train(self, trainer: Trainer) -> None:
-        if not self.path.is_file():
+        state = self._load(trainer)
+        if state is None:
             return
-        state = ckpt.load(self.path, map_location=trainer.device)
         if state.get("fingerprint") != self.fingerprint:
             log.warning("%s belongs to another configuration: starting afresh", self.path)
+            return
+        if state.get("code") != self.code:  # resuming would mix two versions of the code in one run
+            log.warning("%s was written by other code (the package's sources changed since): starting afresh",
+                        self.path)
             return
         for k, net in trainer.networks.items():
             net.load_state_dict(state["networks"][k])
@@ -203,9 +221,10 @@ class CheckpointHook(Hook):
             self.save(trainer, done)
 
     def save(self, trainer: Trainer, step: int) -> None:
-        ckpt.atomic_save(
+        ckpt.save_verified(
             {
                 "fingerprint": self.fingerprint,
+                "code": self.code,
                 "step": step,
                 "networks": {k: n.state_dict() for k, n in trainer.networks.items()},
                 "optimizers": {k: o.state_dict() for k, o in trainer.optimizers.items()},
@@ -221,12 +240,13 @@ class CheckpointHook(Hook):
 
 def default_hooks(*, steps_name: str, log_every: int, checkpoint_every: int, checkpoint_path: Path,
                   fingerprint: str, log_csv: Path | None = None, tracker: Tracker | None = None,
-                  progress: bool = True) -> list[Hook]:
-    """The hooks of a pipeline run, in the order they must run (the checkpoint last)."""
+                  progress: bool = True, code: str | None = None) -> list[Hook]:
+    """The hooks of a pipeline run, in the order they must run (the checkpoint last); `code`: the digest of the
+    sources that run (`checkpoint.source_digest`), which a resumed checkpoint must share."""
     return [
         ScheduleHook(),
         EMAHook(),
         LogHook(log_every, log_csv, tracker),
         ProgressHook(f"train {steps_name}", progress),
-        CheckpointHook(checkpoint_path, fingerprint, checkpoint_every),
+        CheckpointHook(checkpoint_path, fingerprint, checkpoint_every, code),
     ]

@@ -46,6 +46,14 @@ class EngineConfig:
     #: Torch intra-op threads on CPU (0 = torch's default); applied by the caller before building the model.
     threads: int = 0
 
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "grad_accum", "log_every", "checkpoint_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("num_workers", "threads"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+
 
 @dataclass
 class TrainConfig:

@@ -43,6 +43,15 @@ class PLCAConfig:
     #: Association kernels: "auto" = batched dense on small grids, memory-lean block-wise on large ones.
     impl: str = "auto"
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1] (Eq. 7-8 mix a pixel with its neighbours), got {self.alpha}")
+        if self.tau <= 0:
+            raise ValueError(f"tau must be > 0 (Eq. 13's threshold), got {self.tau}")
+        for key in ("w_lov", "w_ass", "w_lsr"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+
     @property
     def target_losses(self) -> bool:
         """Whether any term of the objective reads the target pass (a new target term belongs here too)."""
