@@ -106,6 +106,8 @@ def read_label_png(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             arr = np.array(img)
+    except Image.DecompressionBombError as exc:  # PIL refuses images of more than twice MAX_IMAGE_PIXELS
+        raise ScoreError(f"{path}: too large to be a label image ({exc})") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ScoreError(f"{path}: unreadable or corrupt PNG ({exc})") from exc
     if arr.ndim != 2:

@@ -198,3 +198,12 @@ def test_synthia_id_outside_table(tmp_path):
     write_rgb_png(tmp_path / "GT" / "LABELS" / "0000000.png", gt)
     with pytest.raises(LabelError, match=r"0000000\.png.*300"):
         SynthiaReader(tmp_path).read(0)
+
+
+def test_a_cityscapes_image_named_otherwise_is_an_error_not_left_out(tmp_path):
+    write_cityscapes(tmp_path, splits={"val": 2}, size=(16, 32))
+    city = next((tmp_path / "leftImg8bit" / "val").iterdir())
+    stray = city / "photo.png"
+    cv2.imwrite(str(stray), np.zeros((16, 32, 3), np.uint8))
+    with pytest.raises(DataError, match=r"photo.png: not named <city>_<seq>_<frame>_leftImg8bit.png"):
+        CityscapesReader(tmp_path, "val")

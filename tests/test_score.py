@@ -254,3 +254,11 @@ def test_train_id_predictions_exit_2_instead_of_a_near_zero_miou(fixture_set, ca
         write_png(path, TRAINID_TO_ID[np.array(Image.open(path))])
     result, _ = score(pred_dir, gt_dir)
     assert result["mIoU"] == pytest.approx(100.0)
+
+
+def test_an_image_too_large_to_be_a_label_exits_2_naming_it(fixture_set, capsys, monkeypatch):
+    pred_dir, gt_dir = fixture_set
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", H * W // 4)  # PIL refuses beyond twice this: our H x W files
+    assert main([str(pred_dir), str(gt_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "too large to be a label image" in err and "_gtFine_labelIds.png" in err

@@ -241,6 +241,12 @@ class CityscapesReader(PairReader):
             raise FileNotFoundError(
                 f"{self.dataset}: no *{CS_IMAGE_SUFFIX} images in {image_dir}/<city>/; expected {CITYSCAPES_LAYOUT}"
             )
+        # an image named otherwise would be left out of every split without a word (and scored as if absent)
+        stray = sorted(p for p in image_dir.glob("*/*.png") if not p.name.endswith(CS_IMAGE_SUFFIX))
+        if stray:
+            shown = ", ".join(str(p) for p in stray[:3]) + (f", ... ({len(stray)} in all)" if len(stray) > 3 else "")
+            raise DataError(f"{self.dataset}: {shown}: not named <city>_<seq>_<frame>{CS_IMAGE_SUFFIX}; rename or "
+                            f"move it out of {image_dir}")
         names = [p.name[: -len(CS_IMAGE_SUFFIX)] for p in image_paths]
         label_paths = None
         if with_labels:
