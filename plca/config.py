@@ -33,6 +33,9 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        others = [a for a in args if a is not type(None)]
+        if len(others) == 1:  # X | None given a value: X's own error says best what is wrong
+            return _convert(value, others[0], where)
         errors = []
         for arg in args:
             if arg is type(None):
@@ -105,8 +108,11 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "params") -> T:
         return cls(**kwargs)
     except ConfigError:
         raise
-    except (TypeError, ValueError) as exc:  # the dataclass's own checks (__post_init__) do not know where they are
-        raise ConfigError(f"{where}: {exc}") from None
+    except (TypeError, ValueError) as exc:  # the dataclass's own checks (__post_init__) may not say where they are
+        message = str(exc)
+        if message.startswith(where.removeprefix("params.") + "."):  # it names its key already
+            raise ConfigError(message) from None
+        raise ConfigError(f"{where}: {message}") from None
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -54,14 +54,21 @@ def build(args: Sequence[str], base: Path) -> tuple[bytes, dict[str, Any]]:
     return render(merged.raw, header).encode("utf-8"), merged.raw
 
 
-def replaced_edits(current: dict[str, Any], base: Path) -> list[str]:
-    """Keys where the current params differ from what their own `profile` key rebuilds (hand or `-S` edits that
-    selecting again replaces); [] when that cannot be told (e.g. an overlay file is gone)."""
+def rebuilt_params(current: dict[str, Any], base: Path) -> dict[str, Any]:
+    """What the current params' own `profile` key builds ({} when that cannot be told: an overlay file is gone)."""
     profile = str(current.get(PROFILE_KEY, ""))
     try:
         is_default = profile == str(load_yaml(base).get(PROFILE_KEY))
-        _, rebuilt = build([DEFAULT] if is_default else profile_names(profile), base)
+        return build([DEFAULT] if is_default else profile_names(profile), base)[1]
     except ConfigError:
+        return {}
+
+
+def replaced_edits(current: dict[str, Any], base: Path) -> list[str]:
+    """Keys where the current params differ from what their own `profile` key rebuilds (hand or `-S` edits that
+    selecting again replaces); [] when that cannot be told (e.g. an overlay file is gone)."""
+    rebuilt = rebuilt_params(current, base)
+    if not rebuilt:
         return []
     now, then = flatten(current), flatten(rebuilt)
     return sorted(k for k in now.keys() | then.keys() if now.get(k, ...) != then.get(k, ...))
@@ -77,6 +84,7 @@ def changed_variants(current: dict[str, Any], base: Path) -> dict[str, tuple[str
         return {}
     params = validate_params(current, "params")
     flat = flatten(current)
+    defined = {k.split(".")[1] for k in flatten(rebuilt_params(current, base)) if k.startswith("variants.")}
 
     def show(key: str, prefix: str) -> str:
         value = flat.get(key, "(removed)")
@@ -84,6 +92,8 @@ def changed_variants(current: dict[str, Any], base: Path) -> dict[str, tuple[str
 
     out: dict[str, tuple[str, ...]] = {}
     for name in params.variants:
+        if name not in defined:  # a variant its profile lacks is new, not changed: it has no figure of another's
+            continue
         variants, sets = params.lineage(name)
         found: list[str] = []
         for v in sorted(variants, key=lambda x: x != name):  # its own edits first

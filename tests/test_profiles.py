@@ -635,3 +635,11 @@ def test_a_row_trained_otherwise_than_its_profile_is_named_with_its_changes() ->
     # the set labelled by round 1 feeds round 2, which round 3 starts from; round 1 itself is as it was
     assert changed["crst_r2"] == changed["crst"] == ("pseudo.crst_p2.options.portion=0.3",)
     assert "crst_r1" not in changed and "cbst" not in changed
+
+
+def test_a_variant_its_profile_lacks_is_new_not_changed() -> None:
+    raw = load_yaml(REPO / "params.yaml")
+    edited = copy.deepcopy(raw)
+    edited["variants"]["mine"] = copy.deepcopy(raw["variants"]["fass"])
+    edited["variants"]["mine"]["show"]["colour"] = "#010203"
+    assert changed_variants(edited, DEFAULT) == {}
