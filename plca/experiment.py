@@ -5,6 +5,7 @@ The stage scripts call these functions; they know params and paths, the engine a
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import dataclass, replace
@@ -17,7 +18,7 @@ import torch
 from plca.config import flatten, to_dict
 from plca.data.datasets import CityscapesReader, GTA5Reader, SynthiaReader
 from plca.data.labels import TRAINID_TO_ID
-from plca.data.rcs import RareClassSampler, RCSConfig, RCSDataset, class_pixel_counts
+from plca.data.rcs import RareClassSampler, RCSConfig, RCSDataset, class_pixel_counts, class_totals
 from plca.data.transforms import train_transform
 from plca.engine import checkpoint as ckpt
 from plca.engine.hooks import default_hooks
@@ -133,13 +134,9 @@ class RunSpec:
 
 def _phase_and_method(params: Params, name: str) -> tuple[PhaseConfig, int, str, dict[str, Any], str, bool]:
     """(phase, steps, method, options, labelled stream source, starts from a trained model?) of a run."""
-    if name == PRETRAIN:
-        p = params.pretrain
-        return p, p.steps, p.method, params.pretrain_options(), "source", False
-    network = params.network_of(name)
-    if network is not None and name not in params.runs.networks:  # pretrain_<network>
-        p = params.networks[network].pretrain
-        return p, p.steps, p.method, {**params.shared_options(p.method), **p.options}, "source", False
+    p = params.pretraining(name)
+    if p is not None:
+        return p, p.steps, p.method, params.pretrain_options(p), "source", False
     v = params.variant(name).train
     from_model = v.init == PRETRAIN or name in params.runs.rounds
     return params.phase(name), params.steps(name), v.method, params.method_options(name), v.labelled, from_model
@@ -147,8 +144,6 @@ def _phase_and_method(params: Params, name: str) -> tuple[PhaseConfig, int, str,
 
 def read_class_stats(path: Path) -> list[dict[int, int]]:
     """The per-image class pixel counts `class_stats_run` wrote."""
-    import json
-
     try:
         data = json.loads(path.read_text())
         return [{int(c): int(n) for c, n in image.items()} for image in data["counts"]]
@@ -163,10 +158,7 @@ def class_stats_run(params: Params, out_path: Path, progress: bool = True) -> di
     once); written atomically as JSON {"num_classes", "images", "counts": [{class: pixels}, ...]}."""
     reader = make_reader(params.data.source, "train", with_labels=True)
     counts = class_pixel_counts(reader, num_classes=params.model.num_classes, progress=progress)
-    totals: dict[int, int] = {}
-    for image in counts:
-        for c, n in image.items():
-            totals[c] = totals.get(c, 0) + n
+    totals = class_totals(counts)
     atomic_write_json({"num_classes": params.model.num_classes, "images": len(counts),
                        "totals": {str(c): totals[c] for c in sorted(totals)},
                        "counts": [{str(c): n for c, n in sorted(image.items())} for image in counts]}, out_path)
@@ -285,7 +277,7 @@ def train_run(
         e = params.engine
         checkpoint = checkpoint_dir / "last.pt"
         # what a killed write of this run left beside its files
-        for path in (checkpoint, checkpoint.with_name("last.pt.sha256"), log_csv, out_dir / "model.pt"):
+        for path in (checkpoint, ckpt.digest_file(checkpoint), log_csv, out_dir / "model.pt"):
             remove_leftovers(path)
         hooks = default_hooks(steps_name=method.name, log_every=e.log_every, checkpoint_every=e.checkpoint_every,
                               checkpoint_path=checkpoint, fingerprint=run_fp, log_csv=log_csv,

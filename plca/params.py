@@ -321,9 +321,19 @@ class Params:
             raise ConfigError(f"params.variants.{name}.train: no method (an ensemble is assembled, not trained)")
         return {**self.shared_options(v.method), **v.options}
 
-    def pretrain_options(self) -> dict[str, Any]:
-        """The pretraining's method options: its method's shared options, overridden by `pretrain.options`."""
-        return {**self.shared_options(self.pretrain.method), **self.pretrain.options}
+    def pretraining(self, run: str) -> PretrainConfig | None:
+        """The pretraining `run` is (`pretrain`: params `pretrain`; `pretrain_<network>`: that network's), else
+        None (a variant)."""
+        if run == PRETRAINED:
+            return self.pretrain
+        network = self.network_of(run)
+        return self.networks[network].pretrain if network is not None and run not in self.runs.networks else None
+
+    def pretrain_options(self, pretrain: PretrainConfig | None = None) -> dict[str, Any]:
+        """A pretraining's method options (default: params `pretrain`'s): its method's shared options, overridden
+        by its own `options`."""
+        p = pretrain or self.pretrain
+        return {**self.shared_options(p.method), **p.options}
 
     def method_config(self, name: str) -> Any:
         """A variant's method options as its method's config dataclass (the method's defaults filled in)."""
@@ -333,13 +343,8 @@ class Params:
                               f"known: {sorted(METHODS)}")
         if v.method is None:
             raise ConfigError(f"params.variants.{name}.train: no method (an ensemble is assembled, not trained)")
-        where = f"params.methods.{v.method} + params.variants.{name}.train.options"
-        try:
-            return from_dict(METHODS[v.method][1], self.method_options(name), where)
-        except ConfigError:
-            raise
-        except (TypeError, ValueError) as exc:  # an options dataclass's own checks do not know where they are
-            raise ConfigError(f"{where}: {exc}") from None
+        return from_dict(METHODS[v.method][1], self.method_options(name),
+                         f"params.methods.{v.method} + params.variants.{name}.train.options")
 
     def phase(self, name: str) -> PhaseConfig:
         """The phase (length and segmenter optimiser) a variant trains in: `oracle` for the oracle, `adapt`'s
@@ -586,7 +591,7 @@ def _check(p: Params) -> None:
         if method not in METHODS or method not in p.methods:
             raise ConfigError(f"{where}.pretrain.method: '{method}' must be a known method with an entry in "
                               f"params.methods (`{{}}` when it shares none); known: {sorted(METHODS)}")
-        from_dict(METHODS[method][1], {**p.shared_options(method), **net.pretrain.options},
+        from_dict(METHODS[method][1], p.pretrain_options(net.pretrain),
                   f"params.methods.{method} + {where}.pretrain.options")
     for name, ps in p.pseudo.items():
         if ps.policy not in POLICIES:

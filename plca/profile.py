@@ -64,10 +64,11 @@ def rebuilt_params(current: dict[str, Any], base: Path) -> dict[str, Any]:
         return {}
 
 
-def replaced_edits(current: dict[str, Any], base: Path) -> list[str]:
+def replaced_edits(current: dict[str, Any], base: Path, rebuilt: dict[str, Any] | None = None) -> list[str]:
     """Keys where the current params differ from what their own `profile` key rebuilds (hand or `-S` edits that
-    selecting again replaces); [] when that cannot be told (e.g. an overlay file is gone)."""
-    rebuilt = rebuilt_params(current, base)
+    selecting again replaces; `rebuilt`: that build, when the caller has it); [] when that cannot be told (e.g. an
+    overlay file is gone)."""
+    rebuilt = rebuilt_params(current, base) if rebuilt is None else rebuilt
     if not rebuilt:
         return []
     now, then = flatten(current), flatten(rebuilt)
@@ -79,12 +80,13 @@ def changed_variants(current: dict[str, Any], base: Path) -> dict[str, tuple[str
     model was trained with, since what its profile builds: its own `train`, its method's shared options, and those
     of the runs and pseudo-label sets it is built from (`Params.lineage`). A `dvc exp run -S` of a variant's
     options makes it another row than the one its paper figures belong to; the report says so."""
-    edits = replaced_edits(current, base)
+    rebuilt = rebuilt_params(current, base)
+    edits = replaced_edits(current, base, rebuilt)
     if not edits:
         return {}
     params = validate_params(current, "params")
     flat = flatten(current)
-    defined = {k.split(".")[1] for k in flatten(rebuilt_params(current, base)) if k.startswith("variants.")}
+    defined = set(rebuilt.get("variants", {}))
 
     def show(key: str, prefix: str) -> str:
         value = flat.get(key, "(removed)")

@@ -30,7 +30,7 @@ def main() -> None:
     network = params.network_of(args.run)
     # the source-only model a variant continues: the shared one, its network's (pretrain_<network>) or its round's
     start = wiring.init if wiring else PRETRAIN if network is None else NETWORK_PRETRAIN + network
-    pretraining = args.run == PRETRAIN or (network is not None and args.run == NETWORK_PRETRAIN + network)
+    pretraining = params.pretraining(args.run) is not None
     for spec in specs:
         seed = spec.seed
         init = None if pretraining else _common.model_path(start, seed)

@@ -51,6 +51,15 @@ def rcs_probabilities(class_pixel_counts: Mapping[int, int],
     return classes, torch.softmax((1 - freq) / temperature, dim=-1).to(torch.float32)
 
 
+def class_totals(counts: Sequence[Mapping[int, int]]) -> dict[int, int]:
+    """Class -> pixels over every image of per-image counts (`class_pixel_counts`)."""
+    totals: dict[int, int] = {}
+    for image in counts:
+        for c, n in image.items():
+            totals[c] = totals.get(c, 0) + n
+    return totals
+
+
 def class_pixel_counts(reader: Any, num_classes: int = 19, ignore_index: int = 255,
                        progress: bool = False) -> list[dict[int, int]]:
     """Per item of `reader` (`len(reader)`, `reader.read(i).label` uint8 [H, W] train ids) the pixel count of each
@@ -115,11 +124,7 @@ class RareClassSampler:
     def __init__(self, counts: Sequence[Mapping[int | str, int]], config: RCSConfig | None = None) -> None:
         self.config = config or RCSConfig()
         per_image = [{int(c): int(n) for c, n in image.items()} for image in counts]
-        totals: dict[int, int] = {}
-        for image in per_image:
-            for c, n in image.items():
-                totals[c] = totals.get(c, 0) + n
-        totals = {c: n for c, n in totals.items() if n > 0}
+        totals = {c: n for c, n in class_totals(per_image).items() if n > 0}
         if not totals:
             raise ValueError(f"RareClassSampler: no class has any pixel in the {len(per_image)} images")
         self.totals = totals

@@ -28,7 +28,8 @@ def previous(path: Path) -> Path:
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
-def _digest_file(path: Path) -> Path:
+def digest_file(path: Path) -> Path:
+    """Where the SHA-256 of checkpoint `path` is kept (`last.pt` -> `last.pt.sha256`)."""
     return path.with_name(f"{path.name}.sha256")
 
 
@@ -40,18 +41,18 @@ def save_verified(obj: Any, path: Path | str) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
     data = buf.getvalue()
-    if path.is_file() and _digest_file(path).is_file():
+    if path.is_file() and digest_file(path).is_file():
         rename(path, previous(path))
-        rename(_digest_file(path), _digest_file(previous(path)))
+        rename(digest_file(path), digest_file(previous(path)))
     atomic_write(path, lambda fh: fh.write(data))
-    atomic_write(_digest_file(path), lambda fh: fh.write(hashlib.sha256(data).hexdigest().encode()))
+    atomic_write(digest_file(path), lambda fh: fh.write(hashlib.sha256(data).hexdigest().encode()))
 
 
 def load_verified(path: Path | str, map_location: str | torch.device = "cpu") -> Any:
     """Load a checkpoint `save_verified` wrote, after checking its bytes against its checksum; CheckpointError
     (naming the file and what is wrong) when they differ, the checksum is missing, or torch cannot read it."""
     path = Path(path)
-    digest = _digest_file(path)
+    digest = digest_file(path)
     if not digest.is_file():
         raise CheckpointError(f"{path}: no checksum beside it ({digest.name}): written by a killed save")
     data = path.read_bytes()

@@ -43,25 +43,24 @@ class PGPC(DAFormer):
     name: ClassVar[str] = "pgpc"
     cfg: PGPCOptions
 
-    def _contrast(self, out: dict[str, Any], labels: Tensor, weights: Tensor | None) -> Tensor:
+    def _add_contrast(self, terms: StepOutput, out: dict[str, Any], labels: Tensor, weights: Tensor | None,
+                      w: float, key: str) -> StepOutput:
+        """`terms` plus w x the pixel contrast of the student's encoder maps `out` against `labels` (`weights`)."""
+        if not w:
+            return terms
         if FEATURE_MAPS not in out:
             raise ValueError(f"{self.name}: the pixel contrast needs the encoder's feature maps ('{FEATURE_MAPS}'); "
                              f"this network gives {sorted(out)}")
-        feats, lab, w = contrast_inputs(out[FEATURE_MAPS], labels.unsqueeze(1), weights, size=self.cfg.contrast_size)
-        return pixel_contrast_loss(feats, lab, w, pair_order=self.cfg.pair_order)
+        feats, lab, wt = contrast_inputs(out[FEATURE_MAPS], labels.unsqueeze(1), weights, size=self.cfg.contrast_size)
+        cl = pixel_contrast_loss(feats, lab, wt, pair_order=self.cfg.pair_order)
+        terms.loss = terms.loss + w * cl
+        terms.terms[key] = float(cl.detach())
+        return terms
 
     def source_terms(self, out: dict[str, Any], xs: Tensor, ys: Tensor) -> StepOutput:
         terms = super().source_terms(out, xs, ys)
-        if self.cfg.w_contrast_src:
-            cl = self._contrast(out, ys, None)
-            terms.loss = terms.loss + self.cfg.w_contrast_src * cl
-            terms.terms["cl_src"] = float(cl.detach())
-        return terms
+        return self._add_contrast(terms, out, ys, None, self.cfg.w_contrast_src, "cl_src")
 
     def mix_terms(self, out: dict[str, Any], labels: Tensor, weights: Tensor) -> StepOutput:
         terms = super().mix_terms(out, labels, weights)
-        if self.cfg.w_contrast_mix:
-            cl = self._contrast(out, labels, weights)
-            terms.loss = terms.loss + self.cfg.w_contrast_mix * cl
-            terms.terms["cl_mix"] = float(cl.detach())
-        return terms
+        return self._add_contrast(terms, out, labels, weights, self.cfg.w_contrast_mix, "cl_mix")

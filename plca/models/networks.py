@@ -37,18 +37,13 @@ ARCHS: dict[str, Arch] = {
 
 def arch(name: str, where: str = "arch") -> Arch:
     if name not in ARCHS:
-        raise ValueError(f"{where}: unknown architecture '{name}'; known: {sorted(ARCHS)}")
+        raise ConfigError(f"{where}: unknown architecture '{name}'; known: {sorted(ARCHS)}")
     return ARCHS[name]
 
 
 def network_config(name: str, options: dict[str, Any], where: str) -> Any:
     """The options of a network of architecture `name`, validated (errors name `where` and the key)."""
-    try:
-        return from_dict(arch(name, where).config, options, where)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as exc:  # the config's own checks (__post_init__) do not know where they are
-        raise ConfigError(f"{where}: {exc}") from None
+    return from_dict(arch(name, where).config, options, where)
 
 
 def arch_of(model: SegmentationModel) -> str:

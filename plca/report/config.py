@@ -88,7 +88,7 @@ class Presentation:
     def baselines(self) -> dict[str, str]:
         """Variant -> the variant its Table 2 gain is paired against, for rows that name their own
         (`show.baseline`: a row on another network against that network's source-only row)."""
-        return {n: s.baseline for n, s in self.variants.items() if getattr(s, "baseline", None)}
+        return {n: s.baseline for n, s in self.variants.items() if s.baseline}
 
     def in_table(self, name: str, table: str) -> bool:
         return name not in self.variants or table in self.variants[name].tables
