@@ -31,7 +31,7 @@ from plca.data.labels import (
     cityscapes_ids_to_train_ids,
 )
 from plca.evaluation.metrics import PERCENT, ConfusionMatrix, iou, miou
-from plca.io import atomic_write_json
+from plca.io import atomic_write_json, show_path
 
 GT_SUFFIX = "_gtFine_labelIds.png"
 PRED_SUFFIX = ".png"
@@ -107,13 +107,13 @@ def read_label_png(path: Path) -> np.ndarray:
         with Image.open(path) as img:
             arr = np.array(img)
     except Image.DecompressionBombError as exc:  # PIL refuses images of more than twice MAX_IMAGE_PIXELS
-        raise ScoreError(f"{path}: too large to be a label image ({exc})") from None
+        raise ScoreError(f"{show_path(path)}: too large to be a label image ({exc})") from None
     except (OSError, ValueError, SyntaxError) as exc:
-        raise ScoreError(f"{path}: unreadable or corrupt PNG ({exc})") from exc
+        raise ScoreError(f"{show_path(path)}: unreadable or corrupt PNG ({exc})") from exc
     if arr.ndim != 2:
-        raise ScoreError(f"{path}: expected a single-channel label-id image, got shape {arr.shape}")
+        raise ScoreError(f"{show_path(path)}: expected a single-channel label-id image, got shape {arr.shape}")
     if not np.issubdtype(arr.dtype, np.integer):
-        raise ScoreError(f"{path}: expected integer label ids, got dtype {arr.dtype}")
+        raise ScoreError(f"{show_path(path)}: expected integer label ids, got dtype {arr.dtype}")
     return arr
 
 

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -18,7 +24,7 @@ from real_formats import (
     write_synthia,
 )
 
-from plca.data.datasets import CityscapesReader, DataError, GTA5Reader, SynthiaReader, read_label_png
+from plca.data.datasets import CityscapesReader, DataError, GTA5Reader, SynthiaReader, read_label_png, read_rgb
 from plca.data.labels import CITYSCAPES_ID_TO_TRAINID, SYNTHIA_ID_TO_TRAINID, LabelError
 
 
@@ -207,3 +213,102 @@ def test_a_cityscapes_image_named_otherwise_is_an_error_not_left_out(tmp_path):
     cv2.imwrite(str(stray), np.zeros((16, 32, 3), np.uint8))
     with pytest.raises(DataError, match=r"photo.png: not named <city>_<seq>_<frame>_leftImg8bit.png"):
         CityscapesReader(tmp_path, "val")
+
+
+def run_python(code: str, *args: str | bytes) -> subprocess.CompletedProcess[str]:
+    """Run `code` in a fresh interpreter (stdout strict UTF-8, as a UTF-8 log would be): where OpenCV crashes on
+    a file name, the fault these tests reproduce, only that process dies, and the test fails with its exit status
+    (-11) instead of ending the test session."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, encoding="utf-8",
+        errors="backslashreplace", env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"}, timeout=300,
+    )
+
+
+def rename(path: Path | str, new_name: bytes) -> str:
+    """Rename a file or folder to a name of raw bytes; its new path as Python holds it (surrogate escapes)."""
+    new = os.path.join(os.path.dirname(os.fsencode(path)), new_name)
+    os.rename(os.fsencode(path), new)
+    return os.fsdecode(new)
+
+
+def cityscapes_not_utf8(tmp_path: Path) -> tuple[str, dict[bytes, tuple[np.ndarray, np.ndarray]]]:
+    """A Cityscapes train split under a folder whose name is not UTF-8, one frame also named so; returns its root
+    and {frame name: (RGB image, label ids)} read before the renaming."""
+    truth = write_cityscapes(tmp_path / "cs", splits={"train": 3}, cities={"train": ("aachen",)}, size=(8, 16))
+    before = {}
+    for stem, ids in truth.items():
+        before[stem.encode()] = (read_rgb(tmp_path / f"cs/leftImg8bit/train/aachen/{stem}_leftImg8bit.png"), ids)
+    stem = sorted(truth)[0]
+    new_stem = b"aachen_bad\xff_" + stem.split("_", 1)[1].encode()
+    rename(tmp_path / f"cs/leftImg8bit/train/aachen/{stem}_leftImg8bit.png", new_stem + b"_leftImg8bit.png")
+    rename(tmp_path / f"cs/gtFine/train/aachen/{stem}_gtFine_labelIds.png", new_stem + b"_gtFine_labelIds.png")
+    before[new_stem] = before.pop(stem.encode())
+    return rename(tmp_path / "cs", b"cs\xff"), before
+
+
+def test_readers_read_files_whose_names_are_not_utf8(tmp_path: Path) -> None:
+    """The reported crash: the adapt stage exits -11 with no message, as cv2.imread segfaults on a file name
+    that is not UTF-8. The readers give the pixels (Cityscapes: RGB image, grey labelIds; SYNTHIA: its 16-bit
+    3-channel labels, which go through OpenCV too)."""
+    cs_root, cs_truth = cityscapes_not_utf8(tmp_path)
+    syn_truth = write_synthia(tmp_path / "syn", 2, size=(8, 16))
+    syn_images = {n: read_rgb(tmp_path / f"syn/RGB/{n}.png") for n in syn_truth}
+    syn_root = rename(tmp_path / "syn", b"syn\xff")
+    proc = run_python(
+        """
+        import os, pickle, sys
+        from plca.data.datasets import CityscapesReader, SynthiaReader
+        out = {}
+        for kind, reader in (("cs", CityscapesReader(sys.argv[1], "train")), ("syn", SynthiaReader(sys.argv[2]))):
+            for i in range(len(reader)):
+                s = reader.read(i)
+                out[(kind, os.fsencode(s.name))] = (s.image, s.label)
+        with open(sys.argv[3], "wb") as f:
+            pickle.dump(out, f)
+        """,
+        cs_root, syn_root, str(tmp_path / "read.pkl"),
+    )
+    assert proc.returncode == 0, f"reading exited {proc.returncode} (-11: segfault):\n{proc.stderr}"
+    with open(tmp_path / "read.pkl", "rb") as f:
+        read = pickle.load(f)
+    assert sorted(read) == sorted([("cs", n) for n in cs_truth] + [("syn", n.encode()) for n in syn_truth])
+    assert ("cs", b"aachen_bad\xff_000000_000019") in read
+    for name, (image, ids) in cs_truth.items():
+        np.testing.assert_array_equal(read["cs", name][0], image)
+        np.testing.assert_array_equal(read["cs", name][1], CITYSCAPES_ID_TO_TRAINID[ids])
+    for name, ids in syn_truth.items():
+        np.testing.assert_array_equal(read["syn", name.encode()][0], syn_images[name])
+        np.testing.assert_array_equal(read["syn", name.encode()][1], SYNTHIA_ID_TO_TRAINID[ids])
+
+
+def test_a_corrupt_image_whose_name_is_not_utf8_is_named(tmp_path: Path) -> None:
+    """Random bytes named *_leftImg8bit.png under a name that is not UTF-8: a DataError naming the file in a form
+    that prints (the byte 0xff as the text \\xff), not a crash; the same for a SYNTHIA label."""
+    cs_root, _ = cityscapes_not_utf8(tmp_path)
+    image = os.fsencode(cs_root) + b"/leftImg8bit/train/aachen/aachen_bad\xff_000000_000019_leftImg8bit.png"
+    with open(image, "wb") as f:
+        f.write(np.random.default_rng(0).bytes(500))
+    write_synthia(tmp_path / "syn", 1, size=(8, 16))
+    truncate_file(tmp_path / "syn/GT/LABELS/0000000.png", 0.6)
+    syn_root = rename(tmp_path / "syn", b"syn\xff")
+    proc = run_python(
+        """
+        import sys
+        from plca.data.datasets import CityscapesReader, DataError, SynthiaReader
+        for reader in (CityscapesReader(sys.argv[1], "train"), SynthiaReader(sys.argv[2])):
+            for i in range(len(reader)):
+                try:
+                    reader.read(i)
+                except DataError as exc:
+                    print(exc)
+        """,
+        cs_root, syn_root,
+    )
+    assert proc.returncode == 0, f"reading exited {proc.returncode} (-11: segfault):\n{proc.stderr}"
+    assert proc.stdout.splitlines() == [
+        f"{tmp_path}/cs\\xff/leftImg8bit/train/aachen/aachen_bad\\xff_000000_000019_leftImg8bit.png: cannot decode "
+        "the image (corrupt or truncated file?)",
+        f"{tmp_path}/syn\\xff/GT/LABELS/0000000.png: cannot decode the label PNG (mode RGB)",
+    ]
+

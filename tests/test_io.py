@@ -3,8 +3,10 @@ writers it replaced produced (the pipeline's committed outputs are compared byte
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
+import os
 import stat
 from pathlib import Path
 from typing import IO
@@ -15,13 +17,25 @@ import pytest
 
 import plca.report
 from plca.io import (
+    ImageError,
     atomic_write,
     atomic_write_csv,
     atomic_write_json,
     atomic_write_png,
     atomic_write_text,
+    read_image,
     remove_leftovers,
+    show_path,
+    write_image,
 )
+
+#: A file name that is not UTF-8: OpenCV 5.0's cv2.imread and cv2.imwrite crash the process (SIGSEGV) on it.
+NOT_UTF8 = b"bad\xff_leftImg8bit.png"
+
+
+def not_utf8(folder: Path, name: bytes = NOT_UTF8) -> str:
+    """The path of `name` (bytes that are not UTF-8) in `folder`, as Python holds it (surrogate escapes)."""
+    return os.fsdecode(os.fsencode(folder) + b"/" + name)
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -151,3 +165,105 @@ def test_the_leftovers_of_a_killed_write_are_removed_and_nothing_else(tmp_path: 
     assert remove_leftovers(target) == sorted(stale)
     assert target.read_bytes() == b"good" and all(p.exists() for p in keep) and not any(p.exists() for p in stale)
     assert remove_leftovers(tmp_path / "missing" / "x.csv") == []
+
+
+IMAGES = {
+    "bgr": np.random.default_rng(3).integers(0, 256, (6, 10, 3), dtype=np.uint8),
+    "bgra": np.random.default_rng(4).integers(0, 256, (6, 10, 4), dtype=np.uint8),
+    "grey": np.random.default_rng(5).integers(0, 256, (6, 10), dtype=np.uint8),
+    "16-bit": np.random.default_rng(6).integers(0, 65536, (6, 10, 3), dtype=np.uint16),  # SYNTHIA labels
+}
+
+
+@pytest.mark.parametrize("kind", sorted(IMAGES))
+def test_read_image_gives_imread_arrays_for_a_name_that_is_not_utf8(tmp_path: Path, kind: str) -> None:
+    """The reported crash: cv2.imread(name) segfaults when the name is not UTF-8. read_image never hands OpenCV
+    the name, and gives cv2.imread's array for every flag (here compared on a copy under a plain name)."""
+    assert cv2.imwrite(str(tmp_path / "plain.png"), IMAGES[kind])
+    bad = not_utf8(tmp_path)
+    with open(os.fsencode(bad), "wb") as f:
+        f.write((tmp_path / "plain.png").read_bytes())
+    for flags in (cv2.IMREAD_COLOR, cv2.IMREAD_UNCHANGED, cv2.IMREAD_GRAYSCALE, cv2.IMREAD_ANYDEPTH):
+        expected = cv2.imread(str(tmp_path / "plain.png"), flags)
+        for path in (bad, Path(bad), os.fsencode(bad)):
+            got = read_image(path, flags)
+            assert got.dtype == expected.dtype
+            np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(read_image(bad), cv2.imread(str(tmp_path / "plain.png")))  # IMREAD_COLOR
+
+
+@pytest.mark.parametrize(("kind", "suffix", "params"), [
+    ("bgr", ".png", ()),
+    ("grey", ".png", (cv2.IMWRITE_PNG_COMPRESSION, 1)),  # the resize stage's setting
+    ("16-bit", ".png", (cv2.IMWRITE_PNG_COMPRESSION, 9)),
+    ("bgr", ".jpg", (cv2.IMWRITE_JPEG_QUALITY, 100)),
+])
+def test_write_image_writes_imwrite_bytes_to_a_name_that_is_not_utf8(
+    tmp_path: Path, kind: str, suffix: str, params: tuple[int, ...]
+) -> None:
+    """cv2.imwrite segfaults on such a name too; write_image writes the bytes imwrite writes for a plain one."""
+    assert cv2.imwrite(str(tmp_path / f"plain{suffix}"), IMAGES[kind], list(params))
+    bad = not_utf8(tmp_path, b"bad\xff" + suffix.encode())
+    assert write_image(bad, IMAGES[kind], params) == Path(bad)
+    with open(os.fsencode(bad), "rb") as f:
+        assert f.read() == (tmp_path / f"plain{suffix}").read_bytes()
+    assert sorted(os.listdir(os.fsencode(tmp_path))) == [b"bad\xff" + suffix.encode(), f"plain{suffix}".encode()]
+    assert stat.S_IMODE(os.stat(os.fsencode(bad)).st_mode) == 0o644
+
+
+def test_write_image_that_cannot_be_encoded_names_the_file_and_writes_nothing(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"bad\\xff\.png: cannot encode an array of shape \(4, 4, 7\)") as exc:
+        write_image(not_utf8(tmp_path, b"bad\xff.png"), np.zeros((4, 4, 7), np.uint8))
+    str(exc.value).encode("utf-8")  # printable
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("content", [
+    np.random.default_rng(7).bytes(300),  # random bytes named .png
+    b"",  # an empty file
+    b"\x89PNG\r\n\x1a\n" + b"\0" * 40,  # a PNG signature and nothing readable after it
+])
+def test_read_image_names_a_file_that_does_not_decode(tmp_path: Path, content: bytes) -> None:
+    """cv2.imread gives None (a caller must name the file itself) or, on this name, crashes; read_image raises
+    ImageError naming the file in a form that prints (the byte 0xff as the text \\xff)."""
+    bad = not_utf8(tmp_path)
+    with open(os.fsencode(bad), "wb") as f:
+        f.write(content)
+    with pytest.raises(ImageError) as exc:
+        read_image(bad, cv2.IMREAD_UNCHANGED)
+    message = str(exc.value)
+    assert message.startswith(f"{tmp_path}/bad\\xff_leftImg8bit.png: ")
+    assert "cannot decode the image" in message or "empty file" in message
+    message.encode("utf-8")  # no lone surrogate: printable, loggable, writable to a UTF-8 file
+    assert isinstance(exc.value, ValueError)
+
+
+def test_read_image_of_a_missing_file_or_a_folder_raises_oserror_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nothing.png"):
+        read_image(tmp_path / "nothing.png")
+    with pytest.raises(IsADirectoryError):
+        read_image(tmp_path)
+
+
+def test_show_path_prints_any_file_name() -> None:
+    plain = "/data/cs/aachen_000000_000019_leftImg8bit.png"
+    assert show_path(Path(plain)) == plain
+    assert show_path("/data/café/ü.png") == "/data/café/ü.png"  # UTF-8 names are left as they are
+    assert show_path(b"/data/bad\xff.png") == "/data/bad\\xff.png"
+    assert show_path(os.fsdecode(b"/data/bad\xff.png")) == "/data/bad\\xff.png"
+    assert show_path(Path(os.fsdecode(b"/d/\xe9t\xe9.png"))) == "/d/\\xe9t\\xe9.png"  # Latin-1 bytes
+    assert show_path("odd\udc00name") == "odd\\udc00name"  # a surrogate no byte gave
+
+
+def test_no_image_is_read_or_written_by_name_outside_plca_io() -> None:
+    """cv2.imread/cv2.imwrite crash on a file name that is not UTF-8: every image of the package goes through
+    plca.io's read_image/write_image, which hand OpenCV bytes only."""
+    root = Path(__file__).resolve().parents[1]
+    found = []
+    for path in sorted((root / "plca").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in (
+                "imread", "imwrite", "imreadmulti", "imreadanimation", "imwritemulti"
+            ):
+                found.append(f"{path.relative_to(root).as_posix()}:{node.lineno}")
+    assert found == [], f"images read or written by file name with OpenCV: {found}"

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import cv2
@@ -98,3 +102,57 @@ def test_failure_leaves_no_output_and_keeps_the_previous_one(tmp_path: Path) -> 
     with pytest.raises(ResizeError, match=r"00001.png: no matching label"):
         resize_dataset(tmp_path / "g", tmp_path / "p", "gta5", INLINE)
     assert not (tmp_path / "p").exists()
+
+
+def files_under(root: bytes) -> dict[bytes, bytes]:
+    """{path relative to root: content} of every file under root (paths as raw bytes)."""
+    out = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
+def test_names_that_are_not_utf8_are_read_and_written_with_the_same_bytes(tmp_path: Path) -> None:
+    """cv2.imread and cv2.imwrite segfault on a file name that is not UTF-8 (run in a subprocess, so that the fault
+    fails this test rather than ending the session). Each layout is resized twice, from folders and files with
+    plain names and from copies whose names are not UTF-8: every file written (images and GTA5's palette,
+    Cityscapes' grey and SYNTHIA's 16-bit labels) has the same bytes, under the same name."""
+    renamed = {"gta5": b"0000\xff", "synthia": b"000000\xfe", "cityscapes": b"aachen_bad\xff_000000_000019"}
+    plain = {"gta5": "00001", "synthia": "0000001", "cityscapes": "aachen_000000_000019"}
+    for folder in ("plain", "bad"):
+        write_gta5(tmp_path / folder / "gta5", 2, size=(12, 20))
+        write_synthia(tmp_path / folder / "synthia", 2, size=(12, 20))
+        write_cityscapes(tmp_path / folder / "cityscapes", {"train": 2}, {"train": ("aachen",)}, size=(16, 32))
+    bad_root = os.fsencode(tmp_path / "bad")
+    for layout, name in plain.items():
+        for path in (tmp_path / "bad" / layout).rglob(f"{name}*.png"):
+            new = os.path.join(os.fsencode(path.parent), renamed[layout] + path.name[len(name):].encode())
+            os.rename(os.fsencode(path), new)
+        os.rename(os.path.join(bad_root, layout.encode()), os.path.join(bad_root, layout.encode() + b"\xff"))
+    cfg = ResizeConfig(short_edge=6, workers=1, progress=False)
+    for layout in plain:
+        resize_dataset(tmp_path / "plain" / layout, tmp_path / "out" / layout, layout, cfg)  # type: ignore[arg-type]
+    code = """
+        import os, sys
+        from plca.data.resize import ResizeConfig, resize_dataset
+        src, dst = os.fsencode(sys.argv[1]), os.fsencode(sys.argv[2])
+        for layout, workers in (("gta5", 1), ("synthia", 1), ("cityscapes", 2)):
+            cfg = ResizeConfig(short_edge=6, workers=workers, progress=False)
+            resize_dataset(os.fsdecode(src + b"/" + layout.encode() + b"\\xff"),
+                           os.fsdecode(dst + b"/" + layout.encode()), layout, cfg)
+    """
+    out_bad = os.fsencode(tmp_path) + b"/out\xfe"
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), os.fsdecode(bad_root), os.fsdecode(out_bad)],
+                          capture_output=True, encoding="utf-8", errors="backslashreplace", timeout=300)
+    assert proc.returncode == 0, f"resizing exited {proc.returncode} (-11: segfault):\n{proc.stderr}"
+    for layout, name in plain.items():
+        expected = files_under(os.fsencode(tmp_path / "out" / layout))
+        got = files_under(out_bad + b"/" + layout.encode())
+        assert json.loads(got.pop(COMPLETE_MARKER.encode()))["pairs"] == 2
+        del expected[COMPLETE_MARKER.encode()]  # names its source folder
+        assert len(expected) == 4
+        assert got == {k.replace(name.encode(), renamed[layout]): v for k, v in expected.items()}
+

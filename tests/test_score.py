@@ -1,5 +1,6 @@
 import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -262,3 +263,23 @@ def test_an_image_too_large_to_be_a_label_exits_2_naming_it(fixture_set, capsys,
     assert main([str(pred_dir), str(gt_dir)]) == 2
     err = capsys.readouterr().err
     assert "too large to be a label image" in err and "_gtFine_labelIds.png" in err
+
+
+def test_a_prediction_whose_name_is_not_utf8_is_scored_and_named_printably(fixture_set, capsys):
+    """A file name that is not UTF-8 is read like any other; an error names it in a form that prints (the byte
+    0xff as the text \\xff), not with the lone surrogate that a strict UTF-8 stream or log file refuses."""
+    pred_dir, gt_dir = fixture_set
+    before, _ = score(pred_dir, gt_dir)
+    bad = os.fsencode(pred_dir) + b"/aachen_000000_000000_bad\xff.png"
+    os.rename(os.fsencode(pred_dir / pred_name("aachen", 0)), bad)
+    after, _ = score(pred_dir, gt_dir)
+    assert after == before
+    with open(bad, "rb") as f:
+        head = f.read(30)
+    with open(bad, "wb") as f:
+        f.write(head)
+    assert main([str(pred_dir), str(gt_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"{pred_dir}/aachen_000000_000000_bad\\xff.png: unreadable or corrupt PNG" in err
+    err.encode("utf-8")
+

@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from real_formats import cityscapes_id_palette, write_cityscapes, write_gta5, write_palette_png, write_synthia
+from real_formats import (
+    cityscapes_id_palette,
+    truncate_file,
+    write_cityscapes,
+    write_gta5,
+    write_palette_png,
+    write_synthia,
+)
 
+from plca.data import verify
 from plca.data.verify import DatasetError, VerifyConfig, list_pairs, png_header, verify_dataset
 
 INLINE = VerifyConfig(workers=1)
+#: Pairs on which `_dies_on_some_pairs` kills the worker process checking them.
+DYING = ("00020", "00021")
 
 
 def test_complete_fixtures_of_each_layout_pass(tmp_path: Path) -> None:
@@ -144,3 +159,92 @@ def test_missing_root_and_png_header(tmp_path: Path) -> None:
     assert [(p.split, p.name) for p in pairs] == [("all", "0000000")]
     with pytest.raises(ValueError, match="unknown dataset layout 'kitti'"):
         list_pairs(tmp_path / "s", "kitti")  # type: ignore[arg-type]
+
+
+def rename(path: Path | str, new_name: bytes) -> str:
+    """Rename a file or folder to a name of raw bytes; its new path as Python holds it (surrogate escapes)."""
+    new = os.path.join(os.path.dirname(os.fsencode(path)), new_name)
+    os.rename(os.fsencode(path), new)
+    return os.fsdecode(new)
+
+
+def cityscapes_not_utf8(tmp_path: Path) -> tuple[str, str]:
+    """Cityscapes train frames under a folder whose name is not UTF-8 (written under a plain name, as OpenCV
+    cannot write there), two frames also named so, the second with its image truncated (the PNG header intact).
+    Returns the root and the error verification must report for the truncated image."""
+    stems = sorted(write_cityscapes(tmp_path / "cs", {"train": 4}, cities={"train": ("aachen",)}, size=(8, 16)))
+    folders = (tmp_path / "cs/leftImg8bit/train/aachen", tmp_path / "cs/gtFine/train/aachen")
+    for stem, bad in zip(stems, (b"aachen_bad\xff", b"aachen_bad\xfe"), strict=False):  # aachen_000000_000019 ...
+        for folder, suffix in zip(folders, ("_leftImg8bit.png", "_gtFine_labelIds.png"), strict=True):
+            rename(folder / f"{stem}{suffix}", bad + f"{stem[len('aachen'):]}{suffix}".encode())
+    broken = b"aachen_bad\xfe" + f"{stems[1][len('aachen'):]}_leftImg8bit.png".encode()
+    truncate_file(os.fsdecode(os.fsencode(folders[0]) + b"/" + broken), 0.6)
+    root = rename(tmp_path / "cs", b"cs\xff")
+    shown = broken.decode("utf-8", "backslashreplace")
+    return root, f"{tmp_path}/cs\\xff/leftImg8bit/train/aachen/{shown}: cannot decode image PNG"
+
+
+def test_worker_processes_check_names_that_are_not_utf8(tmp_path: Path) -> None:
+    """The reported fault: cv2.imread segfaults on a file name that is not UTF-8, so a worker died and
+    verification raised a BrokenProcessPool naming no file. Now it completes, and names the one broken image
+    in a form that prints (the byte 0xfe as the text \\xfe)."""
+    root, error = cityscapes_not_utf8(tmp_path)
+    r = verify_dataset(root, "cityscapes", {"train": 4}, VerifyConfig(workers=2))
+    assert r.counts == {"train": 4} and r.errors == [error]
+    with pytest.raises(DatasetError) as exc:
+        r.raise_if_failed()
+    assert error in str(exc.value)
+    str(exc.value).encode("utf-8")  # no lone surrogate: printable, loggable
+
+
+def test_verification_in_this_process_checks_names_that_are_not_utf8(tmp_path: Path) -> None:
+    """workers=1 checks in the calling process, which the segfault killed outright (exit -11, no message): run in
+    a subprocess, so that the fault fails this test rather than ending the session."""
+    root, error = cityscapes_not_utf8(tmp_path)
+    code = """
+        import sys
+        from plca.data.verify import DatasetError, VerifyConfig, verify_dataset
+        r = verify_dataset(sys.argv[1], "cityscapes", {"train": 4}, VerifyConfig(workers=1))
+        print(r.counts)
+        try:
+            r.raise_if_failed()
+        except DatasetError as exc:
+            print(exc)
+    """
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), root], capture_output=True, encoding="utf-8",
+        errors="backslashreplace", env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"}, timeout=300,
+    )
+    assert proc.returncode == 0, f"verification exited {proc.returncode} (-11: segfault):\n{proc.stderr}"
+    assert proc.stdout.splitlines() == [
+        "{'train': 4}", f"{tmp_path}/cs\\xff: cityscapes dataset failed verification:", f"  {error}"
+    ]
+
+
+def _dies_on_some_pairs(jobs: list[tuple[verify.Pair, str, bool]]) -> list:
+    """verify._check_batch in a worker process that dies (as on a segfault) when given a pair of DYING."""
+    if any(pair.name in DYING for pair, _, _ in jobs):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return verify._check_batch(jobs)  # the worker's own module: not monkeypatched there
+
+
+def test_a_worker_process_that_dies_is_named_not_a_bare_broken_pool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Should a worker die anyway (another decoder crash, the OOM killer), verification names the pairs it
+    died on and checks every other pair, instead of raising BrokenProcessPool naming no file."""
+    write_gta5(tmp_path / "g", 40, size=(6, 8))  # 3 batches of _CHUNKSIZE pairs
+    write_palette_png(tmp_path / "g/labels/00035.png", np.full((6, 8), 40, np.uint8), cityscapes_id_palette())
+    monkeypatch.setattr(verify, "_check_batch", _dies_on_some_pairs)
+    r = verify_dataset(tmp_path / "g", "gta5", {"all": 40}, VerifyConfig(workers=2))
+    died = [f"{tmp_path}/g/images/{n}.png: the process checking this image and its label {tmp_path}/g/labels/{n}.png"
+            " died (crashed or killed) while reading them" for n in DYING]
+    assert r.errors == [*died, f"{tmp_path}/g/labels/00035.png: label values [40] are outside the gta5 class table"]
+    assert r.counts == {"all": 40}
+    with pytest.raises(DatasetError, match="00020.png: the process checking"):
+        r.raise_if_failed()
+    # a process that keeps dying: verification stops, naming the pairs, once more than _MAX_CRASHES have killed one
+    monkeypatch.setattr(verify, "_MAX_CRASHES", 1)
+    with pytest.raises(DatasetError, match=r"(?s)died on 2 image/label pairs:.*00020\.png.*00021\.png"):
+        verify_dataset(tmp_path / "g", "gta5", {"all": 40}, VerifyConfig(workers=2))
+

@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from plca.data.labels import cityscapes_ids_to_train_ids, synthia_ids_to_train_ids
+from plca.io import ImageError, read_image, show_path
 
 log = logging.getLogger(__name__)
 
@@ -50,22 +51,24 @@ class Sample:
 
 def _need_dir(path: Path, dataset: str, layout: str) -> None:
     if not path.is_dir():
-        raise FileNotFoundError(f"{dataset}: folder {path} not found; expected the layout {layout}")
+        raise FileNotFoundError(f"{dataset}: folder {show_path(path)} not found; expected the layout {layout}")
 
 
 def _listing(paths: list[Path], what: str) -> str:
-    shown = ", ".join(str(p) for p in paths[:MAX_LISTED])
+    shown = ", ".join(show_path(p) for p in paths[:MAX_LISTED])
     more = f" and {len(paths) - MAX_LISTED} more" if len(paths) > MAX_LISTED else ""
     return f"{len(paths)} {what}: {shown}{more}"
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """Read an image file as [H, W, 3] uint8 RGB; a missing, corrupt or truncated file raises naming it."""
+    """Read an image file as [H, W, 3] uint8 RGB; a missing, corrupt or truncated file raises naming it (any file
+    name: plca.io.read_image never hands the name to OpenCV)."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: image file not found")
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise DataError(f"{path}: cannot decode the image (corrupt or truncated file?)")
+        raise FileNotFoundError(f"{show_path(path)}: image file not found")
+    try:
+        bgr = read_image(path, cv2.IMREAD_COLOR)
+    except ImageError:
+        raise DataError(f"{show_path(path)}: cannot decode the image (corrupt or truncated file?)") from None
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
@@ -78,18 +81,20 @@ def read_label_png(path: Path) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: label file not found")
+        raise FileNotFoundError(f"{show_path(path)}: label file not found")
     try:
         with Image.open(path) as img:
             if img.mode in ("P", "L", "I;16", "I"):
                 return np.array(img)
             mode = img.mode
     except (UnidentifiedImageError, OSError, SyntaxError, zlib.error) as exc:
-        raise DataError(f"{path}: cannot decode the label PNG (corrupt or truncated file?): {exc}") from None
+        raise DataError(f"{show_path(path)}: cannot decode the label PNG (corrupt or truncated file?): "
+                        f"{show_path(str(exc))}") from None
     # Multi-channel (e.g. SYNTHIA's 16-bit RGB): Pillow cannot hold 16-bit RGB, cv2 can.
-    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if raw is None:
-        raise DataError(f"{path}: cannot decode the label PNG (mode {mode})")
+    try:
+        raw = read_image(path, cv2.IMREAD_UNCHANGED)
+    except ImageError:
+        raise DataError(f"{show_path(path)}: cannot decode the label PNG (mode {mode})") from None
     if raw.ndim == 3:
         raw = raw[..., 2::-1] if raw.shape[2] >= 3 else raw
     return raw
@@ -97,14 +102,14 @@ def read_label_png(path: Path) -> np.ndarray:
 
 def _read_list_file(path: Path) -> list[str]:
     if not path.is_file():
-        raise FileNotFoundError(f"split list file {path} not found")
+        raise FileNotFoundError(f"split list file {show_path(path)} not found")
     names = []
     for line in path.read_text().splitlines():
         line = line.strip()
         if line:
             names.append(line[:-4] if line.endswith(".png") else line)
     if not names:
-        raise DataError(f"{path}: split list file is empty")
+        raise DataError(f"{show_path(path)}: split list file is empty")
     return names
 
 
@@ -148,7 +153,7 @@ class PairReader:
             if missing:
                 raise FileNotFoundError(
                     f"{self.dataset}: {_listing(missing, 'images without their label file')} "
-                    f"(e.g. {label_paths[image_paths.index(missing[0])]} is missing)"
+                    f"(e.g. {show_path(label_paths[image_paths.index(missing[0])])} is missing)"
                 )
 
     def __len__(self) -> int:
@@ -169,8 +174,8 @@ class PairReader:
         if label.shape != image.shape[:2]:
             image_path = self.image_paths[index]
             what = (
-                f"{self.dataset}: image {image_path} is {image.shape[1]}x{image.shape[0]} (WxH) but label "
-                f"{label_path} is {label.shape[1]}x{label.shape[0]}"
+                f"{self.dataset}: image {show_path(image_path)} is {image.shape[1]}x{image.shape[0]} (WxH) "
+                f"but label {show_path(label_path)} is {label.shape[1]}x{label.shape[0]}"
             )
             if self.size_mismatch == "error":
                 raise DataError(f"{what}; use size_mismatch='resize_label' to resize the label (nearest)")
@@ -196,7 +201,7 @@ class FlatPairReader(PairReader):
             _need_dir(folder, self.dataset, self.layout)
         all_names = sorted(p.stem for p in images.glob("*.png"))
         if not all_names:
-            raise FileNotFoundError(f"{self.dataset}: no PNG images in {images}; expected {self.layout}")
+            raise FileNotFoundError(f"{self.dataset}: no PNG images in {show_path(images)}; expected {self.layout}")
         names = _select(all_names, ids, self.dataset)
         self.root = root
         super().__init__(
@@ -217,8 +222,8 @@ class GTA5Reader(FlatPairReader):
     def _train_ids(self, path: Path) -> np.ndarray:
         ids = read_label_png(path)
         if ids.ndim != 2:
-            raise DataError(f"{path}: expected a palette or single-channel label PNG, got shape {ids.shape}")
-        return cityscapes_ids_to_train_ids(ids, path)
+            raise DataError(f"{show_path(path)}: expected a palette or single-channel label PNG, got shape {ids.shape}")
+        return cityscapes_ids_to_train_ids(ids, show_path(path))
 
 
 class CityscapesReader(PairReader):
@@ -239,14 +244,16 @@ class CityscapesReader(PairReader):
         image_paths = sorted(image_dir.glob(f"*/*{CS_IMAGE_SUFFIX}"))
         if not image_paths:
             raise FileNotFoundError(
-                f"{self.dataset}: no *{CS_IMAGE_SUFFIX} images in {image_dir}/<city>/; expected {CITYSCAPES_LAYOUT}"
+                f"{self.dataset}: no *{CS_IMAGE_SUFFIX} images in {show_path(image_dir)}/<city>/; "
+                f"expected {CITYSCAPES_LAYOUT}"
             )
         # an image named otherwise would be left out of every split without a word (and scored as if absent)
         stray = sorted(p for p in image_dir.glob("*/*.png") if not p.name.endswith(CS_IMAGE_SUFFIX))
         if stray:
-            shown = ", ".join(str(p) for p in stray[:3]) + (f", ... ({len(stray)} in all)" if len(stray) > 3 else "")
+            shown = ", ".join(show_path(p) for p in stray[:3])
+            shown += f", ... ({len(stray)} in all)" if len(stray) > 3 else ""
             raise DataError(f"{self.dataset}: {shown}: not named <city>_<seq>_<frame>{CS_IMAGE_SUFFIX}; rename or "
-                            f"move it out of {image_dir}")
+                            f"move it out of {show_path(image_dir)}")
         names = [p.name[: -len(CS_IMAGE_SUFFIX)] for p in image_paths]
         label_paths = None
         if with_labels:
@@ -262,8 +269,10 @@ class CityscapesReader(PairReader):
     def _train_ids(self, path: Path) -> np.ndarray:
         ids = read_label_png(path)
         if ids.ndim != 2 or ids.dtype != np.uint8:
-            raise DataError(f"{path}: expected a single-channel 8-bit labelIds PNG, got {ids.dtype} {ids.shape}")
-        return cityscapes_ids_to_train_ids(ids, path)
+            raise DataError(
+                f"{show_path(path)}: expected a single-channel 8-bit labelIds PNG, got {ids.dtype} {ids.shape}"
+            )
+        return cityscapes_ids_to_train_ids(ids, show_path(path))
 
 
 class SynthiaReader(FlatPairReader):
@@ -275,5 +284,7 @@ class SynthiaReader(FlatPairReader):
     def _train_ids(self, path: Path) -> np.ndarray:
         raw = read_label_png(path)
         if raw.ndim != 3 or raw.shape[2] < 2:
-            raise DataError(f"{path}: expected a multi-channel SYNTHIA label PNG (class id first), got {raw.shape}")
-        return synthia_ids_to_train_ids(raw[..., 0], path)
+            raise DataError(
+                f"{show_path(path)}: expected a multi-channel SYNTHIA label PNG (class id first), got {raw.shape}"
+            )
+        return synthia_ids_to_train_ids(raw[..., 0], show_path(path))

@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 from plca.data.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, TRAINID_TO_ID
+from plca.io import write_image
 
 # Train ids, named for readability of the scene code.
 ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, LIGHT, SIGN, VEGETATION, TERRAIN, SKY = range(11)
@@ -583,8 +584,7 @@ def _label_ids(label: np.ndarray) -> np.ndarray:
 
 
 def _write_png(path: str, array: np.ndarray) -> None:
-    if not cv2.imwrite(path, array):
-        raise OSError(f"could not write {path}")
+    write_image(path, array)  # cv2.imwrite's bytes, for any file name (imwrite crashes on non-UTF-8 ones)
 
 
 def _run_job(cfg: EmbeddedConfig, job: Job) -> np.ndarray:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from plca.data.extract import COMPLETE_MARKER, replace_dir
 from plca.data.verify import Layout, Pair, list_pairs
+from plca.io import ImageError, atomic_write, read_image, show_path, write_image
 
 log = logging.getLogger(__name__)
 
@@ -94,19 +95,35 @@ def _read_label(path: Path, layout: str) -> tuple[np.ndarray, list[int] | None]:
             if img.mode == "P":
                 return np.asarray(img), img.getpalette()
             return np.asarray(img.convert("L")), None
-    data = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if data is None:
-        raise ResizeError(f"{path}: cannot decode label PNG")
-    return data, None
+    return _read_png(path, cv2.IMREAD_UNCHANGED, "label"), None
+
+
+def _read_png(path: Path, flags: int, what: str) -> np.ndarray:
+    """plca.io.read_image (any file name), its failures as ResizeError naming the file."""
+    try:
+        return read_image(path, flags)
+    except ImageError:
+        raise ResizeError(f"{show_path(path)}: cannot decode {what} PNG") from None
+    except OSError as exc:
+        raise ResizeError(f"{show_path(path)}: cannot read: {exc.strerror or exc}") from None
+
+
+def _write_png(path: Path, data: np.ndarray, compression: int) -> None:
+    """plca.io.write_image (any file name; cv2.imwrite's bytes), an array it cannot encode as ResizeError naming
+    the file."""
+    try:
+        write_image(path, data, [cv2.IMWRITE_PNG_COMPRESSION, compression])
+    except ValueError as exc:  # "<path>: cannot encode an array of shape ..."
+        raise ResizeError(str(exc)) from None
 
 
 def _write_label(path: Path, data: np.ndarray, palette: list[int] | None, compression: int) -> None:
     if palette is not None:
         img = Image.fromarray(np.ascontiguousarray(data, dtype=np.uint8))  # mode L; a palette makes it P
         img.putpalette(palette)
-        img.save(path, compress_level=compression)
-    elif not cv2.imwrite(str(path), data, [cv2.IMWRITE_PNG_COMPRESSION, compression]):
-        raise ResizeError(f"{path}: cannot write")
+        atomic_write(path, lambda f: img.save(f, format="PNG", compress_level=compression))
+    else:
+        _write_png(path, data, compression)
 
 
 
@@ -117,9 +134,7 @@ def _one_thread() -> None:
 def _resize_pair(job: tuple[Pair, Path, Path, str, ResizeConfig]) -> tuple[str, bool]:
     """Resize one pair into the output tree (runs in a worker); returns (name, label size was fixed)."""
     pair, src_root, dst_root, layout, cfg = job
-    image = cv2.imread(str(pair.image), cv2.IMREAD_COLOR)
-    if image is None:
-        raise ResizeError(f"{pair.image}: cannot decode image PNG")
+    image = _read_png(pair.image, cv2.IMREAD_COLOR, "image")
     label, palette = _read_label(pair.label, layout)
     h, w = image.shape[:2]
     fixed = label.shape[:2] != (h, w)
@@ -132,8 +147,7 @@ def _resize_pair(job: tuple[Pair, Path, Path, str, ResizeConfig]) -> tuple[str, 
     out_label = dst_root / pair.label.relative_to(src_root)
     out_image.parent.mkdir(parents=True, exist_ok=True)
     out_label.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(out_image), image, [cv2.IMWRITE_PNG_COMPRESSION, cfg.png_compression]):
-        raise ResizeError(f"{out_image}: cannot write")
+    _write_png(out_image, image, cfg.png_compression)
     _write_label(out_label, label, palette, cfg.png_compression)
     return pair.name, fixed
 
@@ -156,9 +170,9 @@ def resize_dataset(
     errors: list[str] = []
     pairs = list_pairs(src, layout, splits, errors)
     if errors:
-        raise ResizeError(f"{src}: cannot resize, the dataset is incomplete:\n  " + "\n  ".join(errors[:20]))
+        raise ResizeError(f"{show_path(src)}: cannot resize, the dataset is incomplete:\n  " + "\n  ".join(errors[:20]))
     if not pairs:
-        raise ResizeError(f"{src}: no image/label pairs found for layout {layout!r}")
+        raise ResizeError(f"{show_path(src)}: no image/label pairs found for layout {layout!r}")
     staging = dst.parent / f".{dst.name}.resizing"
     if staging.exists():
         shutil.rmtree(staging)
@@ -180,7 +194,7 @@ def resize_dataset(
         if report.label_size_fixed:
             log.warning(
                 "%s: %d labels differed in size from their images and were resized to the image size: %s",
-                src, len(report.label_size_fixed), ", ".join(report.label_size_fixed[:50]),
+                show_path(src), len(report.label_size_fixed), ", ".join(map(show_path, report.label_size_fixed[:50])),
             )
         record = {"source": str(src), "layout": layout, "pairs": report.pairs, "short_edge": cfg.short_edge,
                   "interpolation": cfg.interpolation, "label_size_fixed": report.label_size_fixed}
@@ -189,5 +203,6 @@ def resize_dataset(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    log.info("resized %d pairs of %s into %s (short edge %d)", report.pairs, src, dst, cfg.short_edge)
+    log.info("resized %d pairs of %s into %s (short edge %d)", report.pairs, show_path(src), show_path(dst),
+             cfg.short_edge)
     return report

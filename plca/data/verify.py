@@ -18,8 +18,10 @@ import logging
 import multiprocessing
 import os
 import struct
+from collections import deque
 from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -30,6 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from plca.data.labels import CITYSCAPES_VALID_IDS, SYNTHIA_VALID_IDS
+from plca.io import ImageError, read_image, show_path
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,8 @@ _CS_LABEL_SUFFIX = "_gtFine_labelIds.png"
 _MAX_LISTED = 20
 # Pairs handed to a worker process at a time (amortises inter-process overhead on tiny files).
 _CHUNKSIZE = 16
+# Pairs on which a checking process may die before verification stops (each costs a fresh process).
+_MAX_CRASHES = _MAX_LISTED
 
 
 class DatasetError(ValueError):
@@ -96,7 +101,7 @@ class VerifyReport:
         if self.errors:
             listed = "\n  ".join(self.errors[:_MAX_LISTED])
             more = f"\n  ... and {len(self.errors) - _MAX_LISTED} more" if len(self.errors) > _MAX_LISTED else ""
-            raise DatasetError(f"{self.root}: {self.layout} dataset failed verification:\n  {listed}{more}")
+            raise DatasetError(f"{show_path(self.root)}: {self.layout} dataset failed verification:\n  {listed}{more}")
         return self
 
 
@@ -106,9 +111,9 @@ def png_header(path: Path) -> tuple[int, int, int, int]:
         with path.open("rb") as fh:
             head = fh.read(_PNG_HEADER_BYTES)
     except OSError as exc:
-        raise DatasetError(f"{path}: cannot read: {exc}") from exc
+        raise DatasetError(f"{show_path(path)}: cannot read: {exc}") from exc
     if len(head) < _PNG_HEADER_BYTES or head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
-        raise DatasetError(f"{path}: not a PNG file (bad signature or header)")
+        raise DatasetError(f"{show_path(path)}: not a PNG file (bad signature or header)")
     width, height, depth, colour = struct.unpack(">IIBB", head[16:26])
     return width, height, depth, colour
 
@@ -121,7 +126,7 @@ def _pairs_by_stem(
         name = image.name[: -len(image_suffix)]
         label = label_dir / label_name.format(name=name)
         if not label.is_file():
-            errors.append(f"{image}: no matching label {label}")
+            errors.append(f"{show_path(image)}: no matching label {show_path(label)}")
             continue
         pairs.append(Pair(split, name, image, label))
     return pairs
@@ -131,14 +136,14 @@ def _flat_pairs(root: Path, image_dir: str, label_dir: str, errors: list[str]) -
     images_root, labels_root = root / image_dir, root / label_dir
     for folder in (images_root, labels_root):
         if not folder.is_dir():
-            errors.append(f"{folder}: folder missing")
+            errors.append(f"{show_path(folder)}: folder missing")
     if errors:
         return []
     pairs = _pairs_by_stem("all", images_root.glob("*.png"), labels_root, "{name}.png", ".png", errors)
     image_names = {p.stem for p in images_root.glob("*.png")}
     for label in sorted(labels_root.glob("*.png")):
         if label.stem not in image_names:
-            errors.append(f"{label}: no matching image in {images_root}")
+            errors.append(f"{show_path(label)}: no matching image in {show_path(images_root)}")
     return pairs
 
 
@@ -148,7 +153,7 @@ def _cityscapes_pairs(root: Path, splits: Iterable[str], errors: list[str]) -> l
         img_root, lab_root = root / "leftImg8bit" / split, root / "gtFine" / split
         for folder in (img_root, lab_root):
             if not folder.is_dir():
-                errors.append(f"{folder}: folder missing")
+                errors.append(f"{show_path(folder)}: folder missing")
         if not (img_root.is_dir() and lab_root.is_dir()):
             continue
         for city_dir in sorted(p for p in img_root.iterdir() if p.is_dir()):
@@ -164,7 +169,7 @@ def _cityscapes_pairs(root: Path, splits: Iterable[str], errors: list[str]) -> l
         image_stems = {p.name[: -len(_CS_IMAGE_SUFFIX)] for p in img_root.glob(f"*/*{_CS_IMAGE_SUFFIX}")}
         for label in sorted(lab_root.glob(f"*/*{_CS_LABEL_SUFFIX}")):
             if label.name[: -len(_CS_LABEL_SUFFIX)] not in image_stems:
-                errors.append(f"{label}: no matching image in {img_root}")
+                errors.append(f"{show_path(label)}: no matching image in {show_path(img_root)}")
     return pairs
 
 
@@ -203,20 +208,30 @@ def read_label_ids(path: Path, layout: Layout) -> np.ndarray:
         try:
             with Image.open(path) as img:
                 if img.mode not in ("P", "L"):
-                    raise DatasetError(f"{path}: GTA5 label has mode {img.mode}; expected a palette or grey PNG")
+                    raise DatasetError(
+                        f"{show_path(path)}: GTA5 label has mode {img.mode}; expected a palette or grey PNG"
+                    )
                 return np.asarray(img)
         except (OSError, SyntaxError) as exc:
-            raise DatasetError(f"{path}: cannot decode label PNG: {exc}") from exc
-    data = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if data is None:
-        raise DatasetError(f"{path}: cannot decode label PNG")
+            raise DatasetError(f"{show_path(path)}: cannot decode label PNG: {exc}") from exc
+    data = _read_png(path, cv2.IMREAD_UNCHANGED, "label")
     if layout == "synthia":
         if data.ndim != 3 or data.shape[2] < 3:
-            raise DatasetError(f"{path}: SYNTHIA label has shape {data.shape}; expected 3 channels")
+            raise DatasetError(f"{show_path(path)}: SYNTHIA label has shape {data.shape}; expected 3 channels")
         return data[..., 2]  # cv2 gives BGR; the class id is the first channel in RGB order
     if data.ndim != 2:
-        raise DatasetError(f"{path}: Cityscapes labelIds has shape {data.shape}; expected one channel")
+        raise DatasetError(f"{show_path(path)}: Cityscapes labelIds has shape {data.shape}; expected one channel")
     return data
+
+
+def _read_png(path: Path, flags: int, what: str) -> np.ndarray:
+    """plca.io.read_image (any file name), its failures as DatasetError naming the file."""
+    try:
+        return read_image(path, flags)
+    except ImageError:
+        raise DatasetError(f"{show_path(path)}: cannot decode {what} PNG") from None
+    except OSError as exc:
+        raise DatasetError(f"{show_path(path)}: cannot read: {exc.strerror or exc}") from None
 
 
 _VALID_IDS: dict[str, frozenset[int]] = {
@@ -247,9 +262,10 @@ def _check_pair(job: tuple[Pair, str, bool]) -> _PairResult:
     result.image_size, result.label_size = (iw, ih), (lw, lh)
     if not pixels:
         return result
-    image = cv2.imread(str(pair.image), cv2.IMREAD_COLOR)
-    if image is None:
-        result.errors.append(f"{pair.image}: cannot decode image PNG")
+    try:
+        _read_png(pair.image, cv2.IMREAD_COLOR, "image")
+    except DatasetError as exc:
+        result.errors.append(str(exc))
     try:
         ids = read_label_ids(pair.label, layout)  # type: ignore[arg-type]
     except DatasetError as exc:
@@ -258,25 +274,111 @@ def _check_pair(job: tuple[Pair, str, bool]) -> _PairResult:
     valid = _VALID_IDS[layout]
     bad = sorted(int(v) for v in np.unique(ids) if int(v) not in valid)
     if bad:
-        result.errors.append(f"{pair.label}: label values {bad[:10]} are outside the {layout} class table")
+        result.errors.append(
+            f"{show_path(pair.label)}: label values {bad[:10]} are outside the {layout} class table"
+        )
     return result
-
 
 
 def _one_thread() -> None:
     """Worker start: one OpenCV thread per process, as the processes already use every core."""
     cv2.setNumThreads(1)
 
-def _run_checks(pairs: list[Pair], layout: str, cfg: VerifyConfig) -> list[_PairResult]:
-    jobs = [(p, layout, cfg.check_pixels) for p in pairs]
-    workers = cfg.workers or os.cpu_count() or 1
-    bar = dict(total=len(jobs), desc=f"verify {layout}", unit="pair", disable=not cfg.progress)
-    if workers == 1 or len(jobs) < 2:
-        return [_check_pair(j) for j in tqdm(jobs, **bar)]
+
+def _check_batch(jobs: list[tuple[Pair, str, bool]]) -> list[_PairResult]:
+    """Per-pair checks of a batch of pairs: one task of a worker process."""
+    return [_check_pair(job) for job in jobs]
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
     # spawn, not fork: a caller that has run torch holds OpenMP threads a forked child would inherit locked
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), initializer=_one_thread,
-                             mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(tqdm(pool.map(_check_pair, jobs, chunksize=_CHUNKSIZE), **bar))
+    return ProcessPoolExecutor(max_workers=workers, initializer=_one_thread,
+                               mp_context=multiprocessing.get_context("spawn"))
+
+
+def _run_checks(pairs: list[Pair], layout: str, cfg: VerifyConfig) -> list[_PairResult]:
+    """`_check_pair` of every pair, in order: in this process (workers 1), or in worker processes, where a process
+    that dies (a crash in a decoder, a kill) costs no more than the pair it was checking: that pair is named in
+    its result's errors, and the other pairs are checked as usual."""
+    jobs = [(p, layout, cfg.check_pixels) for p in pairs]
+    workers = min(cfg.workers or os.cpu_count() or 1, len(jobs))
+    with tqdm(total=len(jobs), desc=f"verify {layout}", unit="pair", disable=not cfg.progress) as bar:
+        if workers <= 1:
+            results = []
+            for job in jobs:
+                results.append(_check_pair(job))
+                bar.update()
+            return results
+        batches = [jobs[i : i + _CHUNKSIZE] for i in range(0, len(jobs), _CHUNKSIZE)]
+        done: dict[int, list[_PairResult]] = {}
+        todo = deque(range(len(batches)))
+        crashed: list[Pair] = []
+        while todo:
+            for b in _pool_round(batches, todo, done, workers, bar):
+                done[b] = _isolate(batches[b], crashed)
+                bar.update(len(batches[b]))
+        return [res for b in range(len(batches)) for res in done[b]]
+
+
+def _pool_round(batches: list[list[tuple[Pair, str, bool]]], todo: deque[int], done: dict[int, list[_PairResult]],
+                workers: int, bar: tqdm) -> list[int]:
+    """Check batches from `todo` in `workers` processes, into `done`, with at most one batch in flight per process
+    so that a process that dies can have been checking one of those only. Returns [] once `todo` is empty, or, as
+    soon as a process died, the batches that were in flight (the rest of `todo` is left for another round)."""
+    with _pool(workers) as pool:
+        running: dict[Future[list[_PairResult]], int] = {}
+        while todo or running:
+            while todo and len(running) < workers:
+                b = todo.popleft()
+                running[pool.submit(_check_batch, batches[b])] = b
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            broken = False
+            for fut in finished:
+                if isinstance(fut.exception(), BrokenProcessPool):
+                    broken = True
+                    continue
+                b = running.pop(fut)
+                done[b] = fut.result()  # another exception is a bug in the checks: raised as it is
+                bar.update(len(batches[b]))
+            if broken:
+                in_flight = []
+                for fut, b in running.items():  # each ended with BrokenProcessPool, or finished just before
+                    if isinstance(fut.exception(), BrokenProcessPool):
+                        in_flight.append(b)
+                    else:
+                        done[b] = fut.result()
+                        bar.update(len(batches[b]))
+                return sorted(in_flight)
+    return []
+
+
+def _isolate(batch: list[tuple[Pair, str, bool]], crashed: list[Pair]) -> list[_PairResult]:
+    """Check, one pair at a time in a process of their own, the pairs of a batch that was in flight when its
+    process died: a pair on which the process dies again gets that as its error (and is added to `crashed`);
+    DatasetError naming them once more than _MAX_CRASHES pairs have."""
+    results = []
+    pool = _pool(1)
+    try:
+        for job in batch:
+            try:
+                results.extend(pool.submit(_check_batch, [job]).result())
+                continue
+            except BrokenProcessPool:
+                pool.shutdown()
+                pool = _pool(1)
+            pair = job[0]
+            crashed.append(pair)
+            if len(crashed) > _MAX_CRASHES:
+                listed = "\n  ".join(f"{show_path(p.image)} / {show_path(p.label)}" for p in crashed)
+                raise DatasetError(f"verification stopped: the checking process died on {len(crashed)} "
+                                   f"image/label pairs:\n  {listed}")
+            results.append(_PairResult(pair.name, [
+                f"{show_path(pair.image)}: the process checking this image and its label {show_path(pair.label)} "
+                "died (crashed or killed) while reading them"
+            ]))
+    finally:
+        pool.shutdown()
+    return results
 
 
 def verify_dataset(
@@ -295,7 +397,7 @@ def verify_dataset(
     root, cfg = Path(root), cfg or VerifyConfig()
     report = VerifyReport(layout=layout, root=root, expected=dict(expected or {}))
     if not root.is_dir():
-        report.errors.append(f"{root}: dataset folder missing")
+        report.errors.append(f"{show_path(root)}: dataset folder missing")
         return report
     splits = list(expected) if expected else None
     pairs = list_pairs(root, layout, splits, report.errors)
@@ -304,7 +406,7 @@ def verify_dataset(
     for split, n in report.expected.items():
         if report.counts.get(split, 0) != n:
             report.errors.append(
-                f"{root}: split {split!r} has {report.counts.get(split, 0)} image/label pairs; expected {n}"
+                f"{show_path(root)}: split {split!r} has {report.counts.get(split, 0)} image/label pairs; expected {n}"
             )
     known = set(known_mismatches)
     by_name = {p.name: p for p in pairs}
@@ -315,8 +417,8 @@ def verify_dataset(
             if layout != "gta5":
                 pair = by_name[res.name]
                 report.errors.append(
-                    f"{pair.label}: label is {res.label_size[0]}x{res.label_size[1]} but its image "
-                    f"{pair.image.name} is {res.image_size[0]}x{res.image_size[1]}"
+                    f"{show_path(pair.label)}: label is {res.label_size[0]}x{res.label_size[1]} but its image "
+                    f"{show_path(pair.image.name)} is {res.image_size[0]}x{res.image_size[1]}"
                 )
     if layout == "gta5" and report.size_mismatches:
         report.known_mismatches = sorted(n for n in report.size_mismatches if n in known)
@@ -324,10 +426,10 @@ def verify_dataset(
         log.warning(
             "GTA5 %s: %d image/label size mismatches (known: %s; not listed as known: %s); kept, and the "
             "resize stage resizes their labels to the image size",
-            root,
+            show_path(root),
             len(report.size_mismatches),
-            ", ".join(report.known_mismatches) or "none",
-            ", ".join(new) or "none",
+            ", ".join(map(show_path, report.known_mismatches)) or "none",
+            ", ".join(map(show_path, new)) or "none",
         )
-    log.info("verified %s (%s): pairs %s, %d errors", root, layout, report.counts, len(report.errors))
+    log.info("verified %s (%s): pairs %s, %d errors", show_path(root), layout, report.counts, len(report.errors))
     return report

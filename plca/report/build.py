@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from plca.io import ImageError, read_image, show_path
 from plca.report import atomic_write_text, write_readme
 from plca.report.config import Presentation
 from plca.report.cycle_table import write_cycle_table
@@ -117,10 +118,10 @@ def training_logs(inp: ReportInputs) -> tuple[pd.DataFrame, list[str]]:
 
 
 def _read_mask(path: Path, what: str = "sample prediction") -> np.ndarray:
-    mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if mask is None:
-        raise FileNotFoundError(f"{path}: {what} missing or unreadable")
-    return mask
+    try:
+        return read_image(path, cv2.IMREAD_UNCHANGED)
+    except (OSError, ImageError):
+        raise FileNotFoundError(f"{show_path(path)}: {what} missing or unreadable") from None
 
 
 def pseudo_reports(inp: ReportInputs, out_dir: Path, samples: int = PSEUDO_FIGURE_SAMPLES) -> list[tuple[str, str]]:
