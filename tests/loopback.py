@@ -3,6 +3,10 @@
 Serves byte strings on 127.0.0.1 (port chosen by the OS) from a daemon thread. It honours Range requests,
 can fail a path's first N requests (503), cut a path's first N responses short, ignore Range, and mimic the
 Cityscapes login (form POST answered with a 302 and a session cookie; files refused without the cookie).
+It can also misbehave as real sites do: serve an HTML page with 200 (`html_pages`), announce a wrong
+Content-Length (`wrong_length`), close the connection early without any Content-Length (`close_early`), and
+redirect (`redirects`: to a login page on the same host, or to another host: the same server is reached as
+`localhost` too, which is another host by name, see `url(path, host=...)`).
 Every request is recorded. Use it as a context manager: it stops itself on exit, and its sockets time out.
 """
 
@@ -16,6 +20,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 # Seconds an idle connection may hold a handler thread (keeps a broken test from hanging).
 SOCKET_TIMEOUT_S = 5.0
 SESSION_COOKIE = "PHPSESSID=loopback-session"
+LOGIN_PAGE = (b"<!DOCTYPE html>\n<html><head><title>Login</title></head>\n"
+              b"<body><form method='post'>login</form></body></html>\n")
 
 
 @dataclass
@@ -29,6 +35,10 @@ class Behaviour:
     login_user: str | None = None  # when set, files need the session cookie from a good login
     login_password: str | None = None
     login_path: str = "/login/"
+    html_pages: dict[str, bytes] = field(default_factory=dict)  # path -> HTML answered with 200 (text/html)
+    wrong_length: dict[str, int] = field(default_factory=dict)  # path -> Content-Length announced for its file
+    close_early: dict[str, int] = field(default_factory=dict)  # path -> bytes sent, with no Content-Length, then close
+    redirects: dict[str, str] = field(default_factory=dict)  # path -> Location of a 302 (a path or a whole URL)
 
 
 class LoopbackServer:
@@ -77,8 +87,15 @@ class LoopbackServer:
             def do_GET(self) -> None:  # noqa: N802
                 self._record()
                 b = server.behaviour
-                if self.path == b.login_path:
-                    self._send(200, b"<form>login</form>", {"Set-Cookie": "PHPSESSID=anonymous; Path=/"})
+                if urllib.parse.urlsplit(self.path).path == b.login_path:
+                    self._send(200, LOGIN_PAGE, {"Set-Cookie": "PHPSESSID=anonymous; Path=/",
+                                                 "Content-Type": "text/html; charset=utf-8"})
+                    return
+                if self.path in b.redirects:
+                    self._send(302, b"", {"Location": b.redirects[self.path]})
+                    return
+                if self.path in b.html_pages:
+                    self._send(200, b.html_pages[self.path], {"Content-Type": "text/html; charset=utf-8"})
                     return
                 if self.path not in b.files:
                     self._send(404)
@@ -95,6 +112,23 @@ class LoopbackServer:
                     self._send(302, headers={"Location": b.login_path})
                     return
                 data = b.files[self.path]
+                # These two ignore Range: a body delimited by closing the connection, closed too soon; the file
+                # under a Content-Length that is not its length.
+                if self.path in b.close_early:
+                    self.send_response(200)
+                    self.end_headers()
+                    self.wfile.write(data[: b.close_early[self.path]])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                if self.path in b.wrong_length:
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(b.wrong_length[self.path]))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
                 start = 0
                 rng = self.headers.get("Range")
                 if rng and not b.ignore_range and rng.startswith("bytes=") and rng.endswith("-"):
@@ -124,8 +158,9 @@ class LoopbackServer:
     def port(self) -> int:
         return self._server.server_address[1]
 
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        """The URL of `path`; host="localhost" reaches the same server under another host name."""
+        return f"http://{host}:{self.port}{path}"
 
     def paths_requested(self) -> list[str]:
         return [p for _, p, _ in self.requests]

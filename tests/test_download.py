@@ -1,9 +1,12 @@
 """Downloads against a loopback HTTP server serving fixture archives in the real layouts: full, resumed,
-corrupted, retried, offline then manual, credentials (missing, wrong, never logged)."""
+corrupted, retried, offline then manual, credentials (missing, wrong, never logged); without a published
+checksum, what a misbehaving server sends (an HTML page, a wrong Content-Length, a connection closed early, a
+redirect to a login page or to another host) is refused, moved aside and fetched again on the next run."""
 
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -19,9 +22,11 @@ from loopback import SESSION_COOKIE, Behaviour, LoopbackServer, closed_port_url
 
 from plca.config import from_dict
 from plca.data.download import (
+    BAD_SUFFIX,
     PART_SUFFIX,
     ArchiveSource,
     AuthSource,
+    BadArchiveError,
     ChecksumError,
     Credentials,
     CredentialsError,
@@ -29,6 +34,7 @@ from plca.data.download import (
     DownloadParams,
     FetchConfig,
     OfflineError,
+    RedirectError,
     download_dataset,
     fetch_archive,
     fetch_archives,
@@ -165,7 +171,10 @@ def test_corrupted_download_fails_its_checksum_naming_the_file(tmp_path: Path, g
     part = cfg.archive_dir / f"01_images.zip{PART_SUFFIX}"
     assert str(err.value).startswith(f"{part}: sha256 {sha256(bytes(bad))} does not match the published "
                                      f"{sha256(data)}")
+    bad_copy = cfg.archive_dir / f"01_images.zip{BAD_SUFFIX}"
+    assert str(err.value).endswith(f"; moved it to {bad_copy}, and a rerun downloads it again")
     assert not part.exists() and not (cfg.archive_dir / "01_images.zip").exists()
+    assert bad_copy.read_bytes() == bytes(bad)
 
 
 def test_corrupted_partial_file_is_downloaded_again_from_the_start(tmp_path: Path, gta5_zips: dict[str, bytes],
@@ -246,7 +255,8 @@ def test_without_published_checksum_the_size_is_checked_and_sha256_logged(
     with LoopbackServer(Behaviour(files={"/data/01_images.zip": data})) as srv, caplog.at_level(logging.WARNING):
         src = ArchiveSource(file="01_images.zip", url=srv.url("/data/01_images.zip"))
         got = fetch_archive(src, fetch_cfg(tmp_path))
-        assert f"no published checksum; checked its size only (sha256 {sha256(data)}" in caplog.text
+        assert (f"no published checksum; checked its size and its contents as a zip archive (sha256 {sha256(data)}"
+                in caplog.text)
         wrong_size = ArchiveSource(file="x.zip", url=srv.url("/data/01_images.zip"), size=len(data) + 1)
         with pytest.raises(ChecksumError, match=f"{len(data)} bytes, expected {len(data) + 1}"):
             fetch_archive(wrong_size, fetch_cfg(tmp_path / "b"))
@@ -293,6 +303,204 @@ def test_synthia_rar_through_the_extractor(tmp_path: Path) -> None:
     assert report.counts == {"all": 3}
     assert sorted(p.name for p in (tmp_path / "raw/synthia/GT/LABELS").iterdir()) == [
         "0000000.png", "0000001.png", "0000002.png"]
+
+
+# ------------------------------------------------------------------- no published checksum: what servers send
+
+ERROR_PAGE = (b"<!DOCTYPE html>\n<html><head><title>503 Service Unavailable</title></head>\n"
+              b"<body><h1>Service Unavailable</h1></body></html>\n")
+FAULTY = "/data/01_images.zip"
+
+
+def _html_page(b: Behaviour, srv: LoopbackServer, data: bytes) -> None:
+    b.html_pages[FAULTY] = ERROR_PAGE
+
+
+def _short_content_length(b: Behaviour, srv: LoopbackServer, data: bytes) -> None:
+    b.wrong_length[FAULTY] = len(data) // 2
+
+
+def _closed_early(b: Behaviour, srv: LoopbackServer, data: bytes) -> None:
+    b.close_early[FAULTY] = len(data) // 2
+
+
+def _login_redirect(b: Behaviour, srv: LoopbackServer, data: bytes) -> None:
+    b.redirects[FAULTY] = f"/login/?next={FAULTY}"
+
+
+SERVER_FAULTS = {
+    # what the server does -> what the error must say
+    "html page with 200": (_html_page, r"the server sent an HTML page \(a login or error page\?\) titled "
+                                       r"'503 Service Unavailable', not the archive 01_images.zip"),
+    "content-length shorter than the body": (_short_content_length, r"starts like a zip archive, but its end "
+                                                                    r"\(the central directory\) is missing"),
+    "connection closed early": (_closed_early, r"starts like a zip archive, but its end \(the central directory\) "
+                                               r"is missing or damaged: cut short\?"),
+    "redirect to a login page": (_login_redirect, r"the server sent an HTML page \(a login or error page\?\) titled "
+                                                  r"'Login'.* \(the request was redirected to http://127.0.0.1:\d+"
+                                                  r"/login/\?next=/data/01_images.zip\)"),
+}
+
+
+@pytest.mark.parametrize("fault", list(SERVER_FAULTS))
+def test_without_checksum_a_bad_body_is_refused_moved_aside_and_fetched_again(
+    tmp_path: Path, gta5_zips: dict[str, bytes], fault: str
+) -> None:
+    # Fault A: each of these was kept as 01_images.zip; prepare then failed with "not a zip, tar or rar archive"
+    # and every rerun reused the bad file without a request and without saying to delete it.
+    make_fault, message = SERVER_FAULTS[fault]
+    data = gta5_zips["01_images.zip"]
+    b = Behaviour(files={f"/data/{k}": v for k, v in gta5_zips.items()})
+    p = params(tmp_path)
+    archives = p.fetch.archive_dir
+    with LoopbackServer(b) as srv:
+        make_fault(b, srv, data)
+        sources = load_sources(write_sources(tmp_path / "s.yaml", {"gta5": gta5_source(srv, gta5_zips, False)}))
+        with pytest.raises(BadArchiveError, match=message) as err:
+            download_dataset("gta5", sources["gta5"], p)
+        bad = archives / f"01_images.zip{BAD_SUFFIX}"
+        assert str(err.value).startswith(str(archives / f"01_images.zip{PART_SUFFIX}"))
+        assert str(err.value).endswith(f"; moved it to {bad}, and a rerun downloads it again")
+        assert bad.is_file() and bad.read_bytes() != data
+        assert not (archives / "01_images.zip").exists() and not (tmp_path / "raw/gta5").exists()
+        # the server mends its ways: the rerun downloads the archive again and the dataset is put in place
+        b.html_pages.clear(), b.wrong_length.clear(), b.close_early.clear(), b.redirects.clear()
+        before = srv.paths_requested().count(FAULTY)
+        assert download_dataset("gta5", sources["gta5"], p).counts == {"all": 4}
+        assert srv.paths_requested().count(FAULTY) == before + 1
+    assert (archives / "01_images.zip").read_bytes() == data
+
+
+def test_redirect_to_another_host_is_refused_unless_the_sources_allow_it(tmp_path: Path,
+                                                                          gta5_zips: dict[str, bytes]) -> None:
+    # Fault A: a redirect to another host was followed silently
+    data = gta5_zips["01_images.zip"]
+    b = Behaviour(files={f"/data/{k}": v for k, v in gta5_zips.items()} | {"/cdn/01_images.zip": data})
+    with LoopbackServer(b) as srv:
+        b.redirects[FAULTY] = srv.url("/cdn/01_images.zip", host="localhost")  # the same server, another host name
+        spec = gta5_source(srv, gta5_zips, False)
+        sources = load_sources(write_sources(tmp_path / "s.yaml", {"gta5": spec}))
+        p = params(tmp_path)
+        with pytest.raises(RedirectError) as err:
+            download_dataset("gta5", sources["gta5"], p)
+        msg = str(err.value)
+        assert msg.startswith(f"{srv.url(FAULTY)}: the server redirected (HTTP 302) to {b.redirects[FAULTY]}")
+        assert "on another host (127.0.0.1 -> localhost); refusing to follow it" in msg
+        assert "add it to the dataset's allow_redirect_hosts in the sources file" in msg
+        assert "/cdn/01_images.zip" not in srv.paths_requested()
+        assert not list(p.fetch.archive_dir.glob("01_images.zip*"))
+        # listed in the dataset's entry, the host is allowed
+        spec["allow_redirect_hosts"] = ["localhost"]
+        sources = load_sources(write_sources(tmp_path / "s.yaml", {"gta5": spec}))
+        assert download_dataset("gta5", sources["gta5"], p).counts == {"all": 4}
+        assert "/cdn/01_images.zip" in srv.paths_requested()
+    assert (p.fetch.archive_dir / "01_images.zip").read_bytes() == data
+
+
+def test_redirect_within_the_host_is_followed(tmp_path: Path, gta5_zips: dict[str, bytes]) -> None:
+    data = gta5_zips["01_images.zip"]
+    b = Behaviour(files={"/mirror/01_images.zip": data}, redirects={FAULTY: "/mirror/01_images.zip"})
+    with LoopbackServer(b) as srv:
+        got = fetch_archive(ArchiveSource(file="01_images.zip", url=srv.url(FAULTY)), fetch_cfg(tmp_path))
+        assert srv.paths_requested() == [FAULTY, "/mirror/01_images.zip"]
+    assert got.path.read_bytes() == data
+
+
+def test_content_length_longer_than_the_body_is_never_kept(tmp_path: Path, gta5_zips: dict[str, bytes]) -> None:
+    data = gta5_zips["01_images.zip"]
+    b = Behaviour(files={FAULTY: data}, wrong_length={FAULTY: len(data) + 1000})
+    cfg = fetch_cfg(tmp_path, retries=1)
+    with LoopbackServer(b) as srv:
+        src = ArchiveSource(file="01_images.zip", url=srv.url(FAULTY))
+        with pytest.raises(DownloadError, match=rf"closed the connection at {len(data)} of the {len(data) + 1000} "
+                                                r"bytes its Content-Length announced \(gave up after 2 attempts\)"):
+            fetch_archive(src, cfg)
+        assert not (cfg.archive_dir / "01_images.zip").exists()
+        b.wrong_length.clear()  # the next run resumes the part (here: already whole)
+        assert fetch_archive(src, cfg).path.read_bytes() == data
+
+
+@pytest.mark.parametrize(
+    ("left", "why"),
+    [(ERROR_PAGE, r"the server sent an HTML page \(a login or error page\?\)"),
+     (b"PK\x03\x04" + b"\0" * 200, r"starts like a zip archive, but its end")],
+)
+def test_bad_archive_left_by_an_earlier_run_is_moved_aside_and_fetched_again(
+    tmp_path: Path, gta5_zips: dict[str, bytes], caplog: pytest.LogCaptureFixture, left: bytes, why: str
+) -> None:
+    # Fault A: a bad file kept by an earlier run was reused on every rerun, without a request
+    p = params(tmp_path)
+    p.fetch.archive_dir.mkdir(parents=True)
+    (p.fetch.archive_dir / "01_images.zip").write_bytes(left)
+    with LoopbackServer(Behaviour(files={f"/data/{k}": v for k, v in gta5_zips.items()})) as srv, \
+            caplog.at_level(logging.WARNING, logger="plca.data.download"):
+        sources = load_sources(write_sources(tmp_path / "s.yaml", {"gta5": gta5_source(srv, gta5_zips, False)}))
+        assert download_dataset("gta5", sources["gta5"], p).counts == {"all": 4}
+        assert FAULTY in srv.paths_requested()
+    bad = p.fetch.archive_dir / f"01_images.zip{BAD_SUFFIX}"
+    assert bad.read_bytes() == left
+    assert (p.fetch.archive_dir / "01_images.zip").read_bytes() == gta5_zips["01_images.zip"]
+    assert re.search(why, caplog.text)
+    assert f"this copy from an earlier run was moved to {bad}, downloading 01_images.zip again" in caplog.text
+
+
+def test_bad_manual_copy_without_checksum_is_an_error_naming_it_and_left_alone(
+    tmp_path: Path, gta5_zips: dict[str, bytes]
+) -> None:
+    cfg = fetch_cfg(tmp_path)
+    cfg.manual_dir.mkdir()
+    manual = cfg.manual_dir / "01_images.zip"
+    manual.write_bytes(gta5_zips["01_images.zip"][:-100])  # a browser download cut short
+    with LoopbackServer(Behaviour(files={FAULTY: gta5_zips["01_images.zip"]})) as srv:
+        with pytest.raises(BadArchiveError) as err:
+            fetch_archive(ArchiveSource(file="01_images.zip", url=srv.url(FAULTY)), cfg)
+        assert srv.requests == []
+    msg = str(err.value)
+    assert msg.startswith(f"{manual}: starts like a zip archive") and "This manual copy is left as it is" in msg
+    assert manual.read_bytes() == gta5_zips["01_images.zip"][:-100]
+
+
+def test_html_page_with_a_published_checksum_says_what_was_sent(tmp_path: Path,
+                                                                gta5_zips: dict[str, bytes]) -> None:
+    data = gta5_zips["01_images.zip"]
+    with LoopbackServer(Behaviour(html_pages={FAULTY: ERROR_PAGE})) as srv:
+        with pytest.raises(ChecksumError, match=r"does not match the published .*; the server sent an HTML page "
+                                                r"\(a login or error page\?\) titled '503 Service Unavailable'"):
+            fetch_archive(archive(srv, "01_images.zip", data), fetch_cfg(tmp_path))
+
+
+def test_text_body_without_checksum_is_refused_quoting_it(tmp_path: Path) -> None:
+    cfg = fetch_cfg(tmp_path)
+    with LoopbackServer(Behaviour(files={FAULTY: b"Download quota exceeded, try again tomorrow\n"})) as srv:
+        with pytest.raises(BadArchiveError, match=r"01_images.zip.part: the server sent text \('Download quota "
+                                                  r"exceeded, try again tomorrow'\), not the archive 01_images.zip"):
+            fetch_archive(ArchiveSource(file="01_images.zip", url=srv.url(FAULTY)), cfg)
+    assert (cfg.archive_dir / f"01_images.zip{BAD_SUFFIX}").is_file()
+
+
+@pytest.mark.parametrize("fault", ["html page with 200", "connection closed early"])
+def test_synthia_rar_without_checksum_is_checked_before_it_is_kept(tmp_path: Path, fault: str) -> None:
+    rar = synthia_archive(tmp_path / "src", n=3)
+    (name, data), = rar.items()
+    path = f"/{name}"
+    b = Behaviour(files={path: data})
+    if fault == "html page with 200":
+        b.html_pages[path] = ERROR_PAGE
+        message = r"the server sent an HTML page \(a login or error page\?\)"
+    else:
+        b.close_early[path] = len(data) // 2
+        message = r"SYNTHIA_RAND_CITYSCAPES.rar.part: unrar cannot list it \(damaged, cut short"
+    with LoopbackServer(b) as srv:
+        spec = {"layout": "synthia", "expected": {"all": 3},
+                "archives": [{"file": name, "url": srv.url(path), "subdir": "RAND_CITYSCAPES"}]}
+        sources = load_sources(write_sources(tmp_path / "s.yaml", {"synthia": spec}))
+        p = params(tmp_path)
+        p.extract = ExtractConfig(rar_tools=[str(fake_unrar(tmp_path / "bin"))])
+        with pytest.raises(BadArchiveError, match=message):
+            download_dataset("synthia", sources["synthia"], p)
+        assert (p.fetch.archive_dir / f"{name}{BAD_SUFFIX}").is_file()
+        b.html_pages.clear(), b.close_early.clear()
+        assert download_dataset("synthia", sources["synthia"], p).counts == {"all": 3}
 
 
 # ------------------------------------------------------------------------------------------------ Cityscapes

@@ -4,8 +4,17 @@ URLs, checksums and expected counts live in `sources.yaml` (next to this file; a
 can be passed). Archives are fetched over HTTP(S) with the standard library: a partial download is kept as
 `<file>.part` and resumed with an HTTP Range request, transient failures are retried with exponential backoff,
 and a finished file is checked against the publisher's checksum (sha256 or md5) before it takes its final name.
-An archive found in the manual folder or the download folder is verified and used without any network access;
-when the network cannot be reached the error names the URL and where to put a manually downloaded copy.
+Where no checksum is published (GTA5, SYNTHIA), the file is checked instead: its length against the server's
+Content-Length, that it is not an HTML or text page (a login or error page served with 200), and that it is a
+whole archive (plca.data.extract.check_archive: zip CRCs, a tar listing read to its end, a RAR signature and
+listing). A download that fails is moved aside to `<file>.bad`, with an error saying what was wrong and that a
+rerun downloads it again. An archive found in the manual folder or the download folder is verified the same way
+and used without any network access; one in the download folder that fails (left by an earlier run) is moved
+aside and downloaded again, one in the manual folder is an error naming it (that folder is never written to).
+When the network cannot be reached the error names the URL and where to put a manually downloaded copy.
+
+Redirects are followed within the host asked for; a redirect to another host is refused with an error naming
+both hosts, unless the dataset's `allow_redirect_hosts` in the sources file lists it (a publisher's CDN).
 
 Cityscapes needs an account. Its login follows the protocol of cityscapesscripts' downloader (csDownload):
 GET then POST the login form (a 302 answer means success), then each package by id with the session cookie.
@@ -24,17 +33,24 @@ import ssl
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.cookiejar import CookieJar
 from pathlib import Path
 from typing import Literal, TypeVar
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from tqdm import tqdm
 
 from plca.config import from_dict, load_yaml
-from plca.data.extract import ArchivePart, ExtractConfig, extract_into_place, read_marker
+from plca.data.extract import (
+    ArchiveError,
+    ArchivePart,
+    ExtractConfig,
+    check_archive,
+    extract_into_place,
+    read_marker,
+)
 from plca.data.verify import VerifyConfig, VerifyReport, verify_dataset
 
 log = logging.getLogger(__name__)
@@ -42,12 +58,17 @@ log = logging.getLogger(__name__)
 #: The packaged sources file (URLs, checksums, expected counts).
 DEFAULT_SOURCES = Path(__file__).with_name("sources.yaml")
 PART_SUFFIX = ".part"
+#: A download (or a download folder's copy) that failed its checks is moved to `<file>.bad`, replacing an older one.
+BAD_SUFFIX = ".bad"
 USER_AGENT = "plca-downloader/1 (python-urllib)"
 _HASH_CHUNK = 1 << 20
 # HTTP statuses worth retrying: the server or a proxy is busy or timed out.
 _RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _CONTENT_RANGE_UNSATISFIED = re.compile(r"bytes \*/(\d+)")
+# Tags that mark the start of a file as an HTML page (a login or error page) rather than an archive.
+_HTML_TAGS = (b"<!doctype html", b"<html", b"<head", b"<body", b"<title", b"<form", b"<script", b"<meta")
+_TITLE = re.compile(rb"<title[^>]*>\s*([^<]{1,120})", re.IGNORECASE)
 
 # Failures of the network, as opposed to local file errors (which are raised as they are).
 _NETWORK_ERRORS = (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException)
@@ -69,6 +90,14 @@ class ChecksumError(DownloadError):
 
 class CredentialsError(DownloadError):
     """A download needs an account and no (valid) credentials were given."""
+
+
+class BadArchiveError(DownloadError):
+    """A file without a published checksum is not a whole archive: an HTML or text page, cut short, unreadable."""
+
+
+class RedirectError(DownloadError):
+    """The server redirected to another host, which the dataset's sources entry does not allow."""
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -108,6 +137,9 @@ class DatasetSource:
     homepage: str = ""
     auth: AuthSource | None = None
     known_size_mismatches: list[str] = field(default_factory=list)
+    #: Hosts the archives' URLs may redirect to ("cdn.example.org", or "*.example.org" for its subdomains);
+    #: a redirect to any other host than the one asked for is refused.
+    allow_redirect_hosts: list[str] = field(default_factory=list)
 
 
 def load_sources(path: Path | str | None = None) -> dict[str, DatasetSource]:
@@ -206,6 +238,40 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
+def _host_allowed(host: str, patterns: Sequence[str]) -> bool:
+    for pattern in patterns:
+        pattern = pattern.lower()
+        if host == pattern or (pattern.startswith("*.") and host.endswith(pattern[1:])):
+            return True
+    return False
+
+
+class _SameHostRedirect(urllib.request.HTTPRedirectHandler):
+    """Follow redirects within the host first asked for, and to the allowed hosts only; refuse others."""
+
+    def __init__(self, allow_hosts: Sequence[str] = ()) -> None:
+        self.allow_hosts = tuple(allow_hosts)
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201
+        origin = req.origin_req_host.lower()  # the host of the chain's first request (kept across redirects)
+        host = (urlsplit(newurl).hostname or "").lower()
+        if host != origin and not _host_allowed(host, self.allow_hosts):
+            fp.close()
+            raise RedirectError(
+                f"{req.full_url}: the server redirected (HTTP {code}) to {newurl}, on another host ({origin} -> "
+                f"{host}); refusing to follow it. If {host} is where the publisher keeps its files (a mirror or "
+                "CDN), add it to the dataset's allow_redirect_hosts in the sources file"
+            )
+        log.info("%s redirected (HTTP %d) to %s", req.full_url, code, newurl)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def public_opener(allow_redirect_hosts: Sequence[str] = ()) -> urllib.request.OpenerDirector:
+    """An opener for public downloads: redirects are followed within the host asked for and to
+    `allow_redirect_hosts`; any other redirect raises RedirectError naming both hosts."""
+    return urllib.request.build_opener(_SameHostRedirect(allow_redirect_hosts))
+
+
 class _Transient(Exception):
     """A failure worth retrying; `offline` when no connection could be made at all."""
 
@@ -260,8 +326,11 @@ def _manual_hint(archive: ArchiveSource, cfg: FetchConfig, homepage: str = "") -
     )
 
 
-def _download_once(opener: urllib.request.OpenerDirector, archive: ArchiveSource, part: Path, cfg: FetchConfig) -> None:
-    """One attempt: continue `part` from its current size (Range) or start it over; raises _Transient."""
+def _download_once(
+    opener: urllib.request.OpenerDirector, archive: ArchiveSource, part: Path, cfg: FetchConfig
+) -> str | None:
+    """One attempt: continue `part` from its current size (Range) or start it over; raises _Transient.
+    Returns the URL the body came from (after redirects), None when the part was already whole."""
     start = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": USER_AGENT}
     if start:
@@ -274,7 +343,7 @@ def _download_once(opener: urllib.request.OpenerDirector, archive: ArchiveSource
             match = _CONTENT_RANGE_UNSATISFIED.match(exc.headers.get("Content-Range", "") or "")
             exc.close()
             if match and int(match.group(1)) == start:
-                return
+                return None
             part.unlink()
             raise _Transient(f"{archive.url} refused to resume {part.name}; starting over") from None
         raise
@@ -289,8 +358,10 @@ def _download_once(opener: urllib.request.OpenerDirector, archive: ArchiveSource
         elif start:
             log.info("%s: the server sent the whole file; restarting %s", archive.url, part.name)
             start = 0
+        landed = resp.geturl()
         length = resp.headers.get("Content-Length")
-        total = start + int(length) if length and length.isdigit() else archive.size
+        announced = start + int(length) if length and length.isdigit() else None
+        total = announced if announced is not None else archive.size
         bar = tqdm(
             total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024, desc=archive.file,
             disable=not cfg.progress, leave=False,
@@ -300,8 +371,13 @@ def _download_once(opener: urllib.request.OpenerDirector, archive: ArchiveSource
                 fh.write(chunk)
                 bar.update(len(chunk))
     got = part.stat().st_size
+    if announced is not None and got != announced:
+        raise _Transient(
+            f"{archive.url} closed the connection at {got} of the {announced} bytes its Content-Length announced"
+        )
     if total is not None and got < total:
         raise _Transient(f"{archive.url} closed the connection at {got} of {total} bytes")
+    return landed
 
 
 def file_digest(path: Path | str, algorithm: str) -> str:
@@ -336,20 +412,76 @@ def _published_checksum(
     return None
 
 
-def verify_file(path: Path, archive: ArchiveSource, checksum: tuple[str, str] | None) -> str:
-    """Check size and checksum of a local archive; returns "algo:digest". Errors name the file."""
+def _sniff_page(path: Path) -> str | None:
+    """What the file is when its start reads as a web page or as text, else None: "an HTML page (a login or error
+    page?) titled 'Login'", "text ('Quota exceeded')"."""
+    with path.open("rb") as fh:
+        head = fh.read(4096)
+    lead = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if lead.startswith(b"<") and any(tag in lead for tag in _HTML_TAGS):
+        title = _TITLE.search(head)
+        named = f" titled {title.group(1).strip().decode('utf-8', 'replace')!r}" if title else ""
+        return f"an HTML page (a login or error page?){named}"
+    if head and b"\0" not in head:
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        if all(c.isprintable() or c in "\t\r\n" for c in text):
+            return f"text ({text.strip().splitlines()[0][:80]!r})" if text.strip() else "blank text"
+    return None
+
+
+def _page_hint(path: Path) -> str:
+    page = _sniff_page(path)
+    return f"; the server sent {page}" if page else ""
+
+
+def verify_file(
+    path: Path, archive: ArchiveSource, checksum: tuple[str, str] | None, extract: ExtractConfig | None = None
+) -> str:
+    """Check size and checksum of a local archive; returns "algo:digest". Errors name the file.
+
+    Without a published checksum the file is checked instead: not an HTML or text page, and a whole archive
+    (check_archive, with `extract`'s RAR tools); such failures raise BadArchiveError.
+    """
+    if checksum is None:
+        page = _sniff_page(path)
+        if page:
+            raise BadArchiveError(f"{path}: the server sent {page}, not the archive {archive.file} ({archive.url})")
     size = path.stat().st_size
     if archive.size is not None and size != archive.size:
-        raise ChecksumError(f"{path}: {size} bytes, expected {archive.size} ({archive.file} from {archive.url})")
+        raise ChecksumError(
+            f"{path}: {size} bytes, expected {archive.size} ({archive.file} from {archive.url}){_page_hint(path)}"
+        )
     if checksum is None:
+        try:
+            kind = check_archive(path, extract)
+        except ArchiveError as exc:
+            raise BadArchiveError(
+                f"{exc} ({archive.file} from {archive.url}; no checksum is published, so it was checked as an "
+                "archive)"
+            ) from None
         digest = file_digest(path, "sha256")
-        log.warning("%s: no published checksum; checked its size only (sha256 %s, pin it in sources)", path, digest)
+        log.warning(
+            "%s: no published checksum; checked its size and its contents as a %s archive (sha256 %s, pin it "
+            "in sources)", path, kind, digest,
+        )
         return f"sha256:{digest}"
     algorithm, expected = checksum
     digest = file_digest(path, algorithm)
     if digest != expected:
-        raise ChecksumError(f"{path}: {algorithm} {digest} does not match the published {expected} ({archive.url})")
+        raise ChecksumError(
+            f"{path}: {algorithm} {digest} does not match the published {expected} ({archive.url}){_page_hint(path)}"
+        )
     return f"{algorithm}:{digest}"
+
+
+def _move_aside(path: Path, final: Path) -> Path:
+    """Move a file that failed its checks to `<final>.bad` (replacing an older one) so no run reuses it."""
+    bad = final.with_name(final.name + BAD_SUFFIX)
+    os.replace(path, bad)
+    return bad
 
 
 @dataclass
@@ -369,18 +501,35 @@ def find_local(archive: ArchiveSource, cfg: FetchConfig) -> Path | None:
     return None
 
 
-def fetch_archive(
+def _verified_local(archive: ArchiveSource, cfg: FetchConfig, extract: ExtractConfig | None) -> FetchedArchive | None:
+    """The local copy, verified; None when there is none, or when the download folder's copy failed (it is moved
+    aside, to be downloaded again). A manual copy that fails is an error: that folder is never written to."""
+    local = find_local(archive, cfg)
+    if local is None:
+        return None
+    log.info("using %s (found locally; verifying)", local)
+    try:
+        return FetchedArchive(archive, local, verify_file(local, archive, _published_checksum(archive, None, cfg),
+                                                          extract))
+    except (ChecksumError, BadArchiveError) as exc:
+        if local.parent != cfg.archive_dir:
+            raise type(exc)(
+                f"{exc}. This manual copy is left as it is: replace it with a whole copy, or remove it to have "
+                "the archive downloaded"
+            ) from None
+        bad = _move_aside(local, local)
+        log.warning("%s; this copy from an earlier run was moved to %s, downloading %s again", exc, bad, archive.file)
+        return None
+
+
+def _download(
     archive: ArchiveSource,
     cfg: FetchConfig,
-    opener: urllib.request.OpenerDirector | None = None,
-    homepage: str = "",
+    opener: urllib.request.OpenerDirector,
+    homepage: str,
+    extract: ExtractConfig | None,
 ) -> FetchedArchive:
-    """Return a verified copy of `archive`: a local one if present, else downloaded (resuming any .part)."""
-    local = find_local(archive, cfg)
-    if local is not None:
-        log.info("using %s (found locally; verifying)", local)
-        return FetchedArchive(archive, local, verify_file(local, archive, _published_checksum(archive, None, cfg)))
-    opener = opener or urllib.request.build_opener()
+    """Download `archive` into the download folder (resuming any .part) and verify it before it takes its name."""
     hint = _manual_hint(archive, cfg, homepage)
     cfg.archive_dir.mkdir(parents=True, exist_ok=True)
     final = cfg.archive_dir / archive.file
@@ -392,19 +541,40 @@ def fetch_archive(
             log.info("resuming %s from %d bytes", part, part.stat().st_size)
         else:
             log.info("downloading %s from %s", archive.file, archive.url)
-        _with_retries(lambda: _download_once(opener, archive, part, cfg), archive.url, cfg, hint)
+        landed = _with_retries(lambda: _download_once(opener, archive, part, cfg), archive.url, cfg, hint)
         try:
-            digest = verify_file(part, archive, checksum)
-        except ChecksumError as exc:
-            part.unlink()
+            digest = verify_file(part, archive, checksum, extract)
+        except (ChecksumError, BadArchiveError) as exc:
             if resumed and not fresh_start:
                 # The kept prefix may come from another version of the file: one clean download decides.
+                part.unlink()
                 log.warning("%s after resuming; downloading %s again from the start", exc, archive.file)
                 continue
-            raise ChecksumError(f"{exc}; the bad download was deleted, run again to retry") from None
+            bad = _move_aside(part, final)
+            via = f" (the request was redirected to {landed})" if landed and landed != archive.url else ""
+            raise type(exc)(f"{exc}{via}; moved it to {bad}, and a rerun downloads it again") from None
         os.replace(part, final)
         return FetchedArchive(archive, final, digest)
     raise AssertionError("unreachable")
+
+
+def fetch_archive(
+    archive: ArchiveSource,
+    cfg: FetchConfig,
+    opener: urllib.request.OpenerDirector | None = None,
+    homepage: str = "",
+    extract: ExtractConfig | None = None,
+    allow_redirect_hosts: Sequence[str] = (),
+) -> FetchedArchive:
+    """Return a verified copy of `archive`: a local one if present and good, else downloaded (resuming any .part).
+
+    `extract` gives the RAR tools that check an archive without a published checksum; without `opener`, a
+    public_opener(allow_redirect_hosts) is used.
+    """
+    local = _verified_local(archive, cfg, extract)
+    if local is not None:
+        return local
+    return _download(archive, cfg, opener or public_opener(allow_redirect_hosts), homepage, extract)
 
 
 def cityscapes_login(
@@ -446,15 +616,19 @@ def cityscapes_login(
 
 
 def fetch_archives(
-    source: DatasetSource, cfg: FetchConfig, credentials: Credentials | None = None
+    source: DatasetSource,
+    cfg: FetchConfig,
+    credentials: Credentials | None = None,
+    extract: ExtractConfig | None = None,
 ) -> list[FetchedArchive]:
     """All archives of a dataset, verified; local copies are used first, then missing ones are downloaded.
 
     A dataset that needs an account raises CredentialsError before any network access when archives are
-    missing and no credentials were given.
+    missing and no credentials were given. A download folder's copy that fails verification counts as missing.
     """
-    missing = [a for a in source.archives if find_local(a, cfg) is None]
-    opener = None
+    local = {a.file: _verified_local(a, cfg, extract) for a in source.archives}
+    missing = [a for a in source.archives if local[a.file] is None]
+    opener = public_opener(source.allow_redirect_hosts)
     if missing and source.auth is not None:
         auth = source.auth
         files = ", ".join(a.file for a in missing)
@@ -467,7 +641,7 @@ def fetch_archives(
             )
         hint = f"If this machine is offline, download {files} from {source.homepage} and put them in {folder}."
         opener = cityscapes_login(auth, credentials, cfg, hint)
-    return [fetch_archive(a, cfg, opener, source.homepage) for a in source.archives]
+    return [local[a.file] or _download(a, cfg, opener, source.homepage, extract) for a in source.archives]
 
 
 # ----------------------------------------------------------------------------------------------- whole dataset
@@ -491,7 +665,7 @@ def download_dataset(
     if marker is not None and marker.get("dataset") == name:
         log.info("%s is already in place (%s); verifying it again", name, target)
         return verify(target).raise_if_failed()
-    fetched = fetch_archives(source, params.fetch, credentials)
+    fetched = fetch_archives(source, params.fetch, credentials, params.extract)
     reports: list[VerifyReport] = []
 
     def check(folder: Path) -> None:
