@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 PRETRAIN = "pretrain"
 #: The folder of an evaluation's target-val predictions in Cityscapes label ids (eval/<variant>/s<seed>/labelIds).
 PREDICTIONS = "labelIds"
+#: The MLflow tag of a run that holds the digest (`file_digest`) of the model it trained or scored.
+MODEL_TAG = "model_digest"
 
 
 def make_reader(domain: DomainConfig, split: str, with_labels: bool = True) -> Any:
@@ -273,7 +276,10 @@ def train_run(
         run_params["class_stats"] = file_digest(class_stats)
     run_fp = fingerprint(run_params)
     trainer = Trainer(tcfg)
-    with Tracker(tracking, spec.run_name, flatten(run_params), tags) as tracker:
+    code = ckpt.source_digest(Path(__file__).parent)
+    # a killed training continues its MLflow run only where its checkpoint can resume: the same params and code
+    with Tracker(tracking, spec.run_name, flatten(run_params), tags,
+                 match={"fingerprint": run_fp, "code": code}) as tracker:
         e = params.engine
         checkpoint = checkpoint_dir / "last.pt"
         # what a killed write of this run left beside its files
@@ -281,11 +287,18 @@ def train_run(
             remove_leftovers(path)
         hooks = default_hooks(steps_name=method.name, log_every=e.log_every, checkpoint_every=e.checkpoint_every,
                               checkpoint_path=checkpoint, fingerprint=run_fp, log_csv=log_csv,
-                              tracker=tracker, progress=progress, code=ckpt.source_digest(Path(__file__).parent))
+                              tracker=tracker, progress=progress, code=code)
         result = trainer.fit(method, streams, hooks)
-        save_model(model, out_dir / "model.pt", {"run": spec.run_name, "fingerprint": run_fp, "steps": result.steps})
+        model_file = out_dir / "model.pt"
+        save_model(model, model_file, {"run": spec.run_name, "fingerprint": run_fp, "steps": result.steps})
+        tracker.set_tags({MODEL_TAG: file_digest(model_file)})
         tracker.log_artifact(log_csv)
         tracker.log_metrics({"train/seconds": result.seconds})
+        if tracking.log_models:
+            tracker.log_artifact(model_file, "model")
+            with tempfile.TemporaryDirectory() as tmp:  # the config the model was trained with, beside it
+                atomic_write_json(run_params, Path(tmp) / "config.json")
+                tracker.log_artifact(Path(tmp) / "config.json", "model")
     return {"seconds": result.seconds, "resumed_from": result.resumed_from, "steps": result.steps}
 
 
@@ -326,6 +339,12 @@ def evaluate_run(
     # submissions read them: `python -m plca.score <out_dir>/labelIds <gtFine/val>` gives this run's mIoU
     pred_dir = out_dir / PREDICTIONS
     shutil.rmtree(pred_dir, ignore_errors=True)  # no file of an earlier evaluation stays among them
+    # what a killed write of an earlier evaluation left beside its files
+    for path in (metrics_path, *(out_dir / f for f in ("metrics.json", "confusion.npy", "confusion.png",
+                                                        "samples.png"))):
+        remove_leftovers(path)
+    for tmp in (out_dir / "samples").glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
 
     def write_prediction(name: str, train_ids: np.ndarray) -> None:
         atomic_write_png(TRAINID_TO_ID[train_ids], pred_dir / f"{name}.png")
@@ -379,8 +398,9 @@ def evaluate_run(
         compact["cycles"] = cycles
     atomic_write_json(compact, metrics_path)
 
-    with Tracker(tracking, f"eval-{spec.run_name}", flatten({"run": spec.name, "seed": spec.seed,
-                                                              "inference": to_dict(icfg)}), tags) as tracker:
+    # into the run that trained this model (by its digest) in this experiment, else a run of its own
+    with Tracker(tracking, spec.run_name, flatten({"eval": {"inference": to_dict(icfg)}}), tags,
+                 match={MODEL_TAG: file_digest(model_path)}) as tracker:
         flat = {f"target/mIoU{p}": m for p, m in t["mIoU"].items() if m is not None}
         flat.update({f"target/IoU/{c}": x for c, x in t["IoU"]["19"].items() if x is not None})
         for key, name in (("source_val_miou", "source_val/mIoU"), ("miou_without_tta", "target/mIoU_without_tta")):
@@ -389,9 +409,11 @@ def evaluate_run(
         if cycles is not None:
             flat.update({f"cycles/{k}": x for k, x in flatten(cycles).items() if x is not None})
         tracker.log_metrics(flat)
-        for f in ("metrics.json", "confusion.png", "samples.png"):
+        for f in ("metrics.json", "confusion.png", "confusion.npy", "samples.png"):
             if (out_dir / f).is_file():
-                tracker.log_artifact(out_dir / f)
+                tracker.log_artifact(out_dir / f, "evaluation")
+        if tracking.log_predictions:
+            tracker.log_artifact(pred_dir, f"evaluation/{PREDICTIONS}")
     return compact
 
 
@@ -427,7 +449,8 @@ def pseudo_label_run(
     summary = make_pseudo_set(model, reader, params.data.train_transform, cfg, out_dir, device, progress=progress,
                               desc=f"pseudo-labels {name} s{seed}")
     run_params = {"pseudo": name, "seed": seed, "model": file_digest(model_path), **to_dict(cfg)}
-    with Tracker(tracking, f"pseudo-{name}-s{seed}", flatten(run_params), tags) as tracker:
+    with Tracker(tracking, f"pseudo-{name}-s{seed}", flatten(run_params), tags,
+                 match={"fingerprint": fingerprint(run_params)}) as tracker:
         tracker.log_metrics({f"pseudo/{k}": float(v) for k, v in summary.items()
                              if isinstance(v, int | float) and not isinstance(v, bool)})
         tracker.log_artifact(out_dir / "summary.json")

@@ -81,7 +81,13 @@ def tracking_config(params: Params) -> TrackingConfig:
     artifact_root = str(root / cfg.artifact_root) if not Path(cfg.artifact_root).is_absolute() else cfg.artifact_root
     if "MLFLOW_TRACKING_URI" in os.environ:  # the user's own server wins
         uri = os.environ["MLFLOW_TRACKING_URI"]
-    return replace(cfg, uri=uri, artifact_root=artifact_root)
+    # one parent run per DVC experiment: its runs are nested below it
+    return replace(cfg, uri=uri, artifact_root=artifact_root, group=experiment_name())
+
+
+def experiment_name() -> str:
+    """The DVC experiment a stage runs in (`dvc exp run` sets DVC_EXP_NAME), "workspace" for `dvc repro`."""
+    return os.environ.get("DVC_EXP_NAME") or "workspace"
 
 
 def git_rev() -> str:
@@ -95,7 +101,7 @@ def git_rev() -> str:
 def tags(params: Params, stage: str, variant: str, seed: int) -> dict[str, str]:
     return {
         "git_rev": git_rev(),
-        "dvc_exp": os.environ.get("DVC_EXP_NAME", "workspace"),
+        "dvc_exp": experiment_name(),
         "dvc_baseline": os.environ.get("DVC_EXP_BASELINE_REV", ""),
         "stage": stage,
         "variant": variant,

@@ -10,11 +10,11 @@ import json
 import os
 import re
 import shutil
-import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -258,19 +258,44 @@ def test_a_new_method_reaches_the_results_the_tables_and_the_figures(workspace: 
     assert f"| {THROWAWAY_LABEL}" in index and f"vs {THROWAWAY_LABEL}, mean" in index  # qualitative and bars
 
 
-def test_mlflow_recorded_training_and_evaluation_runs(workspace: tuple[Path, dict[str, str]]) -> None:
+def mlflow_runs(ws: Path) -> dict[tuple[str, str], Any]:
+    """(parent run's name, run name) -> run, for every run of the workspace's store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{ws}/mlruns.db")
+    exp = client.get_experiment_by_name(yaml.safe_load((ws / "params.yaml").read_text())["tracking"]["experiment"])
+    found = client.search_runs([exp.experiment_id], max_results=5000)
+    names = {r.info.run_id: r.info.run_name for r in found}
+    return {(names.get(r.data.tags.get("mlflow.parentRunId"), ""), r.info.run_name): r for r in found}
+
+
+def test_mlflow_runs_nest_under_the_experiment_with_their_evaluation(workspace: tuple[Path, dict[str, str]]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from plca.experiment import file_digest
+
     ws, _ = workspace
-    con = sqlite3.connect(ws / "mlruns.db")
-    runs = dict(con.execute("select name, status from runs").fetchall())
-    tags = con.execute("select key, value from tags where run_uuid in (select run_uuid from runs where name='plca-s0')")
-    tags = dict(tags.fetchall())
-    metrics = {k for (k,) in con.execute("select distinct key from metrics")}
-    con.close()
-    assert runs["pretrain-s0"] == "FINISHED" and runs["plca-s0"] == "FINISHED" and runs["eval-plca-s0"] == "FINISHED"
+    runs = mlflow_runs(ws)
+    assert ("", "workspace") in runs  # the parent of every run of `dvc repro`
+    assert not any(name.startswith("eval-") for _, name in runs)  # an evaluation is in its model's run
+    pretrain, plca = runs["workspace", "pretrain-s0"], runs["workspace", "plca-s0"]
+    assert pretrain.info.status == "FINISHED" and plca.info.status == "FINISHED"
+    tags = plca.data.tags
     assert tags["stage"] == "adapt" and tags["variant"] == "plca" and tags["seed"] == "0"
     assert tags["dvc_exp"] == "workspace" and len(tags["git_rev"]) == 40
-    assert {"train/loss", "train/fass", "train/lr", "target/mIoU19", "target/IoU/road"} <= metrics
-    assert any((ws / "mlruns").rglob("confusion.png"))
+    assert tags["model_digest"] == file_digest(ws / "models" / "plca" / "s0" / "model.pt")
+    # training curves and the evaluation side by side in one run; its mIoU is the stage's
+    metrics = plca.data.metrics
+    assert {"train/loss", "train/fass", "train/lr", "target/mIoU19", "target/IoU/road"} <= set(metrics)
+    miou = json.loads((ws / "metrics" / "plca" / "s0.json").read_text())["miou19"]
+    assert metrics["target/mIoU19"] == pytest.approx(miou)
+    client = MlflowClient(tracking_uri=f"sqlite:///{ws}/mlruns.db")
+    stored = {f.path for f in client.list_artifacts(plca.info.run_id, "model")}
+    assert stored == {"model/model.pt", "model/config.json"}
+    evaluation = {f.path for f in client.list_artifacts(plca.info.run_id, "evaluation")}
+    assert {"evaluation/confusion.png", "evaluation/metrics.json", "evaluation/labelIds"} <= evaluation
+    predictions = client.list_artifacts(plca.info.run_id, "evaluation/labelIds")
+    assert len(predictions) == len(list((ws / "eval" / "plca" / "s0" / "labelIds").glob("*.png"))) > 0
 
 
 def test_one_param_reruns_only_what_depends_on_it(workspace: tuple[Path, dict[str, str]]) -> None:
@@ -362,10 +387,32 @@ def test_experiment_in_a_temporary_workspace_records_into_the_repository(
     shown = json.loads(res.stdout)
     names = json.dumps(shown)
     assert "tiny-lsr" in names
-    # the queued-style run (in .dvc/tmp/exps/...) recorded into the repository's own store, tagged with its name
-    con = sqlite3.connect(ws / "mlruns.db")
-    tagged = con.execute("select count(*) from tags where key='dvc_exp' and value='tiny-lsr'").fetchone()[0]
-    con.close()
-    assert tagged >= 2  # the fass training run and its evaluation
+    # the queued-style run (in .dvc/tmp/exps/...) recorded into the repository's own store, under a parent run
+    # named after the experiment: the fass run with its training and its evaluation
+    fass = mlflow_runs(ws)["tiny-lsr", "fass-s0"]
+    assert fass.data.tags["dvc_exp"] == "tiny-lsr" and fass.info.status == "FINISHED"
+    assert {"train/loss", "target/mIoU19"} <= set(fass.data.metrics)
     # the workspace itself is untouched
     assert yaml.safe_load((ws / "params.yaml").read_text())["variants"]["fass"]["train"]["options"]["lsr"] is False
+
+
+def test_a_queued_experiment_runs_its_own_code(workspace: tuple[Path, dict[str, str]]) -> None:
+    """Queue an experiment, then break the method's file in the workspace: the queued run still trains with the
+    code it was queued with (each stage puts its own checkout first on sys.path; the editable install points at
+    another checkout, which has no throwaway method at all)."""
+    ws, env = workspace
+    method = ws / "plca" / "methods" / f"{THROWAWAY}.py"
+    good = method.read_text()
+    run([str(BIN / "dvc"), "exp", "run", "--queue", "-n", "own-code", "-S",
+         f"variants.{THROWAWAY}.train.options.w_target=0.02", f"adapt@{THROWAWAY}"], ws, env)
+    broken = good.replace("        out.loss = out.loss", "        raise RuntimeError('the workspace code ran')\n"
+                          "        out.loss = out.loss", 1)
+    assert broken != good
+    method.write_text(broken)
+    try:
+        run([str(BIN / "dvc"), "exp", "run", "--run-all"], ws, env)
+    finally:
+        method.write_text(good)
+    trained = mlflow_runs(ws)["own-code", f"{THROWAWAY}-s0"]
+    assert trained.info.status == "FINISHED"
+    assert trained.data.params["options.w_target"] == "0.02" and "train/target_sq" in trained.data.metrics
