@@ -29,7 +29,7 @@ from tqdm import tqdm
 from plca.data.datasets import Sample, read_label_png
 from plca.data.labels import IGNORE_INDEX
 from plca.data.transforms import TransformConfig, eval_transform
-from plca.io import atomic_dir, atomic_write_json, atomic_write_png, atomic_write_text
+from plca.io import atomic_dir, atomic_write_json, atomic_write_png, atomic_write_text, remove_leftovers
 from plca.models.output import LOGITS
 from plca.registry import Registry
 
@@ -168,6 +168,7 @@ def make_pseudo_set(model: torch.nn.Module, reader: Any, tcfg: TransformConfig, 
         raise RuntimeError(f"policy '{cfg.policy}' did not split the images exactly once each")
     chosen = set(sel.labelled)
     correct = labelled_px = valid_px = 0
+    remove_leftovers(out_dir)  # the temporary folder of a killed write of this set
     with atomic_dir(out_dir) as tmp:
         if chosen:
             for samples, logits in _predictions(model, reader, tcfg, cfg, device, f"{desc} (labelling)", progress,
