@@ -322,3 +322,28 @@ def test_the_readme_pipeline_picture_names_every_stage_family() -> None:
     drawn = set(re.findall(r"[a-z_]+", section))
     missing = sorted(set(load_dvc_yaml()["stages"]) - drawn)
     assert not missing, f"README.md's pipeline picture lacks the stage families {missing}"
+
+
+
+def _param_deps(stage: Mapping[str, Any]) -> list[str]:
+    """The params keys a stage (or a foreach stage's `do`) lists."""
+    names: list[str] = []
+    for p in stage.get("do", stage).get("params", []):
+        names.extend([p] if isinstance(p, str) else [k for keys in p.values() for k in keys])  # `- f.yaml: [k]`
+    return names
+
+
+def _prepare_keys(keys: Iterable[str]) -> list[str]:
+    return [k for k in keys if k in ("data", "data.prepare", "data.embedded")
+            or k.startswith(("data.prepare.", "data.embedded."))]
+
+
+def test_only_prepare_depends_on_how_the_data_are_prepared() -> None:
+    """Issue 21, item 7: training and evaluation stages depended on the whole `data` section, so changing
+    `data.prepare.download.fetch.retries` retrained everything. A stage now lists only the data params it reads;
+    how the data were prepared reaches the others through the prepared files."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert len(stages) > 5 and all(_param_deps(s) for n, s in stages.items() if n != "report")
+    offending = {name: _prepare_keys(_param_deps(s)) for name, s in stages.items() if name != "prepare"}
+    assert {name: keys for name, keys in offending.items() if keys} == {}
+    assert {"data.prepare", "data.embedded"} <= set(_param_deps(stages["prepare"]))
