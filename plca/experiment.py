@@ -265,8 +265,8 @@ def train_run(
     tcfg = TrainConfig(steps=steps, seed=spec.seed, optim=phase.optim, engine=params.engine)
     run_params = {
         "run": spec.name, "seed": spec.seed, "method": method_name, "labelled": labelled,
-        "options": options, "phase": to_dict(phase), "engine": to_dict(params.engine), "model": to_dict(model_cfg),
-        "data": training_data(params), "init_model": init_digest,
+        "options": options, "phase": to_dict(phase), "engine": params.engine.fingerprint_dict(),
+        "model": to_dict(model_cfg), "data": training_data(params), "init_model": init_digest,
     }
     if steps != phase.steps:  # keys only when they apply: the fingerprints of existing runs stay as they were
         run_params["steps"] = steps

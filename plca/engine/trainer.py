@@ -15,8 +15,8 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 import torch
 
@@ -38,13 +38,26 @@ class EngineConfig:
     #: Micro-batches per optimiser step: batch_size * grad_accum images per stream and step.
     grad_accum: int = 1
     device: str = "auto"
-    #: Mixed precision (float16 autocast + gradient scaling) on CUDA; ignored on CPU.
+    #: Mixed precision (float16 autocast + gradient scaling) on CUDA; ignored on CPU. The same as
+    #: `precision: fp16`, kept for the params written before `precision` existed.
     amp: bool = False
     num_workers: int = 0
     log_every: int = 10
     checkpoint_every: int = 100
     #: Torch intra-op threads on CPU (0 = torch's default); applied by the caller before building the model.
     threads: int = 0
+    #: The training step's arithmetic: "fp32"; "bf16" (bfloat16 autocast, no scaler; CUDA or CPU); "fp16"
+    #: (float16 autocast with gradient scaling, CUDA only, else float32). The feature association always computes
+    #: in float32 (plca.losses.association turns autocast off around its kernels).
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    #: CUDA: TensorFloat-32 matrix products and convolutions (Ampere and later; ~10-bit mantissa in products).
+    tf32: bool = False
+    #: Networks and images in channels-last memory layout (faster convolutions on tensor cores).
+    channels_last: bool = False
+    #: CUDA: let cuDNN pick the fastest convolution algorithms for the input shapes (not bitwise reproducible).
+    cudnn_benchmark: bool = False
+    #: Compile each trained network with torch.compile (in place; the first steps pay the compilation).
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "grad_accum", "log_every", "checkpoint_every"):
@@ -53,6 +66,29 @@ class EngineConfig:
         for key in ("num_workers", "threads"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+        if self.amp and self.precision == "bf16":
+            raise ValueError("amp (float16) and precision bf16 contradict each other: set precision alone")
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype asked for (None: float32), `amp` counting as fp16."""
+        return PRECISIONS["fp16" if self.amp else self.precision]
+
+    def fingerprint_dict(self) -> dict[str, Any]:
+        """What a run's fingerprint holds of these settings: the switches added after the first runs only when
+        they differ from their defaults, so the fingerprints (and model files) of those runs stay as they were."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        for f in fields(self):
+            if f.name in _LATER_SWITCHES and d[f.name] == f.default:
+                del d[f.name]
+        return d
+
+
+#: precision -> autocast dtype (None: no autocast).
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_LATER_SWITCHES = ("precision", "tf32", "channels_last", "cudnn_benchmark", "compile")
 
 
 @dataclass
@@ -90,10 +126,20 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
-        self.device = resolve_device(cfg.engine.device)
-        self.amp = cfg.engine.amp and self.device.type == "cuda"
-        if cfg.engine.amp and not self.amp:
-            log.info("amp requested but the device is %s: training in float32", self.device)
+        e = cfg.engine
+        self.device = resolve_device(e.device)
+        cuda = self.device.type == "cuda"
+        dtype = e.autocast_dtype
+        if dtype == torch.float16 and not cuda:
+            log.info("float16 mixed precision asked for, but the device is %s: training in float32", self.device)
+            dtype = None
+        #: the autocast dtype of the step (None: float32); float16 alone needs the gradient scaler
+        self.autocast_dtype = dtype
+        self.amp = dtype == torch.float16
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = e.tf32
+            torch.backends.cudnn.benchmark = e.cudnn_benchmark
+        self.memory_format = torch.channels_last if e.channels_last else torch.contiguous_format
         self.total_steps = cfg.steps
         self.start = self.step = 0
         self.step_terms: dict[str, float] = {}
@@ -104,7 +150,9 @@ class Trainer:
         self.method, self.hooks = method, list(hooks)
         self.networks = method.networks()
         for net in self.networks.values():
-            net.to(self.device).train()
+            net.to(self.device, memory_format=self.memory_format).train()
+            if self.cfg.engine.compile:
+                net.compile()  # in place: the method's references to it stay valid
         self.optim_configs = method.optimizers(self.cfg.optim)
         self.optimizers = {k: make_optimizer(self.networks[k], c) for k, c in self.optim_configs.items()}
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
@@ -122,10 +170,15 @@ class Trainer:
 
         def draw() -> Iterator[dict[str, torch.Tensor]]:
             while True:
-                yield {f"{name}_{key}": value.to(self.device, non_blocking=True)
-                       for name, it in iters.items() for key, value in next(it).items()}
+                yield {f"{name}_{key}": self._to_device(value) for name, it in iters.items()
+                       for key, value in next(it).items()}
 
         return draw()
+
+    def _to_device(self, value: torch.Tensor) -> torch.Tensor:
+        if value.dim() == 4 and value.is_floating_point():  # images: in the networks' memory layout
+            return value.to(self.device, memory_format=self.memory_format, non_blocking=True)
+        return value.to(self.device, non_blocking=True)
 
     def run_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> None:
         """One optimiser step of every optimiser over `grad_accum` micro-batches."""
@@ -135,7 +188,8 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
         terms: dict[str, float] = defaultdict(float)
         for _ in range(accum):
-            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                enabled=self.autocast_dtype is not None):
                 out = self.method.training_step(next(batches))
             if not torch.isfinite(out.loss):
                 raise FloatingPointError(f"step {self.step}: loss is {out.loss.item()} ({out.terms})")
