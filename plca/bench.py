@@ -3,6 +3,8 @@
 Each subcommand prints its table and replaces its own section of the report (a `## ` heading and everything
 up to the next one), leaving the other sections alone. Subcommands are registered in `SUBCOMMANDS`.
 
+`step`: one PLCA training step at a profile's shapes (`plca/bench_step.py`).
+
 `association`: one forward+backward of the association loss for one image pair, the block-wise
 implementation (`plca.losses.association_loss`) against the plain dense one
 (`plca/losses/dense.py`). Every (input, size, implementation) is timed in a fresh process and its
@@ -30,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from plca.bench_step import add_step_args, step_command
 from plca.data.labels import IGNORE_INDEX
 from plca.io import atomic_write_text
 
@@ -343,6 +346,8 @@ def association_command(args: argparse.Namespace) -> None:
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {
     "association": ("association loss: block-wise vs dense, time and peak memory", add_association_args,
                     association_command),
+    "step": ("a PLCA training step at a profile's shapes: time, peak memory, the share of each part",
+             add_step_args, step_command),
 }
 
 

@@ -70,3 +70,46 @@ def test_association_command_writes_its_section(tmp_path: Path, capsys: pytest.C
 def test_cli_refuses_unknown_subcommand() -> None:
     with pytest.raises(SystemExit):
         bench.main(["nonsense"])
+
+
+def test_step_bench_runs_the_pipelines_step_at_tiny_shapes(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m plca.bench step` on the CPU at a tiny crop: a row per precision it can run (TF32 is CUDA's),
+    shares of the parts in [0, 100] %, its own section written beside the others."""
+    out = tmp_path / "benchmarks.md"
+    out.write_text("# Benchmarks\n\n## Association loss\n\nkept\n")
+    bench.main(["step", "--preset", "toy", "--device", "cpu", "--steps", "1", "--warmup", "0", "--crop", "32", "48",
+                "--batch", "2", "--threads", "1", "--output", str(out)])
+    text = out.read_text()
+    assert "## Association loss\n\nkept" in text
+    section = text[text.index("## Training step"):]
+    rows = [line for line in section.splitlines() if line.startswith(("| fp32", "| bf16", "| tf32"))]
+    assert [r.split("|")[1].strip() for r in rows] == ["fp32", "bf16"]
+    assert "Not run: tf32 (CUDA only)" in section and "32x48, 2 + 2 images" in section
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1].endswith("ms") and cells[2] == "n/a (CPU)"
+        assert all(0 <= int(c.rstrip("%")) <= 100 for c in cells[3:])
+
+
+def test_step_bench_batch_feeds_every_term_of_plca() -> None:
+    """The synthetic batch has the shapes of the preset and labels with unlabelled cells, and the PLCA method
+    (which the bench times through the engine) computes every one of its terms on it."""
+    from plca.bench_step import PRESETS, synthetic_batch
+    from plca.methods import build_method
+    from plca.models.deeplabv2 import DeepLabV2Config, build_model
+
+    preset = PRESETS["toy"]
+    batch = synthetic_batch(preset, 19, torch.device("cpu"), 0)
+    assert batch["source_image"].shape == (4, 3, 64, 128) and batch["source_label"].shape == (4, 64, 128)
+    assert (batch["source_label"] == 255).any() and (batch["source_label"] < 19).any()
+    model = build_model(DeepLabV2Config(num_classes=19, **preset.model))
+    terms = build_method("plca", model, {}).training_step(batch).terms
+    assert {"ce", "lovasz", "fass", "cass", "lsr_s", "lsr_t"} <= set(terms)
+
+
+def test_step_bench_refuses_cuda_without_a_gpu() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the refusal is for machines without one")
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        bench.main(["step", "--device", "cuda", "--no-write"])

@@ -1,0 +1,237 @@
+"""`python -m plca.bench step`: one PLCA training step at a profile's shapes, timed and taken apart.
+
+The step is the pipeline's own (plca.methods.plca through plca.engine.trainer.Trainer.run_step: the same
+autocast, gradient scaling and optimiser) on synthetic images and blocky labels, so it needs no data, DVC or
+MLflow: torch and the package (whose class table comes from cityscapesscripts' `helpers.labels`, a file with no
+dependencies). For each precision (fp32; TF32 on CUDA; bf16) it reports the time of a step, the peak GPU memory
+(CUDA), and the share of the step that each part takes when run alone at the same shapes and precision: the
+network (forward and backward of both streams), the two associations (Eq. 4 and 10, forward and backward on the
+network's outputs), Lovasz-softmax and the optimiser step. What is left (CE, label smoothing, upsampling, the
+loop) is "other"; the parts overlap nothing, so they can exceed the step a little on a noisy machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+REPORT = Path("reports/benchmarks.md")
+STEP_HEADING = "## Training step"
+
+
+@dataclass(frozen=True)
+class StepPreset:
+    """The shapes of a profile's PLCA step (the values of profiles/<name>.yaml, written out so that the bench
+    reads no params)."""
+
+    model: dict
+    crop: tuple[int, int]  # (h, w)
+    batch_size: int  # per stream and forward pass
+    grad_accum: int
+    where: str
+
+
+_PAPER = StepPreset(
+    model=dict(depth=101, width=1.0, norm="batch", groups=32, aspp_rates=(6, 12, 18, 24)), crop=(730, 730),
+    batch_size=4, grad_accum=2,
+    where="profiles/gta5.yaml and synthia.yaml: DeepLab-v2 ResNet-101 (BatchNorm), 730x730 crops, 4 + 4 images a "
+          "forward pass x 2 accumulated = 8 + 8 a step, as the released code over its two GPUs")
+PRESETS: dict[str, StepPreset] = {
+    "gta5": _PAPER,
+    "synthia": _PAPER,  # the same network and crops: 19 train ids, SYNTHIA labels a subset of them
+    "toy": StepPreset(
+        model=dict(depth=18, width=0.25, norm="group", groups=8, aspp_rates=(1, 2, 3, 4)), crop=(64, 128),
+        batch_size=4, grad_accum=1, where="profiles/default.yaml: the embedded pair's toy network and crops"),
+}
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], None], repeats: int, device: torch.device) -> float:
+    """Mean seconds of `fn` over `repeats` runs (after the caller's warm-up)."""
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / max(repeats, 1)
+
+
+def synthetic_batch(preset: StepPreset, num_classes: int, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
+    """Normalised random images and labels of 8x8 random-class cells (one cell in 9 unlabelled)."""
+    g = torch.Generator().manual_seed(seed)
+    (h, w), b = preset.crop, preset.batch_size
+    cells = torch.randint(0, num_classes, (b, 8, 8), generator=g)
+    cells[torch.rand(b, 8, 8, generator=g) < 1 / 9] = 255
+    labels = torch.nn.functional.interpolate(cells[:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
+    return {"source_image": torch.randn(b, 3, h, w, generator=g).to(device), "source_label": labels.to(device),
+            "target_image": torch.randn(b, 3, h, w, generator=g).to(device)}
+
+
+def measure(preset: StepPreset, precision: str, device: torch.device, steps: int, warmup: int,
+            seed: int = 0) -> dict[str, float]:
+    """Seconds a step (and each part alone) and the peak memory of one precision."""
+    from plca.engine.contract import TrainContext
+    from plca.engine.optim import OptimConfig
+    from plca.engine.trainer import EngineConfig, TrainConfig, Trainer
+    from plca.losses import associate, downsample_labels, lovasz_softmax
+    from plca.methods import build_method
+    from plca.models.deeplabv2 import DeepLabV2Config, build_model
+    from plca.models.output import FEATURES, LOGITS
+
+    torch.manual_seed(seed)
+    model = build_model(DeepLabV2Config(num_classes=19, **preset.model))
+    method = build_method("plca", model, {})
+    engine = EngineConfig(batch_size=preset.batch_size, grad_accum=preset.grad_accum, device=str(device),
+                          precision="bf16" if precision == "bf16" else "fp32", tf32=precision == "tf32")
+    trainer = Trainer(TrainConfig(steps=warmup + steps, seed=seed, optim=OptimConfig(lr=2.5e-4), engine=engine))
+    trainer._setup(method, [])  # the loop's own setup: device, optimisers, scaler
+    batch = synthetic_batch(preset, 19, device, seed)
+
+    def same() -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            yield batch
+
+    batches = same()
+
+    def step() -> None:
+        trainer.run_step(batches)
+        trainer.step += 1
+
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    out = {"step": _timed(step, steps, device)}
+    out["peak_bytes"] = float(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else float("nan")
+    method.before_step(TrainContext(device, trainer.step, trainer.total_steps))
+    autocast = torch.autocast(device.type, dtype=trainer.autocast_dtype or torch.float32,
+                              enabled=trainer.autocast_dtype is not None)
+    accum = preset.grad_accum
+
+    def network() -> None:
+        for _ in range(accum):
+            with autocast:
+                o_s, o_t = model(batch["source_image"]), model(batch["target_image"])
+                loss = o_s[LOGITS].float().mean() + o_t[LOGITS].float().mean()
+            loss.backward()
+
+    with torch.no_grad(), autocast:
+        o_s, o_t = model(batch["source_image"]), model(batch["target_image"])
+    fs, ft = o_s[FEATURES].float(), o_t[FEATURES].float()
+    ls, lt = o_s[LOGITS].float(), o_t[LOGITS].float()
+    grid = downsample_labels(batch["source_label"], tuple(fs.shape[-2:]))
+
+    def association() -> None:
+        for _ in range(accum):
+            a = [x.detach().requires_grad_() for x in (fs, ft, ls, lt)]
+            fass = associate(a[0], a[1], grid, similarity="cosine").loss
+            cass = associate(a[2].softmax(1), a[3].softmax(1), grid, similarity="kl").loss
+            (fass + cass).backward()
+
+    def lovasz() -> None:
+        for _ in range(accum):
+            up = model.upsample(ls.detach().requires_grad_(), tuple(batch["source_label"].shape[-2:]))
+            lovasz_softmax(up.softmax(1), batch["source_label"]).backward()
+
+    def optimiser() -> None:
+        for opt in trainer.optimizers.values():
+            opt.step()
+
+    for name, fn in (("network", network), ("association", association), ("lovasz", lovasz),
+                     ("optimiser", optimiser)):
+        fn()  # warm-up of the part alone
+        out[name] = _timed(fn, max(1, min(steps, 3)), device)
+        model.zero_grad(set_to_none=False)
+    return out
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1000:,.0f} ms" if s >= 0.1 else f"{s * 1000:.1f} ms"
+
+
+def run_step_bench(args: argparse.Namespace) -> str:
+    from plca.bench import device_description
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    preset = PRESETS[args.preset]
+    if args.crop:
+        preset = replace(preset, crop=tuple(args.crop))
+    if args.batch:
+        preset = replace(preset, batch_size=args.batch)
+    if args.grad_accum:
+        preset = replace(preset, grad_accum=args.grad_accum)
+    rows, skipped = [], []
+    for precision in args.precisions:
+        if precision == "tf32" and device.type != "cuda":
+            skipped.append("tf32 (CUDA only)")
+            continue
+        r = measure(preset, precision, device, args.steps, args.warmup, args.seed)
+        parts = ("network", "association", "lovasz", "optimiser")
+        shares = [r[p] / r["step"] for p in parts]
+        peak = "n/a (CPU)" if device.type != "cuda" else f"{r['peak_bytes'] / 2**30:.1f} GiB"
+        rows.append(f"| {precision} | {_ms(r['step'])} | {peak} | "
+                    + " | ".join(f"{s:.0%}" for s in shares) + f" | {max(0.0, 1 - sum(shares)):.0%} |")
+        print(f"  {precision}: {r['step']:.3f} s a step", flush=True)
+    h, w = preset.crop
+    command = "python -m plca.bench step " + " ".join(args.argv)
+    return "\n".join([
+        "One PLCA training step as the pipeline runs it (`plca.methods.plca` through the engine's `run_step`), on "
+        "synthetic inputs at a profile's shapes, and the share of the step each part takes when run alone "
+        "(`plca/bench_step.py`).",
+        "",
+        f"- Command: `{command}`, {_dt.date.today().isoformat()}",
+        f"- Device: {device_description(args.device)}; torch {torch.__version__}"
+        + (f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""),
+        f"- Shapes ({args.preset}): {preset.where}; run here at {h}x{w}, {preset.batch_size} + "
+        f"{preset.batch_size} images a pass x {preset.grad_accum}.",
+        f"- Time: mean of {args.steps} steps after {args.warmup} warm-up steps; parts: mean of up to 3 runs each "
+        "after one warm-up. Peak memory: torch.cuda.max_memory_allocated over the timed steps."
+        + (f" Not run: {', '.join(skipped)}." if skipped else ""),
+        "- Several GPUs: not measured (the engine has no DistributedDataParallel yet).",
+        "",
+        "| precision | step | peak memory | network | association | Lovasz | optimiser | other |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        *rows,
+    ])
+
+
+def add_step_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=sorted(PRESETS), default="gta5", help="a profile's shapes")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
+    p.add_argument("--steps", type=int, default=10, help="timed steps per precision")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (cuDNN, allocator)")
+    p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help="override the preset's crop")
+    p.add_argument("--batch", type=int, help="override the images per stream and pass")
+    p.add_argument("--grad-accum", type=int, help="override the passes accumulated per step")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", type=Path, default=REPORT)
+    p.add_argument("--no-write", action="store_true", help="print only")
+
+
+def step_command(args: argparse.Namespace) -> None:
+    from plca.bench import replace_section
+
+    if args.steps < 1 or args.warmup < 0:
+        raise SystemExit(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    body = run_step_bench(args)
+    print(f"{STEP_HEADING}\n\n{body}")
+    if not args.no_write:
+        replace_section(args.output, STEP_HEADING, body)
+        print(f"wrote section '{STEP_HEADING}' of {args.output}")

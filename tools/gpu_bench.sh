@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The GPU figures of reports/benchmarks.md in one run on a lent GPU machine (../.library/device/README.md), e.g.
+#   run(command="bash tools/gpu_bench.sh", carry=[".whl"], timeout_s=560)
+# then copy $OUT/benchmarks.md's new sections into reports/benchmarks.md.
+# The machine's image has torch with CUDA, numpy, opencv, pyyaml and tqdm; cityscapesscripts (whose label table
+# the package reads; that file has no dependencies) travels as a wheel:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl cityscapesscripts==2.3.0
+set -uo pipefail
+OUT=${OUT:-/tmp/plca-gpu-bench}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || { echo "error: could not install the carried wheels in .whl/"; exit 2; }
+export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
+nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
+cp reports/benchmarks.md "$OUT/benchmarks.md"
+# the paper's step (DeepLab-v2 ResNet-101, 730x730, 8 + 8 images): fp32, TF32, bf16
+timeout 300 python3 -m plca.bench step --preset gta5 --device cuda --steps 10 --warmup 3 \
+  --output "$OUT/benchmarks.md" 2>&1 | tee "$OUT/step.log"
+# the association alone, block-wise vs dense
+timeout 200 python3 -m plca.bench association --device cuda --sizes 92 64 --repeats 3 \
+  --output "$OUT/benchmarks.md" 2>&1 | tee "$OUT/association.log"
