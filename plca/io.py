@@ -42,6 +42,7 @@ __all__ = [
     "encode_image",
     "encode_png",
     "read_image",
+    "read_image_or",
     "remove_leftovers",
     "rename",
     "show_path",
@@ -214,3 +215,14 @@ def read_image(path: os.PathLike[str] | str | bytes, flags: int | None = None) -
     if image is None:
         raise ImageError(f"{show_path(path)}: cannot decode the image (corrupt, truncated or not an image file?)")
     return image
+
+
+def read_image_or(error: type[Exception], path: Path, flags: int, what: str) -> np.ndarray:
+    """`read_image`, with a file that does not decode or cannot be read raised as `error` naming it and `what`
+    it should be (e.g. "label")."""
+    try:
+        return read_image(path, flags)
+    except ImageError:
+        raise error(f"{show_path(path)}: cannot decode {what} PNG") from None
+    except OSError as exc:
+        raise error(f"{show_path(path)}: cannot read: {exc.strerror or exc}") from None

@@ -425,13 +425,17 @@ def _rar_tool(cfg: ExtractConfig) -> str | None:
     return (shutil.which(found[0]) or found[0]) if found else None
 
 
-def _check_rar_signature(archive: Path) -> None:
+def _head(path: Path) -> bytes:
+    """The first bytes of a file, as many as the RAR signature has."""
     try:
-        with archive.open("rb") as fh:
-            head = fh.read(len(_RAR_SIGNATURE))
+        with path.open("rb") as fh:
+            return fh.read(len(_RAR_SIGNATURE))
     except OSError as exc:
-        raise ArchiveError(f"{archive}: cannot read: {exc}") from exc
-    if head != _RAR_SIGNATURE:
+        raise ArchiveError(f"{path}: cannot read: {exc}") from exc
+
+
+def _check_rar_signature(archive: Path) -> None:
+    if _head(archive) != _RAR_SIGNATURE:
         raise ArchiveError(f"{archive}: not a RAR archive: it does not start with the RAR signature 'Rar!'")
 
 
@@ -530,11 +534,7 @@ def check_tree(root: Path, archive: Path | str) -> None:
 
 def archive_kind(path: Path) -> str:
     """'rar' (by name or signature), 'zip' or 'tar' (by content)."""
-    try:
-        with path.open("rb") as fh:
-            head = fh.read(len(_RAR_SIGNATURE))
-    except OSError as exc:
-        raise ArchiveError(f"{path}: cannot read: {exc}") from exc
+    head = _head(path)
     if path.suffix.lower() == ".rar" or head == _RAR_SIGNATURE:
         return "rar"
     if zipfile.is_zipfile(path):

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from plca.data.extract import COMPLETE_MARKER, replace_dir
 from plca.data.verify import Layout, Pair, list_pairs
-from plca.io import ImageError, atomic_write, read_image, show_path, write_image
+from plca.io import atomic_write, read_image_or, show_path, write_image
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +99,7 @@ def _read_label(path: Path, layout: str) -> tuple[np.ndarray, list[int] | None]:
 
 
 def _read_png(path: Path, flags: int, what: str) -> np.ndarray:
-    """plca.io.read_image (any file name), its failures as ResizeError naming the file."""
-    try:
-        return read_image(path, flags)
-    except ImageError:
-        raise ResizeError(f"{show_path(path)}: cannot decode {what} PNG") from None
-    except OSError as exc:
-        raise ResizeError(f"{show_path(path)}: cannot read: {exc.strerror or exc}") from None
+    return read_image_or(ResizeError, path, flags, what)
 
 
 def _write_png(path: Path, data: np.ndarray, compression: int) -> None:

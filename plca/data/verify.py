@@ -32,7 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from plca.data.labels import CITYSCAPES_VALID_IDS, SYNTHIA_VALID_IDS
-from plca.io import ImageError, read_image, show_path
+from plca.io import read_image_or, show_path
 
 log = logging.getLogger(__name__)
 
@@ -225,13 +225,7 @@ def read_label_ids(path: Path, layout: Layout) -> np.ndarray:
 
 
 def _read_png(path: Path, flags: int, what: str) -> np.ndarray:
-    """plca.io.read_image (any file name), its failures as DatasetError naming the file."""
-    try:
-        return read_image(path, flags)
-    except ImageError:
-        raise DatasetError(f"{show_path(path)}: cannot decode {what} PNG") from None
-    except OSError as exc:
-        raise DatasetError(f"{show_path(path)}: cannot read: {exc.strerror or exc}") from None
+    return read_image_or(DatasetError, path, flags, what)
 
 
 _VALID_IDS: dict[str, frozenset[int]] = {
