@@ -22,6 +22,7 @@ from plca.data.labels import TRAINID_TO_ID
 from plca.data.rcs import RareClassSampler, RCSConfig, RCSDataset, class_pixel_counts, class_totals
 from plca.data.transforms import train_transform
 from plca.engine import checkpoint as ckpt
+from plca.engine.distributed import DistConfig
 from plca.engine.hooks import default_hooks
 from plca.engine.streams import KeyedDataset
 from plca.engine.tracking import Tracker, TrackingConfig
@@ -235,11 +236,14 @@ def train_run(
     progress: bool = True,
     pseudo_dir: Path | None = None,
     class_stats: Path | None = None,
+    dist: DistConfig | None = None,
 ) -> dict[str, Any]:
     """Train one run and write `out_dir/model.pt`; resumes from `checkpoint_dir/last.pt` after a crash (and returns
     at once when that checkpoint is of the finished run). The caller removes the checkpoint when it has served.
     `init_model`: the model it starts from (the pretrained one, or a round's); `pseudo_dir`: a round's set;
-    `class_stats`: the source labels' class statistics, for a method that samples rare classes."""
+    `class_stats`: the source labels' class statistics, for a method that samples rare classes; `dist`: this
+    process among several (torchrun): only the first writes the model, the log, checkpoints and MLflow."""
+    dist = dist or DistConfig()
     phase, steps, method_name, options, labelled, from_model = _phase_and_method(params, spec.name)
     if params.engine.threads:
         torch.set_num_threads(params.engine.threads)
@@ -262,7 +266,7 @@ def train_run(
     streams = _streams(params, spec, labelled, "target" in method.streams, pseudo_dir, rcs, class_stats)
     # the set's summary holds its policy, options and decisions (thresholds): a changed set never resumes a round
     pseudo_digest = None if pseudo_dir is None else file_digest(pseudo_dir / "summary.json")
-    tcfg = TrainConfig(steps=steps, seed=spec.seed, optim=phase.optim, engine=params.engine)
+    tcfg = TrainConfig(steps=steps, seed=spec.seed, optim=phase.optim, engine=params.engine, dist=dist)
     run_params = {
         "run": spec.name, "seed": spec.seed, "method": method_name, "labelled": labelled,
         "options": options, "phase": to_dict(phase), "engine": params.engine.fingerprint_dict(),
@@ -278,17 +282,20 @@ def train_run(
     trainer = Trainer(tcfg)
     code = ckpt.source_digest(Path(__file__).parent)
     # a killed training continues its MLflow run only where its checkpoint can resume: the same params and code
+    tracking = tracking if dist.main else replace(tracking, enabled=False)
     with Tracker(tracking, spec.run_name, flatten(run_params), tags,
                  match={"fingerprint": run_fp, "code": code}) as tracker:
         e = params.engine
         checkpoint = checkpoint_dir / "last.pt"
-        # what a killed write of this run left beside its files
-        for path in (checkpoint, ckpt.digest_file(checkpoint), log_csv, out_dir / "model.pt"):
-            remove_leftovers(path)
+        if dist.main:  # what a killed write of this run left beside its files
+            for path in (checkpoint, ckpt.digest_file(checkpoint), log_csv, out_dir / "model.pt"):
+                remove_leftovers(path)
         hooks = default_hooks(steps_name=method.name, log_every=e.log_every, checkpoint_every=e.checkpoint_every,
                               checkpoint_path=checkpoint, fingerprint=run_fp, log_csv=log_csv,
-                              tracker=tracker, progress=progress, code=code)
+                              tracker=tracker, progress=progress, code=code, main=dist.main)
         result = trainer.fit(method, streams, hooks)
+        if not dist.main:
+            return {"seconds": result.seconds, "resumed_from": result.resumed_from, "steps": result.steps}
         model_file = out_dir / "model.pt"
         save_model(model, model_file, {"run": spec.run_name, "fingerprint": run_fp, "steps": result.steps})
         tracker.set_tags({MODEL_TAG: file_digest(model_file)})

@@ -21,6 +21,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 from plca.config import ConfigError  # noqa: E402
+from plca.engine.distributed import DistConfig  # noqa: E402
 from plca.engine.tracking import TrackingConfig  # noqa: E402
 from plca.params import Params, load_params  # noqa: E402
 
@@ -109,3 +110,27 @@ def tags(params: Params, stage: str, variant: str, seed: int) -> dict[str, str]:
         "profile": params.profile,
         "domain_pair": params.data.label,
     }
+
+
+def distributed(params: Params, argv: list[str]) -> DistConfig:
+    """This process among the training processes. Under torchrun (its RANK, WORLD_SIZE and LOCAL_RANK are set):
+    opens the process group (NCCL on GPUs, gloo on the CPU). Not under torchrun, with `engine.processes` above 1:
+    runs this same command again under torchrun on this machine (`--standalone`), which never returns."""
+    if "LOCAL_RANK" not in os.environ:
+        n = params.engine.processes
+        if n > 1:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *argv]
+            print(f"engine.processes = {n}: {' '.join(cmd)}", flush=True)
+            os.execvp(cmd[0], cmd)
+        return DistConfig()
+    dist = DistConfig(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+                      local_rank=int(os.environ["LOCAL_RANK"]))
+    if dist.active:
+        import torch
+        import torch.distributed
+
+        gpu = params.engine.device != "cpu" and torch.cuda.is_available()
+        if gpu:
+            torch.cuda.set_device(dist.local_rank)
+        torch.distributed.init_process_group("nccl" if gpu else "gloo")
+    return dist

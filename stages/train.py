@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import _common
 from _cli import setup
 
+from plca.engine.distributed import barrier
 from plca.experiment import PRETRAIN, RunSpec, train_run
 from plca.params import NETWORK_PRETRAIN
 
@@ -24,6 +26,7 @@ def main() -> None:
     parser.add_argument("--stage", default="train", help="stage name, recorded as an MLflow tag")
     args = parser.parse_args()
     params = _common.params_or_exit(args.params)
+    dist = _common.distributed(params, [__file__, *sys.argv[1:]])
     tracking = _common.tracking_config(params)
     specs = [RunSpec(args.run, seed) for seed in (args.seed or params.seeds)]
     wiring = params.runs.rounds.get(args.run)
@@ -45,10 +48,14 @@ def main() -> None:
             progress=not args.no_progress,
             pseudo_dir=_common.pseudo_path(wiring.pseudo, seed) if wiring else None,
             class_stats=None if pretraining else _common.CLASS_STATS,
+            dist=dist,
         )
-        print(json.dumps({"run": spec.run_name, **result}), flush=True)
-    for spec in specs:  # every model is saved: the checkpoints have served
-        shutil.rmtree(Path("checkpoints") / spec.run_name, ignore_errors=True)
+        if dist.main:
+            print(json.dumps({"run": spec.run_name, **result}), flush=True)
+    barrier()  # no process still reads a checkpoint
+    if dist.main:
+        for spec in specs:  # every model is saved: the checkpoints have served
+            shutil.rmtree(Path("checkpoints") / spec.run_name, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -170,10 +170,12 @@ class CheckpointHook(Hook):
 
     name = "checkpoint"
 
-    def __init__(self, path: Path, fingerprint: str, every: int, code: str | None = None) -> None:
+    def __init__(self, path: Path, fingerprint: str, every: int, code: str | None = None, save: bool = True) -> None:
         if every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {every}")
         self.path, self.fingerprint, self.every, self.code = Path(path), fingerprint, every, code
+        #: False on every training process but the first: they resume from its checkpoints and write none
+        self.saves = save
 
     def _load(self, trainer: Trainer) -> dict[str, Any] | None:
         """The last checkpoint, or the one before it when the last is damaged; None (with a warning) when
@@ -217,7 +219,7 @@ class CheckpointHook(Hook):
 
     def after_step(self, trainer: Trainer) -> None:
         done = trainer.step + 1
-        if done % self.every == 0 or done == trainer.total_steps:
+        if self.saves and (done % self.every == 0 or done == trainer.total_steps):
             self.save(trainer, done)
 
     def save(self, trainer: Trainer, step: int) -> None:
@@ -240,13 +242,15 @@ class CheckpointHook(Hook):
 
 def default_hooks(*, steps_name: str, log_every: int, checkpoint_every: int, checkpoint_path: Path,
                   fingerprint: str, log_csv: Path | None = None, tracker: Tracker | None = None,
-                  progress: bool = True, code: str | None = None) -> list[Hook]:
+                  progress: bool = True, code: str | None = None, main: bool = True) -> list[Hook]:
     """The hooks of a pipeline run, in the order they must run (the checkpoint last); `code`: the digest of the
-    sources that run (`checkpoint.source_digest`), which a resumed checkpoint must share."""
+    sources that run (`checkpoint.source_digest`), which a resumed checkpoint must share. `main`: False on every
+    training process but the first, which then writes no log, checkpoint, MLflow record or progress bar (and
+    still resumes from the first's checkpoint)."""
     return [
         ScheduleHook(),
         EMAHook(),
-        LogHook(log_every, log_csv, tracker),
-        ProgressHook(f"train {steps_name}", progress),
-        CheckpointHook(checkpoint_path, fingerprint, checkpoint_every, code),
+        LogHook(log_every, log_csv if main else None, tracker if main else None),
+        ProgressHook(f"train {steps_name}", progress and main),
+        CheckpointHook(checkpoint_path, fingerprint, checkpoint_every, code, save=main),
     ]

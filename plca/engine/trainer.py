@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 
 from plca.engine.contract import Method, TrainContext
+from plca.engine.distributed import DistConfig, ShardSampler, average_gradients, average_terms
 from plca.engine.hooks import Hook
 from plca.engine.optim import OptimConfig, make_optimizer
 from plca.engine.streams import KeyedDataset, StepBatchSampler, stream_loader
@@ -58,9 +59,14 @@ class EngineConfig:
     cudnn_benchmark: bool = False
     #: Compile each trained network with torch.compile (in place; the first steps pay the compilation).
     compile: bool = False
+    #: Training processes on this machine (one per GPU): more than 1 runs the training stages under torchrun
+    #: (`batch_size` is then the global batch, split evenly over all processes of all machines).
+    processes: int = 1
+    #: Several processes: BatchNorm statistics over the global batch (torch.nn.SyncBatchNorm; CUDA only).
+    sync_batchnorm: bool = False
 
     def __post_init__(self) -> None:
-        for key in ("batch_size", "grad_accum", "log_every", "checkpoint_every"):
+        for key in ("batch_size", "grad_accum", "log_every", "checkpoint_every", "processes"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         for key in ("num_workers", "threads"):
@@ -88,7 +94,8 @@ class EngineConfig:
 
 #: precision -> autocast dtype (None: no autocast).
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-_LATER_SWITCHES = ("precision", "tf32", "channels_last", "cudnn_benchmark", "compile")
+_LATER_SWITCHES = ("precision", "tf32", "channels_last", "cudnn_benchmark", "compile", "processes",
+                   "sync_batchnorm")
 
 
 @dataclass
@@ -99,6 +106,8 @@ class TrainConfig:
     seed: int = 0
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    #: This process among several (torchrun); one process by default.
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 @dataclass
@@ -127,7 +136,13 @@ class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         e = cfg.engine
+        self.dist = cfg.dist
+        if e.batch_size % self.dist.world_size:
+            raise ValueError(f"engine.batch_size {e.batch_size} does not split evenly over {self.dist.world_size} "
+                             "processes: make it a multiple of the number of processes")
         self.device = resolve_device(e.device)
+        if self.device.type == "cuda" and self.dist.active:
+            self.device = torch.device("cuda", self.dist.local_rank)
         cuda = self.device.type == "cuda"
         dtype = e.autocast_dtype
         if dtype == torch.float16 and not cuda:
@@ -149,6 +164,9 @@ class Trainer:
     def _setup(self, method: Method, hooks: Sequence[Hook]) -> None:
         self.method, self.hooks = method, list(hooks)
         self.networks = method.networks()
+        if self.dist.active and self.cfg.engine.sync_batchnorm:
+            for net in self.networks.values():
+                _sync_batchnorm_(net)
         for net in self.networks.values():
             net.to(self.device, memory_format=self.memory_format).train()
             if self.cfg.engine.compile:
@@ -161,12 +179,12 @@ class Trainer:
         e = self.cfg.engine
         # making a loader draws its base seed from the loader's own generator (streams.stream_loader), never from
         # torch's RNG: a resumed step draws (dropout, a method's mixing) what the uninterrupted step drew
-        iters = {
-            name: iter(stream_loader(ds, StepBatchSampler(len(ds), e.batch_size, e.grad_accum, self.cfg.seed,
-                                                          STREAM_IDS[name], self.start, self.total_steps),
-                                     e.num_workers))
-            for name, ds in streams.items()
-        }
+        def sampler(ds: KeyedDataset, name: str) -> Any:
+            steps = StepBatchSampler(len(ds), e.batch_size, e.grad_accum, self.cfg.seed, STREAM_IDS[name],
+                                     self.start, self.total_steps)
+            return ShardSampler(steps, self.dist) if self.dist.active else steps
+
+        iters = {name: iter(stream_loader(ds, sampler(ds, name), e.num_workers)) for name, ds in streams.items()}
 
         def draw() -> Iterator[dict[str, torch.Tensor]]:
             while True:
@@ -197,6 +215,10 @@ class Trainer:
             terms["loss"] += float(out.loss.detach()) / accum
             for k, v in out.terms.items():
                 terms[k] += v / accum
+        if self.dist.active:  # every rank steps with the gradient of the global batch
+            average_gradients([p for opt in self.optimizers.values() for group in opt.param_groups
+                               for p in group["params"]], self.dist.world_size)
+            terms = average_terms(terms, self.device, self.dist.world_size)
         for opt in self.optimizers.values():
             self.scaler.step(opt)
         self.scaler.update()
@@ -222,3 +244,11 @@ class Trainer:
         for hook in self.hooks:
             hook.after_train(self)
         return TrainResult(steps=self.total_steps, resumed_from=self.start, seconds=time.perf_counter() - t0)
+
+
+def _sync_batchnorm_(net: torch.nn.Module) -> None:
+    """Turn every BatchNorm of `net` into SyncBatchNorm, in place (the method keeps its reference to `net`)."""
+    for name, child in list(net.named_children()):
+        converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(child)
+        if converted is not child:
+            setattr(net, name, converted)

@@ -1,0 +1,112 @@
+"""Training on several processes (one per GPU, or CPU processes on the gloo backend), started by torchrun.
+
+The stage reads torchrun's variables and opens the process group (`stages/_common.py`); the engine gets a
+`DistConfig`. Each optimiser step, every rank takes its contiguous share of each micro-batch of both streams, so
+that the global batch of N ranks is the one-process batch of the same seed and step; after the backward passes the
+gradients of every trained network are averaged over the ranks (one all-reduce per bucket of about 25 MB, after
+the backward: DistributedDataParallel's result, without its overlap of communication and backward), so every rank
+steps to the same weights. The logged terms are averaged too. Only rank 0 writes checkpoints, logs, the model and
+MLflow runs; every rank resumes from rank 0's checkpoint.
+
+A loss normalised over its batch (a mean over labelled pixels, over the associations' positives, Lovasz-softmax)
+is normalised over the rank's share, as DistributedDataParallel and the released codes do: equal to the
+one-process loss only when the ranks hold equal counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Sampler
+
+#: Gradients are averaged in flat buckets of at most this many bytes.
+BUCKET_BYTES = 25 << 20
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    """This process's place among the training processes (torchrun's RANK, WORLD_SIZE, LOCAL_RANK)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} of world size {self.world_size}: expected 0 <= rank < world size")
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes (checkpoints, logs, the model, MLflow)."""
+        return self.rank == 0
+
+
+class ShardSampler(Sampler[list]):
+    """Rank `rank`'s contiguous share of every micro-batch of a batch sampler (equal shares)."""
+
+    def __init__(self, sampler: Sampler[list], dist: DistConfig) -> None:
+        self.sampler, self.dist = sampler, dist
+
+    def __iter__(self) -> Iterator[list]:
+        for keys in self.sampler:
+            share = len(keys) // self.dist.world_size
+            yield keys[self.dist.rank * share:(self.dist.rank + 1) * share]
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]
+
+
+def _buckets(tensors: Sequence[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for t in tensors:
+        if bucket and (size + t.numel() * t.element_size() > BUCKET_BYTES or t.dtype != bucket[0].dtype):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(t)
+        size += t.numel() * t.element_size()
+    if bucket:
+        yield bucket
+
+
+def average_gradients(params: Iterable[torch.nn.Parameter], world_size: int) -> None:
+    """Replace each parameter's gradient by its mean over the ranks (a parameter without one counts as zeros on
+    that rank, so every rank reduces the same tensors in the same order)."""
+    import torch.distributed as dist
+
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    for bucket in _buckets(grads):
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        dist.all_reduce(flat)
+        flat /= world_size
+        offset = 0
+        for g in bucket:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def average_terms(terms: dict[str, float], device: torch.device, world_size: int) -> dict[str, float]:
+    """The mean over the ranks of each logged term (every rank logs the same keys)."""
+    import torch.distributed as dist
+
+    keys = sorted(terms)
+    values = torch.tensor([terms[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    return dict(zip(keys, (values / world_size).tolist(), strict=True))
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
