@@ -29,8 +29,8 @@ def test_the_switches_at_their_defaults_leave_the_fingerprint_as_it_was() -> Non
     assert e.fingerprint_dict() == {k: v for k, v in to_dict(e).items() if k in old_keys}
     bf16 = replace(e, precision="bf16", channels_last=True)
     assert bf16.fingerprint_dict()["precision"] == "bf16" and bf16.fingerprint_dict()["channels_last"] is True
-    assert len(fields(e)) == len(old_keys) + 7  # precision, tf32, channels_last, cudnn_benchmark, compile,
-    # processes, sync_batchnorm
+    assert len(fields(e)) == len(old_keys) + 8  # precision, tf32, channels_last, cudnn_benchmark, compile,
+    # processes, sync_batchnorm, normalise
 
 
 def test_autocast_dtype_of_each_setting() -> None:

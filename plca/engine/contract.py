@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from plca.engine.distributed import LOCAL, Reducer
 from plca.engine.optim import OptimConfig
 
 
@@ -60,6 +61,8 @@ class Method:
         self.model = model
         #: The method's options, validated against its config dataclass (`plca.methods.build_method`).
         self.cfg = cfg
+        #: How its batch means are normalised over several processes; the engine sets it (`engine.normalise`).
+        self.reducer: Reducer = LOCAL
 
     @classmethod
     def model_options(cls, cfg: Any) -> dict[str, Any]:

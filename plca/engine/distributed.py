@@ -9,8 +9,10 @@ steps to the same weights. The logged terms are averaged too. Only rank 0 writes
 MLflow runs; every rank resumes from rank 0's checkpoint.
 
 A loss normalised over its batch (a mean over labelled pixels, over the associations' positives, Lovasz-softmax)
-is normalised over the rank's share, as DistributedDataParallel and the released codes do: equal to the
-one-process loss only when the ranks hold equal counts.
+is normalised over the rank's share by default (`engine.normalise: rank`), as DistributedDataParallel and the
+released codes do: equal to the one-process loss only when the ranks hold equal counts. With `normalise: global` a
+method that supports it (`Method.reducer`) scales each mean by its share of the global count (`Reducer.share`) and
+computes Lovasz-softmax on the gathered global batch (`Reducer.gather`), so N processes step as one.
 """
 
 from __future__ import annotations
@@ -110,3 +112,67 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+class Reducer:
+    """How a method normalises its batch means: over this process's share (the default, and one process), or
+    over the global batch of all processes (`engine.normalise: global`)."""
+
+    def __init__(self, world_size: int = 1) -> None:
+        self.world_size = world_size
+
+    @property
+    def global_(self) -> bool:
+        return self.world_size > 1
+
+    def share(self, count: int | float | torch.Tensor) -> float:
+        """The factor that turns a mean over this process's `count` items into its part of the mean over all
+        processes' items: count x N / (global count). The processes' gradients are averaged, so the factors make
+        the average the gradient of the global mean. 1 for one process."""
+        if not self.global_:
+            return 1.0
+        import torch.distributed as dist
+
+        local = float(count)
+        total = torch.tensor([local], dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            total = total.cuda()
+        dist.all_reduce(total)
+        return local * self.world_size / max(float(total.item()), 1.0)
+
+    def gather(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each tensor concatenated over the processes along dim 0 (equal shares), differentiably: a loss of the
+        gathered batch, computed alike on every process, sends each its part of the gradient times N, which the
+        averaging of gradients divides back. As given for one process."""
+        if not self.global_:
+            return tensors
+        from torch.distributed.nn.functional import all_gather
+
+        return tuple(_ContiguousGrad.apply(torch.cat(all_gather(t.contiguous()))) if t.requires_grad
+                     else _gather_plain(t) for t in tensors)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: all_gather's backward on gloo sends the
+    slices of that gradient as raw memory, and a loss that permutes its input (Lovasz-softmax flattens
+    [N, C, H, W] to [NHW, C]) hands back a permuted one (measured: wrong gradients without this)."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
+        return grad.contiguous()
+
+
+def _gather_plain(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+#: One process, or processes that each normalise their own share.
+LOCAL = Reducer()

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 
 from plca.engine.contract import Method, TrainContext
-from plca.engine.distributed import DistConfig, ShardSampler, average_gradients, average_terms
+from plca.engine.distributed import DistConfig, Reducer, ShardSampler, average_gradients, average_terms
 from plca.engine.hooks import Hook
 from plca.engine.optim import OptimConfig, make_optimizer
 from plca.engine.streams import KeyedDataset, StepBatchSampler, stream_loader
@@ -64,6 +64,11 @@ class EngineConfig:
     processes: int = 1
     #: Several processes: BatchNorm statistics over the global batch (torch.nn.SyncBatchNorm; CUDA only).
     sync_batchnorm: bool = False
+    #: Several processes: batch means (CE over labelled pixels, the associations over their positives,
+    #: Lovasz-softmax) over each process's share ("rank": DistributedDataParallel's and the released codes'
+    #: behaviour) or over the global batch ("global": as one process; a method that supports it, see
+    #: plca.engine.distributed.Reducer).
+    normalise: Literal["rank", "global"] = "rank"
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "grad_accum", "log_every", "checkpoint_every", "processes"):
@@ -72,6 +77,8 @@ class EngineConfig:
         for key in ("num_workers", "threads"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.normalise not in ("rank", "global"):
+            raise ValueError(f"normalise must be 'rank' or 'global', got {self.normalise!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if self.amp and self.precision == "bf16":
@@ -95,7 +102,7 @@ class EngineConfig:
 #: precision -> autocast dtype (None: no autocast).
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _LATER_SWITCHES = ("precision", "tf32", "channels_last", "cudnn_benchmark", "compile", "processes",
-                   "sync_batchnorm")
+                   "sync_batchnorm", "normalise")
 
 
 @dataclass
@@ -163,6 +170,8 @@ class Trainer:
 
     def _setup(self, method: Method, hooks: Sequence[Hook]) -> None:
         self.method, self.hooks = method, list(hooks)
+        if self.dist.active and self.cfg.engine.normalise == "global":
+            method.reducer = Reducer(self.dist.world_size)
         self.networks = method.networks()
         if self.dist.active and self.cfg.engine.sync_batchnorm:
             for net in self.networks.values():

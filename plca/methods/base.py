@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from plca.data.labels import IGNORE_INDEX
 from plca.engine.contract import Method, StepOutput
+from plca.engine.distributed import LOCAL, Reducer
 from plca.engine.optim import OptimConfig
 from plca.losses import SOURCE_LABEL, TARGET_LABEL, adversarial_loss, cross_entropy, lovasz_softmax
 from plca.losses.adversarial import GAN
@@ -21,14 +22,18 @@ from plca.models.output import AUX_LOGITS, LOGITS, SegmentationModel
 
 
 def source_supervision(model: SegmentationModel, logits: torch.Tensor, labels: torch.Tensor, *, lovasz: bool,
-                       w_lov: float, ignore_index: int) -> StepOutput:
+                       w_lov: float, ignore_index: int, reducer: Reducer = LOCAL) -> StepOutput:
     """CE (+ w_lov x Lovasz-softmax) of `model`'s logits upsampled to the label size by the model's own
-    interpolation. Shared by every method that trains on source labels."""
+    interpolation. Shared by every method that trains on source labels. `reducer`: over several processes, CE's
+    mean over labelled pixels and Lovasz-softmax taken over the global batch (`engine.normalise: global`)."""
     up = model.upsample(logits, tuple(labels.shape[-2:]))
     ce = cross_entropy(up, labels, ignore_index=ignore_index)
     out = StepOutput(loss=ce, terms={"ce": float(ce.detach())})
+    if reducer.global_:
+        out.loss = ce * reducer.share((labels != ignore_index).sum())
     if lovasz:
-        lov = lovasz_softmax(up.float().softmax(1), labels, ignore_index=ignore_index)
+        probs, lov_labels = reducer.gather(up.float().softmax(1), labels)
+        lov = lovasz_softmax(probs, lov_labels, ignore_index=ignore_index)
         out.loss = out.loss + w_lov * lov
         out.terms["lovasz"] = float(lov.detach())
     return out

@@ -74,7 +74,8 @@ class PLCA(Method):
             out_t = self.model(xt)
         fs, ls, ft, lt = out_s[FEATURES], out_s[LOGITS], out_t[FEATURES], out_t[LOGITS]
 
-        sup = source_supervision(self.model, ls, ys, lovasz=cfg.lovasz, w_lov=cfg.w_lov, ignore_index=cfg.ignore_index)
+        sup = source_supervision(self.model, ls, ys, lovasz=cfg.lovasz, w_lov=cfg.w_lov, ignore_index=cfg.ignore_index,
+                                 reducer=self.reducer)
         loss, terms = sup.loss, sup.terms
 
         ys_grid = downsample_labels(ys, tuple(fs.shape[-2:]))
@@ -89,7 +90,10 @@ class PLCA(Method):
             if sim == "kl":
                 src, tgt = src.float().softmax(1), tgt.float().softmax(1)
             res = associate(src.float(), tgt.float(), ys_grid, similarity=sim, **common)
-            loss = loss + cfg.w_ass * res.loss
+            ass = res.loss
+            if self.reducer.global_:  # several processes, engine.normalise global: the mean over all positives
+                ass = ass * self.reducer.share(res.num_positive)
+            loss = loss + cfg.w_ass * ass
             terms[key] = float(res.loss.detach())
             # Share of labelled source pixels whose cycle returns to their own class: is association doing anything?
             terms[f"{key}_pos_rate"] = res.num_positive / max(res.num_valid_source, 1)

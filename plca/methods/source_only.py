@@ -32,4 +32,4 @@ class SourceOnly(Method):
         logits = self.model(batch["source_image"])[LOGITS]
         cfg = self.cfg
         return source_supervision(self.model, logits, batch["source_label"], lovasz=cfg.lovasz, w_lov=cfg.w_lov,
-                                  ignore_index=cfg.ignore_index)
+                                  ignore_index=cfg.ignore_index, reducer=self.reducer)
