@@ -14,7 +14,7 @@ from pathlib import Path
 import _common
 from _cli import setup
 
-from plca.engine.distributed import barrier
+from plca.engine.distributed import barrier, shutdown
 from plca.experiment import PRETRAIN, RunSpec, train_run
 from plca.params import NETWORK_PRETRAIN
 
@@ -56,6 +56,7 @@ def main() -> None:
     if dist.main:
         for spec in specs:  # every model is saved: the checkpoints have served
             shutil.rmtree(Path("checkpoints") / spec.run_name, ignore_errors=True)
+    shutdown()
 
 
 if __name__ == "__main__":

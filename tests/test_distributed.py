@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_engine import cfg, hooks, make, streams
+from test_engine import TCFG, cfg, hooks, make, streams
 
-from plca.engine.distributed import DistConfig, ShardSampler
+from plca.engine.distributed import DistConfig, ShardSampler, shutdown
 from plca.engine.hooks import Hook
 from plca.engine.optim import OptimConfig
 from plca.engine.streams import StepBatchSampler
@@ -60,6 +60,7 @@ def _config(world: int, rank: int, **kw):  # noqa: ANN202
 def _train(out: Path, method_name: str, options: dict, world: int, rank: int, stop_at: int | None = None,
            normalise: str = "rank") -> None:
     model, method = make(method_name, options)
+    method.set_normalization(TCFG)  # as train_run does (DACS mixes and jitters pixel values)
     c = _config(world, rank, normalise=normalise)
     hs = hooks(out, "run", c, log_csv=rank == 0)
     if rank != 0:  # as default_hooks(main=False): resume from rank 0's checkpoint, write nothing
@@ -82,7 +83,7 @@ def _worker(rank: int, out: Path, method_name: str, options: dict, stop_at: int 
     try:
         _train(out, method_name, options, WORLD, rank, stop_at, normalise)
     finally:
-        dist.destroy_process_group()
+        shutdown()
 
 
 def run_ranks(out: Path, method_name: str, options: dict, stop_at: int | None = None,
@@ -169,7 +170,7 @@ def _lovasz_worker(rank: int, out: Path) -> None:
         loss.backward()
         torch.save({"loss": loss.detach(), "grad": mine.grad / WORLD}, out / f"lovasz-{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        shutdown()
 
 
 def _lovasz_inputs() -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,6 +195,20 @@ def test_lovasz_over_the_gathered_batch_has_the_one_process_gradient(tmp_path: P
         got = torch.load(tmp_path / f"lovasz-{rank}.pt")
         torch.testing.assert_close(got["loss"], one.detach())
         torch.testing.assert_close(got["grad"], probs.grad[2 * rank:2 * rank + 2])
+
+
+@pytest.mark.parametrize(("method_name", "options"), [("advent", {"multi_level": False}), ("dacs", {})])
+def test_discriminators_and_ema_teachers_train_on_two_processes(tmp_path: Path, method_name: str,
+                                                                 options: dict) -> None:
+    """ADVENT's discriminators (their own optimisers) and DACS's EMA teacher (mixing with its own random draws):
+    every process steps to the same weights, and the run trains."""
+    run_ranks(tmp_path, method_name, options)
+    w0, w1 = weights(tmp_path, WORLD, 0), weights(tmp_path, WORLD, 1)
+    start = make(method_name, options)[0].state_dict()
+    for name, value in w0.items():
+        assert torch.equal(value, w1[name]), name
+    assert any(not torch.equal(w0[k], start[k]) for k in w0)
+    assert (tmp_path / "run.pt").is_file()
 
 
 LAUNCH = """

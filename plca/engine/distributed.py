@@ -114,6 +114,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown() -> None:
+    """Wait for every process, then close the process group (closing with collectives in flight aborts)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 class Reducer:
     """How a method normalises its batch means: over this process's share (the default, and one process), or
     over the global batch of all processes (`engine.normalise: global`)."""
