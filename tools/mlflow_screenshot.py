@@ -1,11 +1,13 @@
-"""Screenshots of the MLflow UI for reports/figures: the runs of one DVC experiment, nested under their parent run,
-and the comparison of a few of them. Run it where a `dvc repro` has filled mlruns.db; it starts `mlflow server` on
-a free local port and renders the pages in Qt WebEngine (Chromium, headless), offline.
+"""Screenshots of the MLflow UI for docs/figures: the runs of one DVC experiment, nested under their parent run,
+and the comparison of a few of them (not reports/figures: that is the report stage's output, which DVC empties).
+Run it where a `dvc repro` has filled mlruns.db; it starts `mlflow server` on a free local port and renders the
+pages in Qt WebEngine (Chromium, headless), offline.
 
 Not a pipeline dependency: install the browser into a venv of its own (about 400 MB),
     python -m venv /tmp/qt && /tmp/qt/bin/pip install PyQt6 PyQt6-WebEngine
 then, from the repository root, with the project's venv first on PATH (for `mlflow`):
-    QT_QPA_PLATFORM=offscreen /tmp/qt/bin/python tools/mlflow_screenshot.py --runs plca-s0 fass-s0 source_only-s0
+    QT_QPA_PLATFORM=offscreen QTWEBENGINE_CHROMIUM_FLAGS="--no-sandbox --enable-unsafe-swiftshader" \
+        /tmp/qt/bin/python tools/mlflow_screenshot.py --runs source_only-s0 fass-s0 plca-s0
 """
 
 from __future__ import annotations
@@ -48,15 +50,23 @@ def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 120) -> None:
     sys.exit(f"error: mlflow server not ready at {base} after {timeout:.0f} s")
 
 
-def grab(pages: list[tuple[str, Path]], size: tuple[int, int], wait_s: float) -> None:
-    """Load each URL in a headless Chromium and save the window as PNG once the page had `wait_s` to render."""
+#: Run in each page once it has rendered: close the assistant panel; open the nested runs of the parent; show
+#: only the params and metrics that differ between the compared runs.
+CLOSE_ASSISTANT = "document.querySelectorAll('button[aria-label=\"Close\"]').forEach(b => b.click());"
+EXPAND_PARENT = ("document.querySelectorAll('button[data-component-id*=\"runnamecellrenderer\"]')"
+                 ".forEach(b => b.click());")
+DIFF_ONLY = "document.querySelectorAll('[role=\"switch\"]').forEach(b => b.click());"
+
+
+def grab(pages: list[tuple[str, Path, str, tuple[int, int]]], wait_s: float) -> None:
+    """Load each URL in a headless Chromium at its window size, run its script once it has rendered, and save
+    the window as PNG `wait_s` after the load."""
     from PyQt6.QtCore import QSize, QTimer, QUrl
     from PyQt6.QtWebEngineWidgets import QWebEngineView
     from PyQt6.QtWidgets import QApplication
 
     app = QApplication(sys.argv[:1])
     view = QWebEngineView()
-    view.resize(QSize(*size))
     view.show()
     todo = list(pages)
 
@@ -64,12 +74,14 @@ def grab(pages: list[tuple[str, Path]], size: tuple[int, int], wait_s: float) ->
         if not todo:
             app.quit()
             return
-        url, _ = todo[0]
+        url, _, script, size = todo[0]
+        view.resize(QSize(*size))
         view.load(QUrl(url))
+        QTimer.singleShot(int(wait_s * 500), lambda: view.page().runJavaScript(script))
         QTimer.singleShot(int(wait_s * 1000), save)
 
     def save() -> None:
-        url, out = todo.pop(0)
+        url, out, _, _ = todo.pop(0)
         out.parent.mkdir(parents=True, exist_ok=True)
         if not view.grab().save(str(out)):
             sys.exit(f"error: could not write {out}")
@@ -87,8 +99,9 @@ def main() -> None:
     parser.add_argument("--group", default="workspace", help="the DVC experiment whose runs are shown")
     parser.add_argument("--runs", nargs="+", default=["source_only-s0", "fass-s0", "plca-s0"],
                         help="run names to compare")
-    parser.add_argument("--out", type=Path, default=Path("reports/figures"))
-    parser.add_argument("--size", type=int, nargs=2, default=(1500, 900))
+    parser.add_argument("--out", type=Path, default=Path("docs/figures"))
+    parser.add_argument("--size", type=int, nargs=2, default=(1500, 900), help="window width and height")
+    parser.add_argument("--compare-height", type=int, default=2000, help="window height of the comparison")
     parser.add_argument("--wait", type=float, default=12.0, help="seconds each page gets to render")
     args = parser.parse_args()
     if not Path(args.store).is_file():
@@ -111,10 +124,12 @@ def main() -> None:
             sys.exit(f"error: no run {missing} in experiment {args.experiment!r}, group {args.group!r}; "
                      f"there are {sorted(ids)}")
         chosen = json.dumps([ids[r] for r in args.runs])
-        grab([(f"{base}/#/experiments/{exp}/runs", args.out / "mlflow-runs.png"),
+        width, height = args.size
+        grab([(f"{base}/#/experiments/{exp}/runs", args.out / "mlflow-runs.png", CLOSE_ASSISTANT + EXPAND_PARENT,
+               (width, height)),
               (f"{base}/#/compare-runs?runs={urllib.parse.quote(chosen)}&experiments="
-               f"{urllib.parse.quote(json.dumps([exp]))}", args.out / "mlflow-compare.png")],
-             tuple(args.size), args.wait)
+               f"{urllib.parse.quote(json.dumps([exp]))}", args.out / "mlflow-compare.png", CLOSE_ASSISTANT + DIFF_ONLY,
+               (width, args.compare_height))], args.wait)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
