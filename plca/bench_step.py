@@ -202,7 +202,9 @@ def run_step_bench(args: argparse.Namespace) -> str:
         f"- Time: mean of {args.steps} steps after {args.warmup} warm-up steps; parts: mean of up to 3 runs each "
         "after one warm-up. Peak memory: torch.cuda.max_memory_allocated over the timed steps."
         + (f" Not run: {', '.join(skipped)}." if skipped else ""),
-        "- Several GPUs: not measured (the engine has no DistributedDataParallel yet).",
+        "- Several processes: not measured (this bench runs one; training on several: docs/gpu.md#several-gpus)."
+        + ("" if device.type == "cuda" else " The paper's shapes on a GPU: not measured yet (`tools/gpu_bench.sh` "
+                                               "runs them on a lent GPU)."),
         "",
         "| precision | step | peak memory | network | association | Lovasz | optimiser | other |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
