@@ -86,12 +86,13 @@ def measure(preset: StepPreset, precision: str, device: torch.device, steps: int
     from plca.engine.trainer import EngineConfig, TrainConfig, Trainer
     from plca.losses import associate, downsample_labels, lovasz_softmax
     from plca.methods import build_method
+    from plca.methods.plca import PLCA
     from plca.models.deeplabv2 import DeepLabV2Config, build_model
     from plca.models.output import FEATURES, LOGITS
 
     torch.manual_seed(seed)
     model = build_model(DeepLabV2Config(num_classes=19, **preset.model))
-    method = build_method("plca", model, {})
+    method = build_method(PLCA.name, model, {})
     engine = EngineConfig(batch_size=preset.batch_size, grad_accum=preset.grad_accum, device=str(device),
                           precision="bf16" if precision == "bf16" else "fp32", tf32=precision == "tf32")
     trainer = Trainer(TrainConfig(steps=warmup + steps, seed=seed, optim=OptimConfig(lr=2.5e-4), engine=engine))
