@@ -222,7 +222,8 @@ params = replace(params, engine=replace(params.engine, processes=2))
 _common.distributed(params, [sys.argv[1]])
 print("not re-run under torchrun")
 """
-SHOW_RANK = 'import os\nprint("rank", os.environ["RANK"], "of", os.environ["WORLD_SIZE"], flush=True)\n'
+# one write(2) per line: the two processes share the pipe, and print() writes a line in pieces that interleave
+SHOW_RANK = 'import os\nos.write(1, f"rank {os.environ[\'RANK\']} of {os.environ[\'WORLD_SIZE\']}\\n".encode())\n'
 
 
 def test_a_stage_asking_for_two_processes_runs_itself_again_under_torchrun(tmp_path: Path) -> None:
