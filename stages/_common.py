@@ -119,7 +119,8 @@ def distributed(params: Params, argv: list[str]) -> DistConfig:
     if "LOCAL_RANK" not in os.environ:
         n = params.engine.processes
         if n > 1:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *argv]
+            # "--": torchrun's own parser would take the stage's --run for an abbreviation of its --run-path
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "--", *argv]
             print(f"engine.processes = {n}: {' '.join(cmd)}", flush=True)
             os.execvp(cmd[0], cmd)
         return DistConfig()

@@ -101,7 +101,7 @@ def average_terms(terms: dict[str, float], device: torch.device, world_size: int
     """The mean over the ranks of each logged term (every rank logs the same keys)."""
     import torch.distributed as dist
 
-    keys = sorted(terms)
+    keys = list(terms)  # the step's own order (the same on every process): the log's columns stay as one process's
     values = torch.tensor([terms[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(values)
     return dict(zip(keys, (values / world_size).tolist(), strict=True))
