@@ -212,6 +212,32 @@ def test_discriminators_and_ema_teachers_train_on_two_processes(tmp_path: Path, 
     assert (tmp_path / "run.pt").is_file()
 
 
+def _grad_worker(rank: int, out: Path) -> None:
+    from plca.engine.distributed import average_gradients
+
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=WORLD)
+    try:
+        used, unused, once = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+        used.grad = torch.full((3,), float(rank + 1))
+        if rank == 1:
+            once.grad = torch.full((3,), 4.0)
+        average_gradients([used, unused, once], WORLD)
+        torch.save({"used": used.grad, "unused": unused.grad, "once": once.grad}, out / f"grads-{rank}.pt")
+    finally:
+        shutdown()
+
+
+def test_a_parameter_without_a_gradient_anywhere_keeps_none(tmp_path: Path) -> None:
+    """As in one process, where an optimiser leaves a parameter without a gradient alone (no weight decay, no
+    momentum step); one with a gradient on some process only counts as zeros on the others."""
+    mp.spawn(_grad_worker, args=(tmp_path,), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"grads-{rank}.pt")
+        assert torch.equal(got["used"], torch.full((3,), 1.5))
+        assert got["unused"] is None
+        assert torch.equal(got["once"], torch.full((3,), 2.0))
+
+
 LAUNCH = """
 import sys
 from dataclasses import replace

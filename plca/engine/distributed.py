@@ -78,12 +78,19 @@ def _buckets(tensors: Sequence[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
 
 
 def average_gradients(params: Iterable[torch.nn.Parameter], world_size: int) -> None:
-    """Replace each parameter's gradient by its mean over the ranks (a parameter without one counts as zeros on
-    that rank, so every rank reduces the same tensors in the same order)."""
+    """Replace each parameter's gradient by its mean over the ranks. A parameter that has a gradient on some rank
+    counts as zeros on a rank where it has none, so every rank reduces the same tensors in the same order; one
+    that has none on any rank keeps none, as in one process (an optimiser then leaves it alone: no weight decay)."""
     import torch.distributed as dist
 
+    params = list(params)
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32,
+                            device=params[0].device if params else "cpu")
+    dist.all_reduce(has_grad, op=dist.ReduceOp.MAX)
     grads = []
-    for p in params:
+    for p, anywhere in zip(params, has_grad.tolist(), strict=True):
+        if not anywhere:
+            continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         grads.append(p.grad)
