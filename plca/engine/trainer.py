@@ -92,11 +92,8 @@ class EngineConfig:
     def fingerprint_dict(self) -> dict[str, Any]:
         """What a run's fingerprint holds of these settings: the switches added after the first runs only when
         they differ from their defaults, so the fingerprints (and model files) of those runs stay as they were."""
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        for f in fields(self):
-            if f.name in _LATER_SWITCHES and d[f.name] == f.default:
-                del d[f.name]
-        return d
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in _LATER_SWITCHES or getattr(self, f.name) != f.default}
 
 
 #: precision -> autocast dtype (None: no autocast).
@@ -256,8 +253,6 @@ class Trainer:
 
 
 def _sync_batchnorm_(net: torch.nn.Module) -> None:
-    """Turn every BatchNorm of `net` into SyncBatchNorm, in place (the method keeps its reference to `net`)."""
-    for name, child in list(net.named_children()):
-        converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(child)
-        if converted is not child:
-            setattr(net, name, converted)
+    """Turn every BatchNorm of `net` into SyncBatchNorm, in place (the method keeps its reference to `net`):
+    torch converts a module that is not itself a BatchNorm by replacing its children."""
+    torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
