@@ -294,18 +294,17 @@ def train_run(
                               checkpoint_path=checkpoint, fingerprint=run_fp, log_csv=log_csv,
                               tracker=tracker, progress=progress, code=code, main=dist.main)
         result = trainer.fit(method, streams, hooks)
-        if not dist.main:
-            return {"seconds": result.seconds, "resumed_from": result.resumed_from, "steps": result.steps}
-        model_file = out_dir / "model.pt"
-        save_model(model, model_file, {"run": spec.run_name, "fingerprint": run_fp, "steps": result.steps})
-        tracker.set_tags({MODEL_TAG: file_digest(model_file)})
-        tracker.log_artifact(log_csv)
-        tracker.log_metrics({"train/seconds": result.seconds})
-        if tracking.log_models:
-            tracker.log_artifact(model_file, "model")
-            with tempfile.TemporaryDirectory() as tmp:  # the config the model was trained with, beside it
-                atomic_write_json(run_params, Path(tmp) / "config.json")
-                tracker.log_artifact(Path(tmp) / "config.json", "model")
+        if dist.main:  # the other processes hold the same weights and track nothing
+            model_file = out_dir / "model.pt"
+            save_model(model, model_file, {"run": spec.run_name, "fingerprint": run_fp, "steps": result.steps})
+            tracker.set_tags({MODEL_TAG: file_digest(model_file)})
+            tracker.log_artifact(log_csv)
+            tracker.log_metrics({"train/seconds": result.seconds})
+            if tracking.log_models:
+                tracker.log_artifact(model_file, "model")
+                with tempfile.TemporaryDirectory() as tmp:  # the config the model was trained with, beside it
+                    atomic_write_json(run_params, Path(tmp) / "config.json")
+                    tracker.log_artifact(Path(tmp) / "config.json", "model")
     return {"seconds": result.seconds, "resumed_from": result.resumed_from, "steps": result.steps}
 
 
