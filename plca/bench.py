@@ -336,10 +336,12 @@ def add_association_args(p: argparse.ArgumentParser) -> None:
 
 def association_command(args: argparse.Namespace) -> None:
     body = run_association(args)
-    print(f"{ASSOCIATION_HEADING}\n\n{body}")
+    # a GPU's figures go to their own section: the CPU's and the GPU's both stay
+    heading = ASSOCIATION_HEADING + (" on a GPU" if args.device == "cuda" else "")
+    print(f"{heading}\n\n{body}")
     if not args.no_write:
-        replace_section(args.output, ASSOCIATION_HEADING, body)
-        print(f"wrote section '{ASSOCIATION_HEADING}' of {args.output}", file=sys.stderr)
+        replace_section(args.output, heading, body)
+        print(f"wrote section '{heading}' of {args.output}", file=sys.stderr)
 
 
 #: name -> (help, add arguments, run)

@@ -23,6 +23,9 @@ import torch
 
 REPORT = Path("reports/benchmarks.md")
 STEP_HEADING = "## Training step"
+#: A GPU's figures go to their own section: the CPU's (toy shapes) and the GPU's (paper shapes) both stay.
+GPU_STEP_HEADING = "## Training step on a GPU"
+IMPLS = ("auto", "blocked", "dense")
 
 
 @dataclass(frozen=True)
@@ -79,8 +82,9 @@ def synthetic_batch(preset: StepPreset, num_classes: int, device: torch.device, 
 
 
 def measure(preset: StepPreset, precision: str, device: torch.device, steps: int, warmup: int,
-            seed: int = 0) -> dict[str, float]:
-    """Seconds a step (and each part alone) and the peak memory of one precision."""
+            seed: int = 0, impl: str = "auto") -> dict[str, float]:
+    """Seconds a step (and each part alone) and the peak memory of one precision and association kernel (PLCA's
+    `impl` option)."""
     from plca.engine.contract import TrainContext
     from plca.engine.optim import OptimConfig
     from plca.engine.trainer import EngineConfig, TrainConfig, Trainer
@@ -92,7 +96,7 @@ def measure(preset: StepPreset, precision: str, device: torch.device, steps: int
 
     torch.manual_seed(seed)
     model = build_model(DeepLabV2Config(num_classes=19, **preset.model))
-    method = build_method(PLCA.name, model, {})
+    method = build_method(PLCA.name, model, {"impl": impl})
     engine = EngineConfig(batch_size=preset.batch_size, grad_accum=preset.grad_accum, device=str(device),
                           precision="bf16" if precision == "bf16" else "fp32", tf32=precision == "tf32")
     trainer = Trainer(TrainConfig(steps=warmup + steps, seed=seed, optim=OptimConfig(lr=2.5e-4), engine=engine))
@@ -136,8 +140,8 @@ def measure(preset: StepPreset, precision: str, device: torch.device, steps: int
     def association() -> None:
         for _ in range(accum):
             a = [x.detach().requires_grad_() for x in (fs, ft, ls, lt)]
-            fass = associate(a[0], a[1], grid, similarity="cosine").loss
-            cass = associate(a[2].softmax(1), a[3].softmax(1), grid, similarity="kl").loss
+            fass = associate(a[0], a[1], grid, similarity="cosine", impl=impl).loss
+            cass = associate(a[2].softmax(1), a[3].softmax(1), grid, similarity="kl", impl=impl).loss
             (fass + cass).backward()
 
     def lovasz() -> None:
@@ -177,17 +181,19 @@ def run_step_bench(args: argparse.Namespace) -> str:
     if args.grad_accum:
         preset = replace(preset, grad_accum=args.grad_accum)
     rows, skipped = [], []
-    for precision in args.precisions:
-        if precision == "tf32" and device.type != "cuda":
-            skipped.append("tf32 (CUDA only)")
-            continue
-        r = measure(preset, precision, device, args.steps, args.warmup, args.seed)
-        parts = ("network", "association", "lovasz", "optimiser")
-        shares = [r[p] / r["step"] for p in parts]
-        peak = "n/a (CPU)" if device.type != "cuda" else f"{r['peak_bytes'] / 2**30:.1f} GiB"
-        rows.append(f"| {precision} | {_ms(r['step'])} | {peak} | "
-                    + " | ".join(f"{s:.0%}" for s in shares) + f" | {max(0.0, 1 - sum(shares)):.0%} |")
-        print(f"  {precision}: {r['step']:.3f} s a step", flush=True)
+    for impl in args.impls:
+        for precision in args.precisions:
+            if precision == "tf32" and device.type != "cuda":
+                skipped.append("tf32 (CUDA only)")
+                continue
+            r = measure(preset, precision, device, args.steps, args.warmup, args.seed, impl)
+            parts = ("network", "association", "lovasz", "optimiser")
+            shares = [r[p] / r["step"] for p in parts]
+            peak = "n/a (CPU)" if device.type != "cuda" else f"{r['peak_bytes'] / 2**30:.1f} GiB"
+            label = precision if args.impls == ["auto"] else f"{precision}, {impl}"
+            rows.append(f"| {label} | {_ms(r['step'])} | {peak} | "
+                        + " | ".join(f"{s:.0%}" for s in shares) + f" | {max(0.0, 1 - sum(shares)):.0%} |")
+            print(f"  {label}: {r['step']:.3f} s a step", flush=True)
     h, w = preset.crop
     command = "python -m plca.bench step " + " ".join(args.argv)
     return "\n".join([
@@ -202,10 +208,12 @@ def run_step_bench(args: argparse.Namespace) -> str:
         f"{preset.batch_size} images a pass x {preset.grad_accum}.",
         f"- Time: mean of {args.steps} steps after {args.warmup} warm-up steps; parts: mean of up to 3 runs each "
         "after one warm-up. Peak memory: torch.cuda.max_memory_allocated over the timed steps."
-        + (f" Not run: {', '.join(skipped)}." if skipped else ""),
+        + (f" Not run: {', '.join(sorted(set(skipped)))}." if skipped else ""),
+        "- Association kernels (PLCA's `impl`): " + ", ".join(args.impls) + " (auto: batched dense up to 2^20 "
+        "similarity entries a batch, block-wise above; the paper's 92x92 grids take the block-wise kernels).",
         "- Several processes: not measured (this bench runs one; training on several: docs/gpu.md#several-gpus)."
-        + ("" if device.type == "cuda" else " The paper's shapes on a GPU: not measured yet (`tools/gpu_bench.sh` "
-                                               "runs them on a lent GPU)."),
+        + ("" if device.type == "cuda" else " The paper's shapes on a GPU: `tools/gpu_bench.sh` runs them on a "
+                                               "GPU, into the section \"Training step on a GPU\"."),
         "",
         "| precision | step | peak memory | network | association | Lovasz | optimiser | other |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -217,6 +225,8 @@ def add_step_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="gta5", help="a profile's shapes")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=["auto"],
+                   help="PLCA's association kernels (its `impl` option), each measured at every precision")
     p.add_argument("--steps", type=int, default=10, help="timed steps per precision")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (cuDNN, allocator)")
     p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help="override the preset's crop")
@@ -234,7 +244,8 @@ def step_command(args: argparse.Namespace) -> None:
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
     body = run_step_bench(args)
-    print(f"{STEP_HEADING}\n\n{body}")
+    heading = GPU_STEP_HEADING if args.device == "cuda" else STEP_HEADING
+    print(f"{heading}\n\n{body}")
     if not args.no_write:
-        replace_section(args.output, STEP_HEADING, body)
-        print(f"wrote section '{STEP_HEADING}' of {args.output}")
+        replace_section(args.output, heading, body)
+        print(f"wrote section '{heading}' of {args.output}")

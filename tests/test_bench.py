@@ -92,6 +92,18 @@ def test_step_bench_runs_the_pipelines_step_at_tiny_shapes(tmp_path: Path,
         assert all(0 <= int(c.rstrip("%")) <= 100 for c in cells[3:])
 
 
+def test_step_bench_measures_each_association_kernel_asked_for(tmp_path: Path) -> None:
+    """`--impls`: a row per kernel and precision, labelled with both; the kernels named in the section."""
+    out = tmp_path / "benchmarks.md"
+    bench.main(["step", "--preset", "toy", "--device", "cpu", "--steps", "1", "--warmup", "0", "--crop", "32", "48",
+                "--batch", "2", "--threads", "1", "--precisions", "fp32", "--impls", "blocked", "dense",
+                "--output", str(out)])
+    section = out.read_text()
+    rows = [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| fp32")]
+    assert rows == ["fp32, blocked", "fp32, dense"]
+    assert "Association kernels (PLCA's `impl`): blocked, dense" in section
+
+
 def test_step_bench_batch_feeds_every_term_of_plca() -> None:
     """The synthetic batch has the shapes of the preset and labels with unlabelled cells, and the PLCA method
     (which the bench times through the engine) computes every one of its terms on it."""

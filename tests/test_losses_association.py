@@ -356,3 +356,16 @@ def test_half_precision_inputs_and_autocast_compute_in_float32() -> None:
     assert loss.dtype == torch.float32 and agg.dtype == torch.bfloat16
     reference = association_loss(src_bf.float(), tgt_bf.float(), lab)
     assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+
+
+def test_auto_takes_the_dense_kernels_up_to_the_paper_grids_on_a_gpu_only() -> None:
+    """The paper's training batch (4 pairs of 92x92 grids) is dense on CUDA (twice as fast on an H200) and
+    block-wise on the CPU (faster there); full-resolution inference (one 128x256 grid) is block-wise on both."""
+    choose, cpu, cuda = association_module._dense, torch.device("cpu"), torch.device("cuda")
+    paper, full_res, toy = 4 * (92 * 92) ** 2, (128 * 256) ** 2, 4 * (8 * 16) ** 2
+    assert choose("auto", paper, cuda) and not choose("auto", paper, cpu)
+    assert not choose("auto", full_res, cuda) and not choose("auto", full_res, cpu)
+    assert choose("auto", toy, cpu) and choose("auto", toy, cuda)
+    assert choose("dense", full_res, cpu) and not choose("blocked", toy, cuda)
+    with pytest.raises(ValueError, match="impl must be 'auto', 'blocked' or 'dense', got 'fast'"):
+        choose("fast", toy, cpu)

@@ -13,8 +13,12 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
 cp reports/benchmarks.md "$OUT/benchmarks.md"
-# the paper's step (DeepLab-v2 ResNet-101, 730x730, 8 + 8 images): fp32, TF32, bf16
-timeout 300 python3 -m plca.bench step --preset gta5 --device cuda --steps 10 --warmup 3 \
+python3 -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())" 2>&1 | tee "$OUT/torch.txt"
+# the engine on CUDA: every family trains, fp32 = CPU, bf16/fp16 close, the switches, compile, resume
+timeout ${CUDA_TESTS_S:-150} python3 -m pytest -q -s -rfE -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/cuda_tests.log"
+[ -n "${ONLY_TESTS:-}" ] && exit 0
+# the paper's step (DeepLab-v2 ResNet-101, 730x730, 8 + 8 images): fp32, TF32, bf16; block-wise and dense kernels
+timeout 260 python3 -m plca.bench step --preset gta5 --device cuda --steps 5 --warmup 2 --impls blocked dense \
   --output "$OUT/benchmarks.md" 2>&1 | tee "$OUT/step.log"
 # the association alone, block-wise vs dense
 timeout 200 python3 -m plca.bench association --device cuda --sizes 92 64 --repeats 3 \

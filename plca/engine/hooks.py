@@ -211,9 +211,10 @@ class CheckpointHook(Hook):
         for hook in trainer.hooks:
             if hook.name in state["hooks"]:
                 hook.load_state_dict(state["hooks"][hook.name])
-        torch.set_rng_state(state["rng_cpu"])
+        # the states are CPU byte tensors, but the checkpoint was mapped onto the training device
+        torch.set_rng_state(state["rng_cpu"].cpu())
         if trainer.device.type == "cuda" and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"])
+            torch.cuda.set_rng_state(state["rng_cuda"].cpu())
         trainer.start = trainer.step = int(state["step"])
         log.info("resumed from %s at step %d", self.path, trainer.start)
 

@@ -56,14 +56,20 @@ __all__ = [
 #: and batched over the pairs: on small grids (the embedded pair's 8x16) the per-pair, per-block Python work of
 #: the block-wise kernels costs more than the matrices, which are then small (2^20 float32 = 4 MiB each).
 DENSE_MAX_ENTRIES = 1 << 20
+#: On CUDA, up to this many: there the batched matrices beat the block-wise kernels at the paper's 92x92 grids too
+#: (an H200: the paper's PLCA step 652 ms against 1,313 ms in TF32, 6.5 GiB more memory; reports/benchmarks.md,
+#: "Training step on a GPU"), while on the CPU the block-wise kernels are the faster there. 2^29 entries (2 GiB a
+#: float32 matrix) keeps full-resolution inference (a 128x256 grid: 2^30) block-wise.
+DENSE_MAX_ENTRIES_CUDA = 1 << 29
 
 Impl = Literal["auto", "blocked", "dense"]
 
 
-def _dense(impl: str, entries: int) -> bool:
+def _dense(impl: str, entries: int, device: torch.device) -> bool:
     if impl not in ("auto", "blocked", "dense"):
         raise ValueError(f"impl must be 'auto', 'blocked' or 'dense', got {impl!r}")
-    return impl == "dense" or (impl == "auto" and entries <= DENSE_MAX_ENTRIES)
+    cap = DENSE_MAX_ENTRIES_CUDA if device.type == "cuda" else DENSE_MAX_ENTRIES
+    return impl == "dense" or (impl == "auto" and entries <= cap)
 
 
 @dataclass
@@ -84,7 +90,8 @@ class AssociationConfig:
     #: dense implementation at L = 92 x 92 (reports/benchmarks.md). False: the least memory. Predictions (kl)
     #: are cheap to recompute and never kept.
     cache_similarities: bool = True
-    #: "blocked" (the kernels above), "dense" (batched L x L matrices) or "auto" (dense up to DENSE_MAX_ENTRIES).
+    #: "blocked" (the kernels above), "dense" (batched L x L matrices) or "auto" (dense up to DENSE_MAX_ENTRIES on
+    #: the CPU, DENSE_MAX_ENTRIES_CUDA on a GPU).
     impl: str = "blocked"
 
 
@@ -150,7 +157,7 @@ def spatial_aggregate(
     n, c, h, w = x.shape
     # the block kernels call matrix products directly: keep autocast from lowering them to half precision
     with torch.autocast(x.device.type, enabled=False):
-        if _dense(impl, n * (h * w) ** 2):
+        if _dense(impl, n * (h * w) ** 2, x.device):
             return dense_spatial_aggregate(_full_precision(x), similarity, alpha).to(x.dtype)
         rows = _full_precision(x).flatten(2).transpose(1, 2)  # [N, L, C] view: one row per pixel
         if similarity == "cosine":
@@ -203,14 +210,15 @@ def associate(
     -100 as the released code's BCE. Sim-PLCA: -(1/|Pos|) sum_i [D_st[i, j*] + D_ts[j*, i*]]. |Pos| counts the
     positives of all pairs; with none the loss is a zero that still backpropagates (zero gradients).
     block_rows, cache_similarities, impl: speed/memory knobs that do not change the result (see AssociationConfig;
-    impl "blocked" never holds an L x L matrix, "dense" batches them, "auto" picks dense on small grids).
+    impl "blocked" never holds an L x L matrix, "dense" batches them, "auto" picks dense on small grids, and on a
+    GPU up to the paper's).
     """
     _check_similarity(similarity)
     _check_alpha(alpha)
     _check_inputs(source, target, source_labels)
     n, ls, lt = source.shape[0], source.shape[2] * source.shape[3], target.shape[2] * target.shape[3]
     with torch.autocast(source.device.type, enabled=False):
-        if _dense(impl, n * ls * lt):
+        if _dense(impl, n * ls * lt, source.device):
             return _associate_dense(_full_precision(source), _full_precision(target), source_labels, similarity,
                                     aggregate_target, alpha, ignore_index, contrastive)
         return _associate(_full_precision(source), _full_precision(target), source_labels, similarity,

@@ -1,8 +1,9 @@
 """The dense form of the PLCA association formulas (project spec plca.md, Eq 1-10): every L x L matrix materialised.
 
 Two uses. `association.py` runs these functions, batched over the image pairs, whenever `impl="dense"`, or
-`impl="auto"` and the grid is small (up to `DENSE_MAX_ENTRIES` similarities): the default pipeline's 8x16 feature
-grid takes this path in training and evaluation. `dense_association_loss` is the plain autograd version, as in
+`impl="auto"` and the grid is small (up to `DENSE_MAX_ENTRIES` similarities; on a GPU up to
+`DENSE_MAX_ENTRIES_CUDA`, the paper's grids included): the default pipeline's 8x16 feature grid takes this path in
+training and evaluation. `dense_association_loss` is the plain autograd version, as in
 the authors' released code, that the block-wise kernels of `association.py` are tested and benchmarked against.
 
 Imports nothing from `association.py` (shared constants: `constants.py`), which imports this module.

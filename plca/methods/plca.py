@@ -40,7 +40,8 @@ class PLCAConfig:
     #: Contrastive association (PLCA); off = Sim-PLCA, which raises raw similarities of associated pairs.
     contrastive: bool = True
     ignore_index: int = IGNORE_INDEX
-    #: Association kernels: "auto" = batched dense on small grids, memory-lean block-wise on large ones.
+    #: Association kernels: "auto" = batched dense on small grids (on a GPU up to the paper's 92x92, where it is
+    #: twice as fast), memory-lean block-wise on large ones; "dense" or "blocked" to force one.
     impl: str = "auto"
 
     def __post_init__(self) -> None:
