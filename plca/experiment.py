@@ -56,7 +56,8 @@ def make_reader(domain: DomainConfig, split: str, with_labels: bool = True) -> A
         raise ValueError(f"{domain.root}: no '{split}' split configured")
     ids = None if which is None else domain.root / which
     if domain.format == "cityscapes":
-        return CityscapesReader(domain.root, which, with_labels=with_labels)
+        return CityscapesReader(domain.root, which, with_labels=with_labels,
+                                ids=domain.train_ids if split == "train" else None)
     if domain.format == "gta5":
         return GTA5Reader(domain.root, ids=ids)
     return SynthiaReader(domain.root, ids=ids)
@@ -219,7 +220,18 @@ def training_data(params: Params) -> dict[str, Any]:
     """What a training reads of params `data` (its domains and augmentations; not the report's label, nor how the
     data were prepared, which reach it through the prepared files): its fingerprint and MLflow params."""
     d = params.data
-    return {"source": to_dict(d.source), "target": to_dict(d.target), "train_transform": to_dict(d.train_transform),
+
+    def domain(cfg: DomainConfig) -> dict[str, Any]:
+        # train_ids only when set (the fingerprints of runs on whole splits stay as they were), with the list's
+        # digest: an edited list never resumes a run trained on the old one
+        out = to_dict(cfg)
+        if cfg.train_ids is None:
+            del out["train_ids"]
+        else:
+            out["train_ids_digest"] = file_digest(Path(cfg.train_ids))
+        return out
+
+    return {"source": domain(d.source), "target": domain(d.target), "train_transform": to_dict(d.train_transform),
             "target_transform": None if d.target_transform is None else to_dict(d.target_transform)}
 
 
@@ -455,6 +467,10 @@ def pseudo_label_run(
     summary = make_pseudo_set(model, reader, params.data.train_transform, cfg, out_dir, device, progress=progress,
                               desc=f"pseudo-labels {name} s{seed}")
     run_params = {"pseudo": name, "seed": seed, "model": file_digest(model_path), **to_dict(cfg)}
+    if not cfg.flip:  # keys only when they apply: the fingerprints of existing sets stay as they were
+        del run_params["flip"]
+    if params.data.target.train_ids is not None:
+        run_params["train_ids"] = file_digest(Path(params.data.target.train_ids))
     with Tracker(tracking, f"pseudo-{name}-s{seed}", flatten(run_params), tags,
                  match={"fingerprint": fingerprint(run_params)}) as tracker:
         tracker.log_metrics({f"pseudo/{k}": float(v) for k, v in summary.items()

@@ -50,6 +50,9 @@ class PseudoSetConfig:
     #: are upsampled to the stored size, where the label PNGs are written.
     input_size: tuple[int, int] | None = None
     batch_size: int = 8
+    #: Also predict each image mirrored and average the two softmaxes at the stored size (the released CRST); the
+    #: policy then sees the log of the average as logits.
+    flip: bool = False
     #: Score the pseudo-labels against the target train labels when the dataset has them (a diagnostic in the
     #: set's summary; labels never train).
     precision: bool = True
@@ -127,11 +130,17 @@ def _predictions(model: torch.nn.Module, reader: Any, tcfg: TransformConfig, cfg
             images = torch.from_numpy(np.stack([b[1] for b in batch])).to(device)
             with torch.no_grad():
                 logits = model(images)[LOGITS].float()
+                if cfg.flip:  # [2, N, C, h, w]: the image's and its mirror's, mirrored back
+                    logits = torch.stack([logits, model(images.flip(-1))[LOGITS].float().flip(-1)])
             if filling and cached + logits.numel() * 4 <= OUTPUT_CACHE_BYTES and len(cache) == k:
                 cache.append(logits.cpu())
                 cached += logits.numel() * 4
         with torch.no_grad():
-            return [b[0] for b in batch], model.upsample(logits, (h, w))
+            if not cfg.flip:
+                return [b[0] for b in batch], model.upsample(logits, (h, w))
+            # as the released CRST: each upsampled, their softmaxes averaged; floored so that the log is finite
+            probs = (model.upsample(logits[0], (h, w)).softmax(1) + model.upsample(logits[1], (h, w)).softmax(1)) / 2
+            return [b[0] for b in batch], probs.clamp_(min=torch.finfo(probs.dtype).tiny).log_()
 
     model.eval()
     batch: list[tuple[Sample, np.ndarray]] = []

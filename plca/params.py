@@ -42,6 +42,14 @@ class DomainConfig:
     #: SYNTHIA have no official splits, and the paper trains on all of them.
     train: str | None = "train"
     val: str | None = "val"
+    #: cityscapes: a list file (relative to the repository or absolute) keeping only those images of the train
+    #: split, one name a line (`aachen_000000_000019`, its image file or a path to it: the released CRST's
+    #: `train_ClsConfSet.lst` of 505 images works as it is); null = the whole split.
+    train_ids: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.train_ids is not None and self.format != "cityscapes":
+            raise ValueError(f"train_ids is for cityscapes; a {self.format} train list file goes in 'train'")
 
 
 @dataclass

@@ -160,6 +160,43 @@ def test_cityscapes_reader(tmp_path):
     assert len(CityscapesReader(tmp_path, "val")) == 2
 
 
+def test_cityscapes_train_ids_keep_the_listed_images_in_the_splits_order(tmp_path):
+    """A list file as the released CRST writes them (`<image path> <label path>` a line) or as names, in any
+    order, with repeats: only those images, each once, in the split's order, labels alongside."""
+    write_cityscapes(tmp_path / "cs", splits={"train": 4, "val": 2})
+    everything = CityscapesReader(tmp_path / "cs", "train").names
+    crst = tmp_path / "train_ClsConfSet.lst"
+    crst.write_text("".join(f"leftImg8bit/train/{n.split('_')[0]}/{n}_leftImg8bit.png\t"
+                            f"gtFine/train/{n.split('_')[0]}/{n}_gtFine_labelIds.png\n"
+                            for n in (everything[3], everything[1])))
+    names = tmp_path / "names.txt"
+    names.write_text(f"{everything[3]}\n\n{everything[1]}\n{everything[1]}_leftImg8bit.png\n")
+    for ids in (crst, str(names), [everything[3], everything[1]]):
+        reader = CityscapesReader(tmp_path / "cs", "train", ids=ids)
+        assert reader.names == [everything[1], everything[3]]
+        assert reader.read(1).name == everything[3] and reader.read(1).label is not None
+    (tmp_path / "wrong.txt").write_text("aachen_999999_000019\n")
+    with pytest.raises(FileNotFoundError, match=r"1 images of list file .*wrong.txt are not in split 'train' .*"
+                                                r"aachen_999999_000019"):
+        CityscapesReader(tmp_path / "cs", "train", ids=tmp_path / "wrong.txt")
+    with pytest.raises(FileNotFoundError, match="split list file .*absent.txt not found"):
+        CityscapesReader(tmp_path / "cs", "train", ids=tmp_path / "absent.txt")
+
+
+def test_params_train_ids_choose_the_cityscapes_train_images_only(tmp_path):
+    from plca.experiment import make_reader
+    from plca.params import DomainConfig
+
+    write_cityscapes(tmp_path / "cs", splits={"train": 4, "val": 2})
+    first = CityscapesReader(tmp_path / "cs", "train").names[0]
+    (tmp_path / "ids.txt").write_text(first + "\n")
+    domain = DomainConfig("cityscapes", tmp_path / "cs", train_ids=str(tmp_path / "ids.txt"))
+    assert make_reader(domain, "train").names == [first]
+    assert len(make_reader(domain, "val")) == 2  # val is never cut
+    with pytest.raises(ValueError, match="train_ids is for cityscapes; a gta5 train list file goes in 'train'"):
+        DomainConfig("gta5", tmp_path, train_ids="ids.txt")
+
+
 def test_cityscapes_without_labels_never_opens_gtfine(tmp_path):
     write_cityscapes(tmp_path, splits={"train": 2})
     # no gtFine at all, as for an images-only download: must still work and return no label

@@ -287,3 +287,45 @@ def test_the_labelling_pass_reuses_the_scoring_pass_outputs_and_writes_the_same_
     assert plain == cached and len(plain) > 3
     for rel in plain:
         assert (tmp_path / "plain" / rel).read_bytes() == (tmp_path / "cached" / rel).read_bytes(), rel
+
+
+def test_flip_averages_the_softmax_of_the_image_and_of_its_mirror(tmp_path: Path) -> None:
+    """`flip: true` (the released CRST): the policy sees log((softmax(f(x)) + mirror(softmax(f(mirror x)))) / 2),
+    here with a model that is not mirror-symmetric (a ramp across the width added to each class's logit)."""
+    ramp = torch.arange(W, dtype=torch.float32) * torch.tensor([0.0, 1.0, -1.0])[:, None]  # [3 classes, W]
+
+    class Ramp(Stub):
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {LOGITS: self.k * x + ramp[None, :, None, :]}
+
+    seen: list[torch.Tensor] = []
+
+    @register_policy(NoOptions)
+    class Recording(Policy):
+        name = "recording_test_policy"
+
+        def observe(self, names: list[str], logits: torch.Tensor) -> None:
+            seen.append(logits.clone())
+
+        def select(self) -> Selection:
+            return Selection(labelled=[], unlabelled=["img0", "img1"])
+
+    try:
+        reader = FakeReader(PIXELS[:2])
+        for flip in (False, True):
+            seen.clear()
+            cfg = PseudoSetConfig(policy="recording_test_policy", batch_size=2, flip=flip)
+            make_pseudo_set(Ramp(k=1.0), reader, RAW, cfg, tmp_path / f"flip{flip}", torch.device("cpu"),
+                            progress=False)
+            x = torch.stack([torch.tensor(p, dtype=torch.float32)[:, None, None].expand(3, H, W) / 255
+                             for p in PIXELS[:2]])
+            plain = x + ramp[None, :, None, :]
+            if not flip:
+                torch.testing.assert_close(seen[0], plain)
+                continue
+            mirrored = (x.flip(-1) + ramp[None, :, None, :]).flip(-1)
+            expected = ((plain.softmax(1) + mirrored.softmax(1)) / 2).log()
+            torch.testing.assert_close(seen[0], expected)
+            assert not torch.allclose(seen[0].softmax(1), plain.softmax(1))  # the mirror did change it
+    finally:
+        POLICIES.pop("recording_test_policy", None)

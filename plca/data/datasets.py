@@ -226,6 +226,16 @@ class GTA5Reader(FlatPairReader):
         return cityscapes_ids_to_train_ids(ids, show_path(path))
 
 
+def cityscapes_list(path: Path) -> list[str]:
+    """The image names of a Cityscapes list file, one a line: a name (`aachen_000000_000019`), its image file or a
+    path to it; only a line's first field counts (the released CRST lists hold `<image path> <label path>`)."""
+    names = []
+    for line in _read_list_file(path):
+        name = line.split()[0].replace("\\", "/").rsplit("/", 1)[-1]
+        names.append(name.removesuffix(".png").removesuffix(CS_IMAGE_SUFFIX.removesuffix(".png")))
+    return names
+
+
 class CityscapesReader(PairReader):
     """Cityscapes: `leftImg8bit/<split>/<city>/*_leftImg8bit.png` with `gtFine/<split>/<city>/*_gtFine_labelIds.png`.
 
@@ -235,8 +245,11 @@ class CityscapesReader(PairReader):
     dataset = "Cityscapes"
 
     def __init__(
-        self, root: Path | str, split: str, with_labels: bool = True, size_mismatch: SizeMismatch = "error"
+        self, root: Path | str, split: str, with_labels: bool = True, size_mismatch: SizeMismatch = "error",
+        ids: Sequence[str] | Path | str | None = None,
     ) -> None:
+        """ids: None for the whole split, a sequence of names (`aachen_000000_000019`) or the path of a list file
+        (see `cityscapes_list`); the split's order is kept."""
         root = Path(root)
         _need_dir(root, self.dataset, CITYSCAPES_LAYOUT)
         image_dir = root / "leftImg8bit" / split
@@ -255,6 +268,15 @@ class CityscapesReader(PairReader):
             raise DataError(f"{self.dataset}: {shown}: not named <city>_<seq>_<frame>{CS_IMAGE_SUFFIX}; rename or "
                             f"move it out of {show_path(image_dir)}")
         names = [p.name[: -len(CS_IMAGE_SUFFIX)] for p in image_paths]
+        if ids is not None:
+            source = f"list file {ids}" if isinstance(ids, str | Path) else "the ids given"
+            wanted = set(cityscapes_list(Path(ids)) if isinstance(ids, str | Path) else map(str, ids))
+            missing = sorted(wanted - set(names))
+            if missing:
+                raise FileNotFoundError(f"{self.dataset}: {len(missing)} images of {source} are not in split "
+                                        f"'{split}' of {show_path(image_dir)}, e.g. {missing[:MAX_LISTED]}")
+            image_paths = [p for p, n in zip(image_paths, names, strict=True) if n in wanted]
+            names = [n for n in names if n in wanted]
         label_paths = None
         if with_labels:
             label_dir = root / "gtFine" / split
