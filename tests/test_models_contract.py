@@ -31,7 +31,7 @@ def test_forward_returns_the_output_dict_and_upsamples_its_own_way() -> None:
 def test_batchnorm_modes() -> None:
     x = torch.randn(4, 3, 32, 48) * 3 + 1
     modes = {}
-    for mode in ("train", "frozen_affine", "eval"):
+    for mode in ("train", "frozen_affine", "eval", "frozen"):
         torch.manual_seed(0)
         model = build_model(DeepLabV2Config(**BN, bn_mode=mode)).train()
         bn = model.backbone.bn1
@@ -42,7 +42,8 @@ def test_batchnorm_modes() -> None:
         opt = make_optimizer(model, OptimConfig())
         assert sum(len(g["params"]) for g in opt.param_groups) == len(trainable)
     # (BatchNorm in train mode, running statistics moved, affine optimised)
-    assert modes == {"train": (True, True, True), "frozen_affine": (True, True, False), "eval": (False, False, True)}
+    assert modes == {"train": (True, True, True), "frozen_affine": (True, True, False), "eval": (False, False, True),
+                     "frozen": (False, False, False)}
 
 
 def test_ema_alpha_at_steps_0_1_and_large() -> None:

@@ -137,7 +137,12 @@ def test_recipe_carries_the_released_setup(bench: str, method: str) -> None:
 
 @pytest.fixture(scope="module")
 def fixtures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
-    """Per benchmark: data in the real layouts (<root>/<source>, <root>/cityscapes) and tiny ImageNet weights."""
+    return write_fixtures(tmp_path_factory)
+
+
+def write_fixtures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """Per benchmark: data in the real layouts (<root>/<source>, <root>/cityscapes: 6 train, 2 val images) and
+    tiny ImageNet weights."""
     out = {}
     for bench in sorted(PROFILES):
         tmp = tmp_path_factory.mktemp(bench)

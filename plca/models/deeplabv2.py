@@ -8,7 +8,9 @@ auxiliary level of AdaptSegNet's and ADVENT's multi-level training (weight 0.1 i
 
 BatchNorm modes (`bn_mode`, for `norm: batch`): "train" (statistics and affine trained, the released PLCA code);
 "frozen_affine" (affine not optimised, statistics of the batch in train mode: AdaptSegNet, ADVENT); "eval"
-(BatchNorm layers stay in eval mode during training: running statistics used and kept, CRST).
+(BatchNorm layers stay in eval mode during training: running statistics used and kept); "frozen" (both: eval
+mode and affine not optimised, the released CRST, whose DeepLab-ResNet sets requires_grad False on BatchNorm and
+trains in model.eval()).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import Tensor, nn
 from plca.models.output import AUX_LOGITS, FEATURES, LOGITS, SegmentationModel
 from plca.models.resnet import Norm, ResNet, load_imagenet_weights
 
-BNMode = Literal["train", "frozen_affine", "eval"]
+BNMode = Literal["train", "frozen_affine", "eval", "frozen"]
 
 HEAD_INIT_STD = 0.01  # DeepLab-v2's Gaussian init of the classifier weights (biases start at 0)
 
@@ -102,7 +104,7 @@ class DeepLabV2(SegmentationModel):
         self.feature_channels = self.backbone.out_channels
         self.output_stride = self.backbone.output_stride
         self.align_corners = cfg.align_corners
-        if cfg.bn_mode == "frozen_affine":
+        if cfg.bn_mode in ("frozen_affine", "frozen"):
             for m in self._batch_norms():
                 m.weight.requires_grad_(False)
                 m.bias.requires_grad_(False)
@@ -112,7 +114,7 @@ class DeepLabV2(SegmentationModel):
 
     def train(self, mode: bool = True) -> DeepLabV2:
         super().train(mode)
-        if mode and self.cfg.bn_mode == "eval":
+        if mode and self.cfg.bn_mode in ("eval", "frozen"):
             for m in self._batch_norms():
                 m.eval()
         return self

@@ -1,0 +1,176 @@
+"""The self-training family's recipes (profiles/self_training.yaml under cbst or crst, on a benchmark profile):
+merged, they carry the released CRST code's setup (its CBST is the same run without the model regulariser), and
+each runs end to end at tiny sizes on fixtures in the real layouts, on a target subset given as a list file in the
+released code's format, with the pipeline's own functions wired as the stages wire them: the source-only
+pretraining, then per round its pseudo-label set (from the previous model) and its training, then the evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from test_profiles import DEFAULT, PROFILES, REPO, SOURCE, TINY_MODEL, write_params
+from test_recipes import write_fixtures
+
+from plca.config import load_yaml
+from plca.data.datasets import CityscapesReader
+from plca.experiment import PRETRAIN, RunSpec, evaluate_run, load_model, pseudo_label_run, train_run
+from plca.labelling import read_names
+from plca.params import Params
+from plca.profiles import Merged, Overlay, compose
+
+PROFILE_DIR = REPO / "profiles"
+#: Each recipe's sets (the model that labels each) and rounds (the model each starts from, its set), in order.
+RUNS: dict[str, dict[str, Any]] = {
+    "cbst": {"pseudo": {"cbst_p1": "pretrain", "cbst_p2": "cbst_r1", "cbst_p3": "cbst_r2"},
+             "rounds": {"cbst_r1": ("pretrain", "cbst_p1"), "cbst_r2": ("cbst_r1", "cbst_p2"),
+                        "cbst": ("cbst_r2", "cbst_p3")}},
+    "crst": {"pseudo": {"cbst_p1": "pretrain", "crst_p2": "crst_r1", "crst_p3": "crst_r2"},
+             "rounds": {"crst_r1": ("pretrain", "cbst_p1"), "crst_r2": ("crst_r1", "crst_p2"),
+                        "crst": ("crst_r2", "crst_p3")}},
+}
+PORTIONS = [0.2, 0.25, 0.3]  # the released code: 0.2, + 0.05 a round
+LR = 5e-5
+CASES = [("gta5", "cbst"), ("gta5", "crst"), ("synthia", "crst")]
+N_TARGET_TRAIN, LISTED = 6, 4  # the list file keeps 4 of the 6 target train images
+TINY_CROP, TINY_EVAL = [32, 48], [48, 24]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)  # the machine is shared; tiny tensors gain nothing from more
+
+
+def recipe(bench: str, method: str) -> Merged:
+    """What `python -m plca.profile <bench> self_training <method>` writes."""
+    overlays = [Overlay(name, PROFILE_DIR / f"{name}.yaml", load_yaml(PROFILE_DIR / f"{name}.yaml"))
+                for name in (bench, "self_training", method)]
+    return compose(load_yaml(DEFAULT), overlays, DEFAULT)
+
+
+@pytest.mark.parametrize("bench", sorted(PROFILES))
+@pytest.mark.parametrize("method", sorted(RUNS))
+def test_recipe_carries_the_released_setup(bench: str, method: str) -> None:
+    p = recipe(bench, method).params
+    assert p.profile == f"{bench}+self_training+{method}"
+    # 1 source + 1 target image a step; BatchNorm frozen (eval mode, affine not optimised)
+    assert (p.engine.batch_size, p.engine.grad_accum) == (1, 1)
+    assert (p.model.depth, p.model.norm, p.model.bn_mode) == (101, "batch", "frozen")
+    # the rounds: SGD 5e-5, classifier 10x, momentum 0.9, weight decay 5e-4, constant; 3 rounds of 2 x 505 steps
+    o = p.adapt.optim
+    assert (o.name, o.lr, o.momentum, o.weight_decay, o.poly_power, o.head_lr_mult) == ("sgd", LR, 0.9, 5e-4, 0.0, 10.0)
+    assert p.adapt.steps == 3030
+    r = p.runs
+    assert [p.steps(name) for name in r.rounds] == [1010] * 3
+    assert {k: (w.init, w.pseudo) for k, w in r.rounds.items()} == RUNS[method]["rounds"]
+    assert r.pseudo == RUNS[method]["pseudo"]
+    assert (r.train_source, r.adapt, r.evaluate, r.oracle) == ([], [], [method, "oracle"], "oracle")
+    assert {p.variant(v).train.method for v in r.rounds} == {method}
+    cfg = p.method_config(method)
+    assert (cfg.regularizer, cfg.weight, cfg.code_image_weights) == (
+        ("kld", 0.1, True) if method == "crst" else ("none", 0.0, True))
+    # each round's set: class-balanced at 0.2, 0.25, 0.3 from every 4th pixel, predicted at 0.9 x 2048x1024 and
+    # mirrored
+    for name, portion in zip(r.pseudo, PORTIONS, strict=True):
+        s = p.pseudo[name]
+        assert (s.policy, s.options, s.input_size, s.flip) == (
+            "class_balanced", {"portion": portion, "ds_rate": 4, "policy": "cb"}, (1843, 922), True), name
+    # scale 0.5-1.5 and 512x1024 crops with flips on both domains; full-resolution evaluation
+    src, tgt = p.transform("source"), p.transform("target")
+    assert (src.short_edge, src.crop, src.flip) == ((526, 1578), (512, 1024), True)
+    assert (tgt.short_edge, tgt.crop, tgt.flip) == ((512, 1536), (512, 1024), True)
+    assert p.data.eval_size == (2048, 1024) and p.data.target.train_ids is None
+    # the source-only model the rounds start from (ours: the code supplies one)
+    assert (p.pretrain.steps, p.pretrain.optim.lr, p.pretrain.optim.head_lr_mult) == (120000, 2.5e-4, 10.0)
+    assert (p.oracle.steps, p.oracle.optim.lr, p.oracle.optim.poly_power) == (3030, LR, 0.0)
+    assert p.data.protocol == (19 if bench == "gta5" else 16)
+    assert (p.data.source.format, p.data.target.format) == (SOURCE[bench], "cityscapes")
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    return write_fixtures(tmp_path_factory)  # the adversarial recipes' data: 6 target train images
+
+
+def tiny_recipe(bench: str, method: str, root: Path, weights: Path, tmp: Path) -> tuple[Params, list[str]]:
+    """The merged recipe with its sizes made tiny, on a list file (the released code's format) of 4 of the 6
+    target train images; returns the params and the listed names."""
+    raw = recipe(bench, method).raw
+    names = CityscapesReader(root / "cityscapes", "train").names
+    listed = names[1:1 + LISTED]
+    ids = tmp / "train_ClsConfSet.lst"
+    ids.write_text("".join(f"leftImg8bit/train/{n.split('_')[0]}/{n}_leftImg8bit.png\t"
+                           f"gtFine/train/{n.split('_')[0]}/{n}_gtFine_labelIds.png\n" for n in listed))
+    d = raw["data"]
+    d["root"] = str(root)
+    d["source"]["root"] = str(root / SOURCE[bench])
+    d["target"].update(root=str(root / "cityscapes"), train_ids=str(ids))
+    d["eval_size"] = TINY_EVAL
+    for t in ("train_transform", "target_transform"):
+        d[t].update(short_edge=[32, 40], crop=TINY_CROP)
+    raw["model"].update(TINY_MODEL, pretrained=str(weights))
+    raw["engine"].update(num_workers=0, log_every=1, checkpoint_every=1, device="cpu", threads=1)
+    raw["pretrain"]["steps"] = 2
+    raw["adapt"]["steps"], raw["oracle"]["steps"] = 6, 2  # 2 steps a round
+    for s in raw["pseudo"].values():
+        if s.get("input_size") is not None:
+            s["input_size"] = TINY_EVAL
+    raw["evaluate"]["batch_size"] = 2
+    raw["tracking"]["enabled"] = False
+    return write_params(raw, tmp / "params.yaml"), listed
+
+
+@pytest.mark.parametrize(("bench", "method"), CASES, ids=[f"{b}-{m}" for b, m in CASES])
+def test_recipe_self_trains_on_the_listed_images_and_evaluates_end_to_end(
+        bench: str, method: str, tmp_path: Path, fixtures: dict[str, tuple[Path, Path]]) -> None:
+    p, listed = tiny_recipe(bench, method, *fixtures[bench], tmp_path)
+    r = p.runs
+    common = dict(tracking=p.tracking, tags={"profile": p.profile}, progress=False)
+
+    def model_path(run: str) -> Path:  # stages/_common.py's layout
+        return tmp_path / "models" / run / "s0" / "model.pt"
+
+    def train(name: str) -> dict[str, Any]:  # as stages/train.py wires a run
+        wiring = r.rounds.get(name)
+        return train_run(p, RunSpec(name, 0), out_dir=model_path(name).parent,
+                         log_csv=tmp_path / "logs" / name / "s0.csv", checkpoint_dir=tmp_path / "ckpt" / name,
+                         init_model=None if name == PRETRAIN else model_path(wiring.init),
+                         pseudo_dir=tmp_path / "pseudo" / wiring.pseudo / "s0" if wiring else None, **common)
+
+    assert train(PRETRAIN)["steps"] == 2
+    made: set[str] = set()
+    for name, wiring in r.rounds.items():  # each round after the set its start model labels
+        if wiring.pseudo not in made:
+            out = tmp_path / "pseudo" / wiring.pseudo / "s0"
+            summary = pseudo_label_run(p, wiring.pseudo, 0, model_path=model_path(r.pseudo[wiring.pseudo]),
+                                       out_dir=out, **common)
+            # only the listed images are predicted, labelled or not
+            assert summary["images"] == LISTED
+            labelled, unlabelled = read_names(out, "labelled"), read_names(out, "unlabelled")
+            assert sorted(labelled + unlabelled) == listed
+            assert sorted(f.stem for f in (out / "labels").glob("*.png")) == sorted(labelled)
+            assert summary["options"]["portion"] == p.pseudo[wiring.pseudo].options["portion"]
+            made.add(wiring.pseudo)
+        start = load_model(model_path(wiring.init)).state_dict()
+        assert train(name)["steps"] == 2
+        state = load_model(model_path(name)).state_dict()
+        assert not torch.equal(state["backbone.conv1.weight"], start["backbone.conv1.weight"]), name
+        # BatchNorm frozen: affine and running statistics as the round's start model left them
+        for key in ("backbone.bn1.weight", "backbone.bn1.bias", "backbone.bn1.running_mean",
+                    "backbone.layer3.0.bn2.running_var"):
+            torch.testing.assert_close(state[key], start[key], rtol=0, atol=0, msg=f"{name}: {key}")
+        log = pd.read_csv(tmp_path / "logs" / name / "s0.csv")
+        assert list(log["step"]) == [1, 2]
+        np.testing.assert_allclose(log["lr"], [LR, LR], rtol=1e-12)  # constant (POWER 0)
+        assert np.isfinite(log["st_loss"]).all()
+    assert made == set(r.pseudo)
+    m = evaluate_run(p, RunSpec(method, 0), model_path=model_path(method), out_dir=tmp_path / "eval" / method / "s0",
+                     metrics_path=tmp_path / "metrics" / method / "s0.json", **common)
+    assert json.loads((tmp_path / "metrics" / method / "s0.json").read_text()) == m
+    assert m["variant"] == method and 0 <= m["miou"] <= 100
+    assert m["miou"] == (m["miou19"] if bench == "gta5" else m["miou16"])
