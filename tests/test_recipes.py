@@ -8,6 +8,7 @@ evaluates."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +184,25 @@ def tiny_recipe(bench: str, method: str, root: Path, weights: Path, tmp: Path) -
     return write_params(raw, tmp / "params.yaml")
 
 
+def wired(p: Params, tmp: Path) -> tuple[Callable[[str], Path], Callable[[str], dict[str, Any]]]:
+    """(model_path, train) of runs under `tmp`, as stages/_common.py lays them out and stages/train.py wires a run
+    (a round from its `init` model on its set; every other run from the pretrained model), seed 0."""
+    r = p.runs
+    common = dict(tracking=p.tracking, tags={"profile": p.profile}, progress=False)
+
+    def model_path(run: str) -> Path:
+        return tmp / "models" / run / "s0" / "model.pt"
+
+    def train(name: str) -> dict[str, Any]:
+        wiring = r.rounds.get(name)
+        return train_run(p, RunSpec(name, 0), out_dir=model_path(name).parent,
+                         log_csv=tmp / "logs" / name / "s0.csv", checkpoint_dir=tmp / "ckpt" / name,
+                         init_model=None if name == PRETRAIN else model_path(wiring.init if wiring else PRETRAIN),
+                         pseudo_dir=tmp / "pseudo" / wiring.pseudo / "s0" if wiring else None, **common)
+
+    return model_path, train
+
+
 def poly(lr: float, steps: int) -> list[float]:
     return [lr * (1 - s / HORIZON) ** 0.9 for s in range(steps)]
 
@@ -249,16 +269,7 @@ def test_recipe_trains_and_evaluates_end_to_end(bench: str, method: str, tmp_pat
     assert (p.adapt.optim.lr, p.adapt.optim.head_lr_mult, p.adapt.optim.poly_horizon) == (LR, 10.0, HORIZON)
     r = p.runs
     common = dict(tracking=p.tracking, tags={"profile": p.profile}, progress=False)
-
-    def model_path(run: str) -> Path:  # stages/_common.py's layout
-        return tmp_path / "models" / run / "s0" / "model.pt"
-
-    def train(name: str) -> dict[str, Any]:  # as stages/train.py wires a run
-        wiring = r.rounds.get(name)
-        return train_run(p, RunSpec(name, 0), out_dir=model_path(name).parent,
-                         log_csv=tmp_path / "logs" / name / "s0.csv", checkpoint_dir=tmp_path / "ckpt" / name,
-                         init_model=None if name == PRETRAIN else model_path(wiring.init if wiring else PRETRAIN),
-                         pseudo_dir=tmp_path / "pseudo" / wiring.pseudo / "s0" if wiring else None, **common)
+    model_path, train = wired(p, tmp_path)
 
     assert train(PRETRAIN)["steps"] == 0
     pretrained = load_model(model_path(PRETRAIN)).state_dict()

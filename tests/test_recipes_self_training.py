@@ -15,11 +15,11 @@ import pandas as pd
 import pytest
 import torch
 from test_profiles import DEFAULT, PROFILES, REPO, SOURCE, TINY_MODEL, write_params
-from test_recipes import write_fixtures
+from test_recipes import wired, write_fixtures
 
 from plca.config import load_yaml
 from plca.data.datasets import CityscapesReader
-from plca.experiment import PRETRAIN, RunSpec, evaluate_run, load_model, pseudo_label_run, train_run
+from plca.experiment import PRETRAIN, RunSpec, evaluate_run, load_model, pseudo_label_run
 from plca.labelling import read_names
 from plca.params import Params
 from plca.profiles import Merged, Overlay, compose
@@ -131,16 +131,7 @@ def test_recipe_self_trains_on_the_listed_images_and_evaluates_end_to_end(
     p, listed = tiny_recipe(bench, method, *fixtures[bench], tmp_path)
     r = p.runs
     common = dict(tracking=p.tracking, tags={"profile": p.profile}, progress=False)
-
-    def model_path(run: str) -> Path:  # stages/_common.py's layout
-        return tmp_path / "models" / run / "s0" / "model.pt"
-
-    def train(name: str) -> dict[str, Any]:  # as stages/train.py wires a run
-        wiring = r.rounds.get(name)
-        return train_run(p, RunSpec(name, 0), out_dir=model_path(name).parent,
-                         log_csv=tmp_path / "logs" / name / "s0.csv", checkpoint_dir=tmp_path / "ckpt" / name,
-                         init_model=None if name == PRETRAIN else model_path(wiring.init),
-                         pseudo_dir=tmp_path / "pseudo" / wiring.pseudo / "s0" if wiring else None, **common)
+    model_path, train = wired(p, tmp_path)
 
     assert train(PRETRAIN)["steps"] == 2
     made: set[str] = set()
