@@ -70,6 +70,12 @@ def replace_section(path: Path, heading: str, body: str) -> None:
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
+def device_heading(heading: str, device: str) -> str:
+    """The report section of a benchmark on `device`: a GPU's figures go to their own section, so that the CPU's
+    and the GPU's both stay."""
+    return heading + (" on a GPU" if device == "cuda" else "")
+
+
 def device_description(device: str) -> str:
     if device == "cuda":
         return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
@@ -336,8 +342,7 @@ def add_association_args(p: argparse.ArgumentParser) -> None:
 
 def association_command(args: argparse.Namespace) -> None:
     body = run_association(args)
-    # a GPU's figures go to their own section: the CPU's and the GPU's both stay
-    heading = ASSOCIATION_HEADING + (" on a GPU" if args.device == "cuda" else "")
+    heading = device_heading(ASSOCIATION_HEADING, args.device)
     print(f"{heading}\n\n{body}")
     if not args.no_write:
         replace_section(args.output, heading, body)

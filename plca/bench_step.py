@@ -23,8 +23,6 @@ import torch
 
 REPORT = Path("reports/benchmarks.md")
 STEP_HEADING = "## Training step"
-#: A GPU's figures go to their own section: the CPU's (toy shapes) and the GPU's (paper shapes) both stay.
-GPU_STEP_HEADING = "## Training step on a GPU"
 IMPLS = ("auto", "blocked", "dense")
 
 
@@ -167,6 +165,7 @@ def _ms(s: float) -> str:
 
 def run_step_bench(args: argparse.Namespace) -> str:
     from plca.bench import device_description
+    from plca.losses.association import DENSE_MAX_ENTRIES, DENSE_MAX_ENTRIES_CUDA
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
@@ -209,8 +208,9 @@ def run_step_bench(args: argparse.Namespace) -> str:
         f"- Time: mean of {args.steps} steps after {args.warmup} warm-up steps; parts: mean of up to 3 runs each "
         "after one warm-up. Peak memory: torch.cuda.max_memory_allocated over the timed steps."
         + (f" Not run: {', '.join(sorted(set(skipped)))}." if skipped else ""),
-        "- Association kernels (PLCA's `impl`): " + ", ".join(args.impls) + " (auto: batched dense up to 2^20 "
-        "similarity entries a batch, block-wise above; the paper's 92x92 grids take the block-wise kernels).",
+        "- Association kernels (PLCA's `impl`): " + ", ".join(args.impls) + " (auto: batched dense up to "
+        f"{DENSE_MAX_ENTRIES:.1e} similarity entries a batch on the CPU, {DENSE_MAX_ENTRIES_CUDA:.1e} on a GPU, "
+        "block-wise above; the paper's 4 pairs of 92x92 grids: 2.9e+08).",
         "- Several processes: not measured (this bench runs one; training on several: docs/gpu.md#several-gpus)."
         + ("" if device.type == "cuda" else " The paper's shapes on a GPU: `tools/gpu_bench.sh` runs them on a "
                                                "GPU, into the section \"Training step on a GPU\"."),
@@ -239,12 +239,12 @@ def add_step_args(p: argparse.ArgumentParser) -> None:
 
 
 def step_command(args: argparse.Namespace) -> None:
-    from plca.bench import replace_section
+    from plca.bench import device_heading, replace_section
 
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
     body = run_step_bench(args)
-    heading = GPU_STEP_HEADING if args.device == "cuda" else STEP_HEADING
+    heading = device_heading(STEP_HEADING, args.device)
     print(f"{heading}\n\n{body}")
     if not args.no_write:
         replace_section(args.output, heading, body)

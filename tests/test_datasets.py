@@ -176,8 +176,8 @@ def test_cityscapes_train_ids_keep_the_listed_images_in_the_splits_order(tmp_pat
         assert reader.names == [everything[1], everything[3]]
         assert reader.read(1).name == everything[3] and reader.read(1).label is not None
     (tmp_path / "wrong.txt").write_text("aachen_999999_000019\n")
-    with pytest.raises(FileNotFoundError, match=r"1 images of list file .*wrong.txt are not in split 'train' .*"
-                                                r"aachen_999999_000019"):
+    with pytest.raises(FileNotFoundError, match=r"Cityscapes split 'train': 1 ids in list file .*wrong.txt have no "
+                                                r"image, e.g. \['aachen_999999_000019'\]"):
         CityscapesReader(tmp_path / "cs", "train", ids=tmp_path / "wrong.txt")
     with pytest.raises(FileNotFoundError, match="split list file .*absent.txt not found"):
         CityscapesReader(tmp_path / "cs", "train", ids=tmp_path / "absent.txt")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -113,13 +113,14 @@ def _read_list_file(path: Path) -> list[str]:
     return names
 
 
-def _select(all_names: list[str], ids: Sequence[str] | Path | str | None, dataset: str) -> list[str]:
-    """Apply an optional subset (a sequence of names, or the path of a list file with one name a line)."""
+def _select(all_names: list[str], ids: Sequence[str] | Path | str | None, dataset: str,
+            read: Callable[[Path], list[str]] = _read_list_file) -> list[str]:
+    """Apply an optional subset (a sequence of names, or the path of a list file that `read` turns into names)."""
     if ids is None:
         return all_names
     if isinstance(ids, str | Path):
         source = f"list file {ids}"
-        wanted = _read_list_file(Path(ids))
+        wanted = read(Path(ids))
     else:
         source = "the ids given"
         wanted = [str(i) for i in ids]
@@ -269,12 +270,7 @@ class CityscapesReader(PairReader):
                             f"move it out of {show_path(image_dir)}")
         names = [p.name[: -len(CS_IMAGE_SUFFIX)] for p in image_paths]
         if ids is not None:
-            source = f"list file {ids}" if isinstance(ids, str | Path) else "the ids given"
-            wanted = set(cityscapes_list(Path(ids)) if isinstance(ids, str | Path) else map(str, ids))
-            missing = sorted(wanted - set(names))
-            if missing:
-                raise FileNotFoundError(f"{self.dataset}: {len(missing)} images of {source} are not in split "
-                                        f"'{split}' of {show_path(image_dir)}, e.g. {missing[:MAX_LISTED]}")
+            wanted = set(_select(names, ids, f"{self.dataset} split '{split}'", read=cityscapes_list))
             image_paths = [p for p, n in zip(image_paths, names, strict=True) if n in wanted]
             names = [n for n in names if n in wanted]
         label_paths = None
