@@ -60,12 +60,18 @@ def _one_thread() -> None:
     torch.set_num_threads(1)  # the machine is shared; tiny tensors gain nothing from more
 
 
-def recipe(bench: str, method: str) -> Merged:
-    """What `python -m plca.profile <bench> adversarial <method>` writes (the default, then the three overlays)."""
+def stacked(bench: str, *names: str) -> Merged:
+    """What `python -m plca.profile <bench> <names...>` writes: the default, then the benchmark and each overlay of
+    profiles/."""
     overlays = [Overlay(name, PROFILE_DIR / f"{name}.yaml", load_yaml(PROFILE_DIR / f"{name}.yaml"))
-                for name in (bench, "adversarial", method)]
+                for name in (bench, *names)]
     assert overlays[0].path == PROFILES[bench]
     return compose(load_yaml(DEFAULT), overlays, DEFAULT)
+
+
+def recipe(bench: str, method: str) -> Merged:
+    """The adversarial family's recipe: `python -m plca.profile <bench> adversarial <method>`."""
+    return stacked(bench, "adversarial", method)
 
 
 def trained_methods(p: Params) -> set[str]:

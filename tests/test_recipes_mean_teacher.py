@@ -16,16 +16,16 @@ import pandas as pd
 import pytest
 import torch
 from real_formats import write_cityscapes, write_gta5, write_synthia
-from test_profiles import DEFAULT, PROFILES, REPO, SOURCE, TINY_MODEL, write_params
+from test_profiles import PROFILES, REPO, SOURCE, TINY_MODEL, write_params
+from test_recipes import stacked
 
-from plca.config import load_yaml
 from plca.engine.optim import lr_factor, make_optimizer, poly_warmup_factor
 from plca.experiment import RunSpec, class_stats_run, evaluate_run, load_model, read_class_stats, train_run
 from plca.models import DAFormer, DAFormerConfig, MixVisionTransformer, WeightsError
 from plca.models.networks import ARCHS
 from plca.models.resnet import ResNet
 from plca.params import NETWORK_PRETRAIN, Params
-from plca.profiles import Merged, Overlay, compose
+from plca.profiles import Merged
 
 PROFILE_DIR = REPO / "profiles"
 NETWORK = "mit"
@@ -57,10 +57,7 @@ def _one_thread() -> None:
 
 def recipe(bench: str, method: str) -> Merged:
     """What `python -m plca.profile <bench> daformer [pgpc]` writes (the default, then the overlays)."""
-    overlays = [Overlay(name, PROFILE_DIR / f"{name}.yaml", load_yaml(PROFILE_DIR / f"{name}.yaml"))
-                for name in (bench, *STACKS[method])]
-    assert overlays[0].path == PROFILES[bench]
-    return compose(load_yaml(DEFAULT), overlays, DEFAULT)
+    return stacked(bench, *STACKS[method])
 
 
 # ------------------------------------------------------------------------------------------------ the recipes

@@ -14,15 +14,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_profiles import DEFAULT, PROFILES, REPO, SOURCE, TINY_MODEL, write_params
-from test_recipes import wired, write_fixtures
+from test_profiles import PROFILES, REPO, SOURCE, TINY_MODEL, write_params
+from test_recipes import stacked, wired, write_fixtures
 
-from plca.config import load_yaml
 from plca.data.datasets import CityscapesReader
 from plca.experiment import PRETRAIN, RunSpec, evaluate_run, load_model, pseudo_label_run
 from plca.labelling import read_names
 from plca.params import Params
-from plca.profiles import Merged, Overlay, compose
+from plca.profiles import Merged
 
 PROFILE_DIR = REPO / "profiles"
 #: Each recipe's sets (the model that labels each) and rounds (the model each starts from, its set), in order.
@@ -48,9 +47,7 @@ def _one_thread() -> None:
 
 def recipe(bench: str, method: str) -> Merged:
     """What `python -m plca.profile <bench> self_training <method>` writes."""
-    overlays = [Overlay(name, PROFILE_DIR / f"{name}.yaml", load_yaml(PROFILE_DIR / f"{name}.yaml"))
-                for name in (bench, "self_training", method)]
-    return compose(load_yaml(DEFAULT), overlays, DEFAULT)
+    return stacked(bench, "self_training", method)
 
 
 @pytest.mark.parametrize("bench", sorted(PROFILES))
