@@ -58,14 +58,32 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], None], repeats: int, device: torch.device) -> float:
-    """Mean seconds of `fn` over `repeats` runs (after the caller's warm-up)."""
+def _timed(fn: Callable[[], None], repeats: int, device: torch.device, cpu: list[float] | None = None) -> float:
+    """Mean seconds of `fn` over `repeats` runs (after the caller's warm-up); the mean CPU-seconds of this process
+    (every thread, spinning ones included) appended to `cpu` when given."""
     _sync(device)
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     for _ in range(repeats):
         fn()
     _sync(device)
+    if cpu is not None:
+        cpu.append((time.process_time() - c0) / max(repeats, 1))
     return (time.perf_counter() - t0) / max(repeats, 1)
+
+
+def profile_ops(fn: Callable[[], None], steps: int, top: int) -> list[tuple[str, float, float]]:
+    """(op, self CPU-seconds a step, share of all ops' self time) of the `top` torch ops in `steps` runs of `fn`
+    under torch.profiler: where a step's time goes, op by op. Work outside torch's ops shows only where a
+    `record_function` names it (the Lovasz sort: `plca::lovasz_sort`)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn()
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    events.sort(key=lambda e: -e.self_cpu_time_total)
+    return [(e.key, e.self_cpu_time_total / 1e6 / steps, e.self_cpu_time_total / total) for e in events[:top]]
 
 
 def synthetic_batch(preset: StepPreset, num_classes: int, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
@@ -80,9 +98,9 @@ def synthetic_batch(preset: StepPreset, num_classes: int, device: torch.device, 
 
 
 def measure(preset: StepPreset, precision: str, device: torch.device, steps: int, warmup: int,
-            seed: int = 0, impl: str = "auto") -> dict[str, float]:
-    """Seconds a step (and each part alone) and the peak memory of one precision and association kernel (PLCA's
-    `impl` option)."""
+            seed: int = 0, impl: str = "auto", profile: int = 0) -> dict:
+    """Seconds a step (wall and CPU; each part alone: wall) and the peak memory of one precision and association
+    kernel (PLCA's `impl` option); with `profile` > 0, the top ops of that many more steps ("ops")."""
     from plca.engine.contract import TrainContext
     from plca.engine.optim import OptimConfig
     from plca.engine.trainer import EngineConfig, TrainConfig, Trainer
@@ -90,7 +108,7 @@ def measure(preset: StepPreset, precision: str, device: torch.device, steps: int
     from plca.methods import build_method
     from plca.methods.plca import PLCA
     from plca.models.deeplabv2 import DeepLabV2Config, build_model
-    from plca.models.output import FEATURES, LOGITS
+    from plca.models.output import FEATURES, LOGITS, forward_pair
 
     torch.manual_seed(seed)
     model = build_model(DeepLabV2Config(num_classes=19, **preset.model))
@@ -115,8 +133,12 @@ def measure(preset: StepPreset, precision: str, device: torch.device, steps: int
         step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    out = {"step": _timed(step, steps, device)}
+    cpu: list[float] = []
+    out: dict = {"step": _timed(step, steps, device, cpu)}
+    out["step_cpu"] = cpu[0]
     out["peak_bytes"] = float(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else float("nan")
+    if profile:
+        out["ops"] = profile_ops(step, profile, top=12)
     method.before_step(TrainContext(device, trainer.step, trainer.total_steps))
     autocast = torch.autocast(device.type, dtype=trainer.autocast_dtype or torch.float32,
                               enabled=trainer.autocast_dtype is not None)
@@ -124,8 +146,8 @@ def measure(preset: StepPreset, precision: str, device: torch.device, steps: int
 
     def network() -> None:
         for _ in range(accum):
-            with autocast:
-                o_s, o_t = model(batch["source_image"]), model(batch["target_image"])
+            with autocast:  # as the method passes the two streams (one stacked pass when per-sample)
+                o_s, o_t = forward_pair(model, batch["source_image"], batch["target_image"])
                 loss = o_s[LOGITS].float().mean() + o_t[LOGITS].float().mean()
             loss.backward()
 
@@ -179,18 +201,25 @@ def run_step_bench(args: argparse.Namespace) -> str:
         preset = replace(preset, batch_size=args.batch)
     if args.grad_accum:
         preset = replace(preset, grad_accum=args.grad_accum)
-    rows, skipped = [], []
+    rows, skipped, profiled = [], [], []
     for impl in args.impls:
         for precision in args.precisions:
             if precision == "tf32" and device.type != "cuda":
                 skipped.append("tf32 (CUDA only)")
                 continue
-            r = measure(preset, precision, device, args.steps, args.warmup, args.seed, impl)
+            r = measure(preset, precision, device, args.steps, args.warmup, args.seed, impl,
+                        profile=args.profile if not profiled else 0)
+            if "ops" in r:
+                profiled = [f"Where a step's time goes, op by op (torch.profiler, {args.profile} more steps of "
+                            f"{precision if args.impls == ['auto'] else f'{precision}, {impl}'}; self time of "
+                            "each op, children excluded):", "",
+                            "| op | self time a step | share |", "|---|---:|---:|",
+                            *(f"| `{name}` | {_ms(sec)} | {share:.1%} |" for name, sec, share in r["ops"])]
             parts = ("network", "association", "lovasz", "optimiser")
             shares = [r[p] / r["step"] for p in parts]
             peak = "n/a (CPU)" if device.type != "cuda" else f"{r['peak_bytes'] / 2**30:.1f} GiB"
             label = precision if args.impls == ["auto"] else f"{precision}, {impl}"
-            rows.append(f"| {label} | {_ms(r['step'])} | {peak} | "
+            rows.append(f"| {label} | {_ms(r['step'])} | {_ms(r['step_cpu'])} | {peak} | "
                         + " | ".join(f"{s:.0%}" for s in shares) + f" | {max(0.0, 1 - sum(shares)):.0%} |")
             print(f"  {label}: {r['step']:.3f} s a step", flush=True)
     h, w = preset.crop
@@ -205,8 +234,9 @@ def run_step_bench(args: argparse.Namespace) -> str:
         + (f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""),
         f"- Shapes ({args.preset}): {preset.where}; run here at {h}x{w}, {preset.batch_size} + "
         f"{preset.batch_size} images a pass x {preset.grad_accum}.",
-        f"- Time: mean of {args.steps} steps after {args.warmup} warm-up steps; parts: mean of up to 3 runs each "
-        "after one warm-up. Peak memory: torch.cuda.max_memory_allocated over the timed steps."
+        f"- Time: mean of {args.steps} steps after {args.warmup} warm-up steps, wall and CPU (this process's "
+        "CPU-seconds, every thread, spin-waiting included); parts: wall, mean of up to 3 runs each after one "
+        "warm-up. Peak memory: torch.cuda.max_memory_allocated over the timed steps."
         + (f" Not run: {', '.join(sorted(set(skipped)))}." if skipped else ""),
         "- Association kernels (PLCA's `impl`): " + ", ".join(args.impls) + " (auto: batched dense up to "
         f"{DENSE_MAX_ENTRIES:.1e} similarity entries a batch on the CPU, {DENSE_MAX_ENTRIES_CUDA:.1e} on a GPU, "
@@ -215,9 +245,10 @@ def run_step_bench(args: argparse.Namespace) -> str:
         + ("" if device.type == "cuda" else " The paper's shapes on a GPU: `tools/gpu_bench.sh` runs them on a "
                                                "GPU, into the section \"Training step on a GPU\"."),
         "",
-        "| precision | step | peak memory | network | association | Lovasz | optimiser | other |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| precision | step | step, CPU | peak memory | network | association | Lovasz | optimiser | other |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
+        *([""] + profiled if profiled else []),
     ])
 
 
@@ -234,6 +265,8 @@ def add_step_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=int, help="override the passes accumulated per step")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also profile N more steps of the first row (torch.profiler) and list its top ops")
     p.add_argument("--output", type=Path, default=REPORT)
     p.add_argument("--no-write", action="store_true", help="print only")
 
@@ -241,8 +274,9 @@ def add_step_args(p: argparse.ArgumentParser) -> None:
 def step_command(args: argparse.Namespace) -> None:
     from plca.bench import device_heading, replace_section
 
-    if args.steps < 1 or args.warmup < 0:
-        raise SystemExit(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    if args.steps < 1 or args.warmup < 0 or args.profile < 0:
+        raise SystemExit(f"--steps must be >= 1, --warmup and --profile >= 0, got {args.steps}, {args.warmup} and "
+                         f"{args.profile}")
     body = run_step_bench(args)
     heading = device_heading(STEP_HEADING, args.device)
     print(f"{heading}\n\n{body}")

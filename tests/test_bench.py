@@ -88,8 +88,26 @@ def test_step_bench_runs_the_pipelines_step_at_tiny_shapes(tmp_path: Path,
     assert "Not run: tf32 (CUDA only)" in section and "32x48, 2 + 2 images" in section
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[1].endswith("ms") and cells[2] == "n/a (CPU)"
-        assert all(0 <= int(c.rstrip("%")) <= 100 for c in cells[3:])
+        assert cells[1].endswith("ms") and cells[2].endswith("ms") and cells[3] == "n/a (CPU)"
+        assert all(0 <= int(c.rstrip("%")) <= 100 for c in cells[4:])
+    assert "| op |" not in section  # no --profile, no op table
+
+
+def test_step_bench_profile_lists_the_top_ops(tmp_path: Path) -> None:
+    """`--profile N`: N more steps of the first row under torch.profiler, its top ops by self time, in
+    decreasing order, shares summing to at most 100 %."""
+    out = tmp_path / "benchmarks.md"
+    bench.main(["step", "--preset", "toy", "--device", "cpu", "--steps", "1", "--warmup", "0", "--crop", "32", "48",
+                "--batch", "2", "--threads", "1", "--precisions", "fp32", "--profile", "2", "--output", str(out)])
+    section = out.read_text()
+    assert "torch.profiler, 2 more steps of fp32" in section
+    table = section[section.index("| op |"):].splitlines()[2:]
+    assert 1 <= len(table) <= 12
+    names = [row.split("|")[1].strip().strip("`") for row in table]
+    shares = [float(row.split("|")[3].strip().rstrip("%")) for row in table]
+    assert "aten::convolution_backward" in names and shares == sorted(shares, reverse=True) and sum(shares) <= 100.05
+    with pytest.raises(SystemExit, match="--profile >= 0"):
+        bench.main(["step", "--device", "cpu", "--profile", "-1", "--no-write"])
 
 
 def test_step_bench_measures_each_association_kernel_asked_for(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from plca.losses import adaptive_lsr, cross_entropy, lovasz_softmax
+from plca.losses.lovasz import sort_descending
 
 F64 = torch.float64
 
@@ -57,7 +58,7 @@ def _lovasz_one_class_at_a_time(probs: torch.Tensor, labels: torch.Tensor) -> to
     losses = []
     for c in torch.unique(lab).tolist():
         truth = (lab == c).to(flat.dtype)
-        errors, order = torch.sort((truth - flat[:, c]).abs(), descending=True)
+        errors, order = torch.sort((truth - flat[:, c]).abs(), descending=True, stable=True)  # ties: index order
         t = truth[order]
         jaccard = 1 - (t.sum() - t.cumsum(0)) / (t.sum() + (1 - t).cumsum(0))
         losses.append(errors @ torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]]))
@@ -76,6 +77,19 @@ def test_lovasz_batched_classes_equal_one_sort_per_class() -> None:
     plain.backward()
     assert batched.item() == pytest.approx(plain.item(), rel=1e-12)
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("p", [5, 1000, 40000])
+def test_sort_descending_is_torchs_stable_sort(p: int) -> None:
+    """The CPU's packed-key sort puts ties in index order, as a stable sort: many ties (values on a 1/8 grid,
+    zeros, ones) and a float64 input, which takes torch's own sort."""
+    g = torch.Generator().manual_seed(p)
+    errors = (torch.randint(0, 9, (4, p), generator=g) / 8.0).float()
+    errors[0, : p // 2] = 0.0
+    for e in (errors, errors.double(), torch.rand(3, p, generator=g)):
+        want = torch.sort(e, dim=1, descending=True, stable=True).indices
+        got = sort_descending(e)
+        assert got.dtype == torch.int64 and torch.equal(got, want)
 
 
 def test_lovasz_without_labels_is_a_differentiable_zero() -> None:

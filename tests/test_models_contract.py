@@ -9,8 +9,10 @@ import torch
 from torch import nn
 
 from plca.engine.optim import OptimConfig, make_optimizer
-from plca.models import FEATURES, LOGITS, ema_alpha, ema_init_, ema_update_, upsample
+from plca.models import FEATURE_MAPS, FEATURES, LOGITS, ema_alpha, ema_init_, ema_update_, upsample
+from plca.models.daformer import DAFormerConfig, build_daformer
 from plca.models.deeplabv2 import DeepLabV2Config, build_model
+from plca.models.output import forward_pair
 
 BN = dict(num_classes=19, depth=18, width=0.125, norm="batch", aspp_rates=(1, 2))
 
@@ -75,3 +77,59 @@ def test_ema_moves_parameters_only() -> None:
     s64, t64 = nn.Linear(2, 2).double(), nn.Linear(2, 2).double()
     ema_update_(t64, s64, 5)
     assert t64.weight.dtype == torch.float64
+
+
+def _passes(model: nn.Module) -> list[int]:
+    """Records the batch size of every forward pass of `model`."""
+    sizes: list[int] = []
+    model.register_forward_hook(lambda m, args, out: sizes.append(args[0].shape[0]))
+    return sizes
+
+
+def test_forward_pair_stacks_per_sample_models_only() -> None:
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 3, 32, 48, generator=g), torch.randn(3, 3, 32, 48, generator=g)
+    torch.manual_seed(0)
+    gn = build_model(DeepLabV2Config(**{**BN, "norm": "group", "groups": 4}))
+    passes = _passes(gn)
+    out_a, out_b = forward_pair(gn, a, b)
+    assert passes == [5] and gn.per_sample()  # one pass of both batches
+    with torch.no_grad():
+        for got, x in ((out_a, a), (out_b, b)):
+            want = gn(x)
+            assert set(got) == set(want)
+            for key in want:
+                torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5)
+    (out_a[LOGITS].sum() + 2 * out_b[LOGITS].sum()).backward()  # both halves reach the weights
+    assert gn.classifier.branches[0].weight.grad.abs().sum() > 0
+    forward_pair(gn, a, b[..., :40])
+    assert passes[-2:] == [2, 3]  # two image sizes: two passes
+
+    torch.manual_seed(0)
+    bn = build_model(DeepLabV2Config(**BN)).train()
+    twin = build_model(DeepLabV2Config(**BN)).train()
+    twin.load_state_dict(bn.state_dict())
+    passes = _passes(bn)
+    out_a, out_b = forward_pair(bn, a, b)
+    assert passes == [2, 3] and not bn.per_sample()  # batch statistics: each batch its own pass
+    torch.testing.assert_close(out_a[LOGITS], twin(a)[LOGITS], rtol=0, atol=0)
+    torch.testing.assert_close(out_b[LOGITS], twin(b)[LOGITS], rtol=0, atol=0)
+    assert torch.equal(bn.backbone.bn1.running_mean, twin.backbone.bn1.running_mean)
+    bn.eval()
+    forward_pair(bn, a, b)
+    assert passes[-1] == 5 and bn.per_sample()  # running statistics: stacking changes nothing
+
+
+def test_forward_pair_splits_every_output_of_a_mit() -> None:
+    torch.manual_seed(0)
+    mit = build_daformer(DAFormerConfig(embed_dims=(8, 16, 24, 32), num_heads=(1, 1, 1, 1), depths=(1, 1, 1, 1),
+                                        head_embed_dims=16, num_classes=5)).eval()  # eval: BatchNorm in the head
+    a, b = torch.randn(1, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out_a, out_b = forward_pair(mit, a, b)
+        for got, x in ((out_a, a), (out_b, b)):
+            want = mit(x)
+            torch.testing.assert_close(got[LOGITS], want[LOGITS], rtol=1e-4, atol=1e-5)
+            assert len(got[FEATURE_MAPS]) == len(want[FEATURE_MAPS]) == 4
+            for m, w in zip(got[FEATURE_MAPS], want[FEATURE_MAPS], strict=True):
+                torch.testing.assert_close(m, w, rtol=1e-4, atol=1e-5)

@@ -6,6 +6,7 @@ present in the batch with the whole batch as one set of pixels (spec, "Lovasz-so
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -19,10 +20,39 @@ def lovasz_gradient(sorted_truth: Tensor) -> Tensor:
     J(k+1) - J(k), where J(k) is the Jaccard loss of predicting the first k pixels as the class.
     """
     total = sorted_truth.sum(-1, keepdim=True)
-    intersection = total - sorted_truth.cumsum(-1)
-    union = total + (1.0 - sorted_truth).cumsum(-1)
+    hits = sorted_truth.cumsum(-1)
+    intersection = total - hits
+    # the misses among the first k + 1 are k + 1 - hits (exact in floats for 0/1 entries): one cumsum, not two
+    ranks = torch.arange(1, sorted_truth.shape[-1] + 1, dtype=sorted_truth.dtype, device=sorted_truth.device)
+    union = total + (ranks - hits)
     jaccard = 1.0 - intersection / union
     return torch.cat([jaccard[..., :1], jaccard[..., 1:] - jaccard[..., :-1]], -1)
+
+
+def sort_descending(errors: Tensor) -> Tensor:
+    """The order that sorts each row of `errors` ([K, P], >= 0) in decreasing order, ties by increasing index:
+    torch.sort(errors, dim=1, descending=True, stable=True).indices, computed faster on the CPU.
+
+    Ties must fall the same way every run: tied errors take different entries of the Lovasz gradient. On the CPU,
+    float32 errors (>= 0, so their bit patterns order as the values do) and their column index are packed into
+    one int64 key per entry, distinct, that numpy sorts in place (vectorised): 16x faster than torch's sort of a
+    19 x 32768 matrix here (2.4 ms against 38 ms of CPU time, one thread), in torch's stable order. Torch's default
+    (unstable) sort, used before, put ties in another order: trainings with Lovasz-softmax moved (issue 20).
+    """
+    k, p = errors.shape
+    shift = max(1, (p - 1).bit_length())
+    if errors.device.type != "cpu" or errors.dtype != torch.float32 or shift > 32:
+        return torch.sort(errors, dim=1, descending=True, stable=True).indices
+    with torch.profiler.record_function("plca::lovasz_sort"):  # numpy work: named in a profile
+        key = errors.detach().contiguous().view(torch.int32).numpy().astype(np.int64)
+        # +inf's bit pattern minus the value's: decreasing errors become increasing keys (NaN would sort first);
+        # in place, as the copies cost as much as the sort
+        np.subtract(0x7F800000, key, out=key)
+        np.left_shift(key, shift, out=key)
+        np.bitwise_or(key, np.arange(p, dtype=np.int64), out=key)
+        key.sort(axis=1)
+        np.bitwise_and(key, (1 << shift) - 1, out=key)
+        return torch.from_numpy(key)
 
 
 def lovasz_softmax(probs: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
@@ -35,11 +65,10 @@ def lovasz_softmax(probs: Tensor, labels: Tensor, ignore_index: int = IGNORE_IND
         raise ValueError(f"lovasz_softmax expects probs [N, C, H, W] and labels [N, H, W], got "
                          f"{tuple(probs.shape)} and {tuple(labels.shape)}")
     num_classes = probs.shape[1]
-    flat_probs = probs.permute(0, 2, 3, 1).reshape(-1, num_classes)
     flat_labels = labels.reshape(-1)
     keep = (flat_labels != ignore_index).nonzero().squeeze(1)
     # index_select: its backward is a plain index_add, cheaper than a boolean mask's index_put
-    flat_probs, flat_labels = flat_probs.index_select(0, keep), flat_labels.index_select(0, keep)
+    flat_labels = flat_labels.index_select(0, keep)
     if flat_labels.numel() and (int(flat_labels.min()) < 0 or int(flat_labels.max()) >= num_classes):
         bad = torch.unique(flat_labels[(flat_labels < 0) | (flat_labels >= num_classes)]).tolist()
         raise ValueError(f"lovasz_softmax: labels {bad} outside [0, {num_classes}) and not ignore_index {ignore_index}")
@@ -49,7 +78,9 @@ def lovasz_softmax(probs: Tensor, labels: Tensor, ignore_index: int = IGNORE_IND
     # All present classes at once, one row per class: one batched sort of a contiguous [K, P] matrix is faster
     # than K sorts of P errors (measured 2.2x for the whole loss with its backward at 8 x 64 x 128 pixels).
     classes = torch.tensor(present, device=flat_labels.device)
-    truth = (classes[:, None] == flat_labels[None, :]).to(flat_probs.dtype)
-    errors = (truth - flat_probs.index_select(1, classes).t()).abs()
-    errors_sorted, order = torch.sort(errors, dim=1, descending=True)
-    return (errors_sorted * lovasz_gradient(torch.gather(truth, 1, order))).sum(1).mean()
+    # class-major [K, P], each row contiguous (the errors' arithmetic then runs on contiguous rows)
+    rows = probs.transpose(0, 1).reshape(num_classes, -1).index_select(0, classes).index_select(1, keep)
+    truth = (classes[:, None] == flat_labels[None, :]).to(rows.dtype)
+    errors = (truth - rows).abs()
+    order = sort_descending(errors.detach())
+    return (errors.gather(1, order) * lovasz_gradient(torch.gather(truth, 1, order))).sum(1).mean()

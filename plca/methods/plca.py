@@ -15,7 +15,7 @@ from plca.losses import adaptive_lsr, associate, downsample_labels
 from plca.losses.constants import DEFAULT_ALPHA
 from plca.methods.base import source_supervision
 from plca.methods.registry import register
-from plca.models.output import FEATURES, LOGITS
+from plca.models.output import FEATURES, LOGITS, forward_pair
 
 
 @dataclass
@@ -68,11 +68,13 @@ class PLCA(Method):
     def training_step(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         cfg = self.cfg
         xs, ys, xt = batch["source_image"], batch["source_label"], batch["target_image"]
-        # Source and target pass through the network separately, as in the released code.
-        out_s = self.model(xs)
-        # With no target loss (the control), the target pass only moves normalisation statistics: skip autograd.
-        with torch.set_grad_enabled(cfg.target_losses):
-            out_t = self.model(xt)
+        if cfg.target_losses:  # separate passes with BatchNorm in training, as the released code; else one
+            out_s, out_t = forward_pair(self.model, xs, xt)
+        else:
+            out_s = self.model(xs)
+            # With no target loss (the control), the target pass only moves normalisation statistics: no autograd.
+            with torch.no_grad():
+                out_t = self.model(xt)
         fs, ls, ft, lt = out_s[FEATURES], out_s[LOGITS], out_t[FEATURES], out_t[LOGITS]
 
         sup = source_supervision(self.model, ls, ys, lovasz=cfg.lovasz, w_lov=cfg.w_lov, ignore_index=cfg.ignore_index,

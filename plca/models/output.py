@@ -9,6 +9,7 @@ evaluation never picks one itself.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -37,3 +38,24 @@ class SegmentationModel(nn.Module):
 
     def upsample(self, x: Tensor, size: tuple[int, int]) -> Tensor:
         return upsample(x, size, self.align_corners)
+
+    def per_sample(self) -> bool:
+        """Whether each image's outputs depend on that image alone: no BatchNorm computes batch statistics now
+        (GroupNorm, LayerNorm and BatchNorm in eval mode do not mix images)."""
+        return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in self.modules())
+
+
+def forward_pair(model: SegmentationModel, x_a: Tensor, x_b: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """`model(x_a), model(x_b)`, as one forward pass of both batches stacked when that changes nothing but speed
+    (the model is per-sample and the images have one shape): on the CPU's toy network one pass of 8 images takes
+    about 0.75x the time of two of 4. A BatchNorm in training mode gets two passes, each batch its own statistics,
+    as the released codes do."""
+    if not model.per_sample() or x_a.shape[1:] != x_b.shape[1:]:
+        return model(x_a), model(x_b)
+    out = model(torch.cat([x_a, x_b]))
+    n = x_a.shape[0]
+
+    def part(sl: slice) -> dict[str, Tensor]:  # a value is a map or a list of maps (FEATURE_MAPS)
+        return {k: [m[sl] for m in v] if isinstance(v, (list, tuple)) else v[sl] for k, v in out.items()}
+
+    return part(slice(None, n)), part(slice(n, None))
