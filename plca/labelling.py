@@ -10,13 +10,17 @@ ground truth: when the dataset has it, it only scores the pseudo-labels (`precis
 
 Set layout (one folder per seed): `labels/<image name>.png` (train ids, 255 = unlabelled pixel) for every labelled
 image, `labelled.txt` and `unlabelled.txt` (image names, one a line), `images.csv` (name, score, split),
-`summary.json` (policy, options, counts, the diagnostic).
+`summary.json` (policy, options, counts, the diagnostic). A policy that gives soft labels (CRST's LRENT) also
+writes `soft/<image name>.npz` ("soft": [C, H, W] float16 class weights per pixel, zero where unlabelled; float16
+and compressed, as most weights are tiny: the label PNG keeps their argmax), which a round then learns from.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +33,12 @@ from tqdm import tqdm
 from plca.data.datasets import Sample, read_label_png
 from plca.data.labels import IGNORE_INDEX
 from plca.data.transforms import TransformConfig, eval_transform
-from plca.io import atomic_dir, atomic_write_json, atomic_write_png, atomic_write_text, remove_leftovers
+from plca.io import atomic_dir, atomic_write, atomic_write_json, atomic_write_png, atomic_write_text, remove_leftovers
 from plca.models.output import LOGITS
 from plca.registry import Registry
 
 LABELS_DIR = "labels"
+SOFT_DIR = "soft"
 LABELLED, UNLABELLED = "labelled", "unlabelled"
 
 
@@ -73,6 +78,15 @@ class Selection:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class SoftLabels:
+    """What `Policy.label` returns for soft labels: the hard labels [H, W] uint8 (argmax, 255 where unlabelled: the
+    PNG, the precision) and the soft ones [C, H, W] (zero where unlabelled: what trains)."""
+
+    hard: np.ndarray
+    soft: np.ndarray
+
+
 class Policy:
     """Base class of pseudo-label policies; subclasses set `name` and override the three calls."""
 
@@ -88,8 +102,9 @@ class Policy:
     def select(self) -> Selection:
         raise NotImplementedError
 
-    def label(self, name: str, logits: torch.Tensor) -> np.ndarray:
-        """Pass 2, for a labelled image: [C, H, W] logits -> [H, W] uint8 train ids, 255 where unlabelled."""
+    def label(self, name: str, logits: torch.Tensor) -> np.ndarray | SoftLabels:
+        """Pass 2, for a labelled image: [C, H, W] logits -> [H, W] uint8 train ids, 255 where unlabelled (or
+        `SoftLabels`, those and the soft labels)."""
         raise NotImplementedError
 
 
@@ -186,6 +201,11 @@ def make_pseudo_set(model: torch.nn.Module, reader: Any, tcfg: TransformConfig, 
                     if sample.name not in chosen:
                         continue
                     label = policy.label(sample.name, lg)
+                    if isinstance(label, SoftLabels):
+                        soft = label.soft.astype(np.float16)
+                        atomic_write(tmp / SOFT_DIR / f"{sample.name}.npz",
+                                     lambda f, soft=soft: np.savez_compressed(f, soft=soft))
+                        label = label.hard
                     atomic_write_png(label, tmp / LABELS_DIR / f"{sample.name}.png")
                     if cfg.precision and sample.label is not None:
                         truth = sample.label
@@ -249,6 +269,8 @@ class PseudoLabelledReader(SubsetReader):
     def __init__(self, reader: Any, set_dir: Path) -> None:
         self.set_dir = Path(set_dir)
         super().__init__(reader, read_names(self.set_dir, LABELLED), f"{self.set_dir}/{LABELLED}.txt")
+        #: The set has soft labels (CRST's LRENT): every labelled image then has one, which the sample carries.
+        self.soft = (self.set_dir / SOFT_DIR).is_dir()
 
     def read(self, i: int) -> Sample:
         sample = super().read(i)
@@ -257,4 +279,21 @@ class PseudoLabelledReader(SubsetReader):
         if label.shape != sample.image.shape[:2]:
             raise ValueError(f"{path}: pseudo-label is {label.shape[1]}x{label.shape[0]} (WxH) but its image is "
                              f"{sample.image.shape[1]}x{sample.image.shape[0]}")
-        return Sample(image=sample.image, label=label, name=sample.name)
+        soft = read_soft_labels(self.set_dir / SOFT_DIR / f"{sample.name}.npz", label.shape) if self.soft else None
+        return Sample(image=sample.image, label=label, name=sample.name, soft_label=soft)
+
+
+def read_soft_labels(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """A set's soft labels of one image ([C, H, W] float32); `size` = (H, W) its label's."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: soft pseudo-label not found, but its set has soft labels (folder "
+                                f"{path.parent}); was the set written whole?")
+    try:
+        with np.load(path) as f:
+            soft = f["soft"].astype(np.float32)
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+        raise ValueError(f"{path}: not a soft pseudo-label file (an .npz with array 'soft'): {exc}") from exc
+    if soft.ndim != 3 or soft.shape[1:] != tuple(size):
+        raise ValueError(f"{path}: soft pseudo-label is {list(soft.shape)}, expected [C, {size[0]}, {size[1]}] as "
+                         "its label PNG")
+    return soft

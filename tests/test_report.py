@@ -42,7 +42,9 @@ def _records() -> list[dict]:
     for v, variant in enumerate(ORDER):
         for seed in (0, 1, 5) if variant == "fass" else (0, 1, 2):
             iou = {c: (None if c in ABSENT else float(rng.uniform(5, 95))) for c in CLASS_NAMES}
-            records.append({"variant": variant, "seed": seed, "miou": 30.0 + 2 * v + 3.7 * seed + rng.uniform(0, 1),
+            # mIoU below 100 however many variants params defines (30 + at most 50 + 3.7 x 5 + 1)
+            records.append({"variant": variant, "seed": seed,
+                            "miou": 30.0 + 50.0 * v / len(ORDER) + 3.7 * seed + rng.uniform(0, 1),
                             "iou": iou, "miou16": 0.0})
     return records[::-1]  # out of order on purpose
 

@@ -148,3 +148,48 @@ def test_config_validation_and_from_dict():
     assert cfg.short_edge == (10, 20) and cfg.crop == (8, 16) and cfg.scale == 255
     with pytest.raises(ConfigError, match="scale"):
         from_dict(TransformConfig, {"scale": 100})
+
+
+def _soft_sample(h: int = 20, w: int = 40) -> Sample:
+    """A sample whose soft labels are the one-hot of its label, except column 0: unlabelled (all zero)."""
+    sample = _sample(h, w)
+    soft = (np.arange(19)[:, None, None] == sample.label[None]).astype(np.float32)
+    soft[:, :, 0] = 0.0
+    return Sample(image=sample.image, label=sample.label, name="x", soft_label=soft)
+
+
+@pytest.mark.parametrize("cfg", [TransformConfig(crop=(8, 16)), TransformConfig(crop=(30, 50)),
+                                 TransformConfig(short_edge=(10, 30), crop=(12, 12)),
+                                 TransformConfig(resize=(30, 14), crop=None)])
+def test_soft_labels_follow_the_image_through_every_transform(cfg: TransformConfig):
+    """Same draws as without soft labels (image and label unchanged); the soft map takes the same crop (zero
+    padding) and flip, and a resize renormalises each pixel's weights; unlabelled pixels keep all-zero weights."""
+    sample = _soft_sample()
+    for seed in range(6):
+        image, label, soft = train_transform(sample, cfg, np.random.default_rng(seed))
+        plain_image, plain_label = train_transform(Sample(sample.image, sample.label, "x"), cfg,
+                                                   np.random.default_rng(seed))
+        np.testing.assert_array_equal(image, plain_image)
+        np.testing.assert_array_equal(label, plain_label)
+        assert soft.dtype == np.float32 and soft.shape == (19, *label.shape)
+        total = soft.sum(0)
+        assert np.allclose(total[total > 0], 1.0, atol=1e-5) and (soft >= 0).all()
+        if cfg.short_edge is None and cfg.resize is None:  # no resize: exactly the label's one-hot, or zeros
+            labelled = (label != 255) & (total > 0)
+            np.testing.assert_array_equal(soft.argmax(0)[labelled], label[labelled])
+            assert (total[label == 255] == 0).all()  # padding
+        else:  # interpolated: the soft argmax is the nearest label's away from column borders
+            agree = soft.argmax(0)[total > 0] == label[total > 0]
+            assert agree.mean() > 0.4
+
+
+def test_resize_soft_renormalises_a_pixel_between_labelled_and_unlabelled_ones():
+    from plca.data.transforms import resize_soft
+
+    soft = np.zeros((2, 1, 4), np.float32)
+    soft[0, 0, :2] = 1.0  # class 0 on the left half, unlabelled right half
+    out = resize_soft(soft, (8, 1))
+    assert out.shape == (2, 1, 8)
+    np.testing.assert_allclose(out[0, 0, :4], 1.0)  # bilinear 0.x of class 0 and 0 elsewhere: renormalised to 1
+    assert (out[:, 0, 5:] == 0).all()  # far from any labelled pixel: still unlabelled
+    assert resize_soft(soft, (4, 1)) is soft  # already at that size

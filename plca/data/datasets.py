@@ -42,11 +42,13 @@ class DataError(ValueError):
 
 @dataclass
 class Sample:
-    """One image with its label: image [H, W, 3] uint8 RGB, label [H, W] uint8 train ids (or None)."""
+    """One image with its label: image [H, W, 3] uint8 RGB, label [H, W] uint8 train ids (or None); soft_label
+    [C, H, W] float32 class weights per pixel, zero where unlabelled (a soft pseudo-label set's, CRST's LRENT)."""
 
     image: np.ndarray
     label: np.ndarray | None
     name: str
+    soft_label: np.ndarray | None = None
 
 
 def _need_dir(path: Path, dataset: str, layout: str) -> None:

@@ -1,6 +1,7 @@
 """Training and evaluation transforms on numpy arrays: short-edge resize, crop, flip, normalise (cv2 only).
 
-Images leave as float32 [3, H, W] normalised arrays, labels as int64 [H, W] train ids (255 = ignore).
+Images leave as float32 [3, H, W] normalised arrays, labels as int64 [H, W] train ids (255 = ignore), soft labels
+(a sample that has them) as float32 [C, H, W], resized bilinearly and renormalised per pixel, zero where padded.
 """
 
 from __future__ import annotations
@@ -99,21 +100,36 @@ def resize_short_edge(
     return image, label
 
 
+def resize_soft(soft: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """[C, H, W] soft labels resized to `size` = (w, h): bilinear per class, then renormalised per pixel (CRST's
+    loader), so a pixel mixing labelled and unlabelled (all-zero) neighbours keeps weights summing to 1."""
+    if (soft.shape[2], soft.shape[1]) == tuple(size):
+        return soft
+    # cv2 resizes an [H, W, C] array channel by channel (at most 512 channels)
+    out = cv2.resize(np.ascontiguousarray(soft.transpose(1, 2, 0)), tuple(size), interpolation=cv2.INTER_LINEAR)
+    out = out.reshape(size[1], size[0], -1).transpose(2, 0, 1)
+    total = out.sum(axis=0, keepdims=True)
+    return np.ascontiguousarray(np.divide(out, total, out=np.zeros_like(out), where=total > 0), dtype=np.float32)
+
+
 def train_transform(
     sample: Sample, cfg: TransformConfig, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fixed or random short-edge resize, random crop (padding: normalised 0 = the mean / label 255), random flip.
 
     Random draws, in order: short edge, crop offsets, flip; the same rng state gives the same output.
-    A sample without a label (target images in adaptation) gets an all-ignore label.
+    A sample without a label (target images in adaptation) gets an all-ignore label. A sample with soft labels
+    gets them back third, through the same resize (`resize_soft`), crop (padding 0) and flip.
     """
-    image = sample.image
+    image, soft = sample.image, sample.soft_label
     label = sample.label if sample.label is not None else np.full(image.shape[:2], IGNORE_INDEX, np.uint8)
     if cfg.resize is not None and (image.shape[1], image.shape[0]) != tuple(cfg.resize):
         image = cv2.resize(image, tuple(cfg.resize), interpolation=cv2.INTER_LINEAR)
         label = cv2.resize(label, tuple(cfg.resize), interpolation=cv2.INTER_NEAREST_EXACT)
     if cfg.short_edge is not None:
         image, label = resize_short_edge(image, label, int(rng.integers(cfg.short_edge[0], cfg.short_edge[1] + 1)))
+    if soft is not None:
+        soft = resize_soft(soft, (image.shape[1], image.shape[0]))
     h, w = image.shape[:2]
     ch, cw = cfg.crop if cfg.crop is not None else (h, w)
     # Offset of the crop window in the image; when the image is smaller, the image sits at a random offset
@@ -132,7 +148,13 @@ def train_transform(
     if flip:
         out_img = np.ascontiguousarray(out_img[:, :, ::-1])
         out_lab = np.ascontiguousarray(out_lab[:, ::-1])
-    return out_img, out_lab
+    if soft is None:
+        return out_img, out_lab
+    out_soft = np.zeros((soft.shape[0], ch, cw), np.float32)
+    out_soft[:, dy : dy + nh, dx : dx + nw] = soft[:, sy : sy + nh, sx : sx + nw]
+    if flip:
+        out_soft = np.ascontiguousarray(out_soft[:, :, ::-1])
+    return out_img, out_lab, out_soft
 
 
 def eval_transform(

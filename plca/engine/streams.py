@@ -53,7 +53,7 @@ class StepBatchSampler(Sampler[list[Key]]):
 class KeyedDataset(Dataset):
     """Reads item `index` of a reader and augments it with an RNG seeded by (seed, stream, k)."""
 
-    def __init__(self, reader: Any, transform: Callable[..., tuple[np.ndarray, np.ndarray | None]], seed: int,
+    def __init__(self, reader: Any, transform: Callable[..., tuple[np.ndarray, ...]], seed: int,
                  stream_id: int) -> None:
         self.reader, self.transform = reader, transform
         self.seed, self.stream_id = seed, stream_id
@@ -65,10 +65,12 @@ class KeyedDataset(Dataset):
         index, k = key
         rng = np.random.default_rng([self.seed, self.stream_id, k])
         sample = self.reader.read(index)
-        image, label = self.transform(sample, rng)
+        image, label, *soft = self.transform(sample, rng)  # soft labels third, when the sample has them
         item = {"image": torch.from_numpy(np.ascontiguousarray(image))}
         if sample.label is not None:  # unlabelled streams carry no label at all
             item["label"] = torch.from_numpy(np.ascontiguousarray(label)).long()
+        if soft:
+            item["soft_label"] = torch.from_numpy(np.ascontiguousarray(soft[0]))
         return item
 
 

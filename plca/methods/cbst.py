@@ -19,11 +19,17 @@ import torch
 
 from plca.data.labels import IGNORE_INDEX
 from plca.engine.contract import Method, StepOutput
-from plca.labelling import Policy, Selection, register_policy
+from plca.labelling import Policy, Selection, SoftLabels, register_policy
 from plca.losses import self_training_loss
 from plca.methods.registry import register
 from plca.models.output import LOGITS
-from plca.pseudo import class_confidence_samples, hard_pseudo_labels, mining_from_counts, thresholds_from_samples
+from plca.pseudo import (
+    class_confidence_samples,
+    hard_pseudo_labels,
+    mining_from_counts,
+    soft_pseudo_labels,
+    thresholds_from_samples,
+)
 
 
 @dataclass
@@ -41,6 +47,13 @@ class ClassBalancedConfig:
     #: Classes with a predicted share below this are "mine" classes (recorded in the set's summary).
     mine_port: float = 1e-3
     rare_cls_num: int = 3
+    #: CRST's label regularisation LRENT: > 0 gives soft labels with this alpha (the code's lr_weight_ent, 0.25 in
+    #: lrent.sh; `plca.pseudo.soft_pseudo_labels`), which the round learns from; 0 = hard labels (CBST, CRST-MR).
+    lrent: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.lrent < 0:
+            raise ValueError(f"lrent must be >= 0 (0 = hard labels; CRST's LRENT: 0.25), got {self.lrent}")
 
 
 @register_policy(ClassBalancedConfig)
@@ -81,9 +94,12 @@ class ClassBalanced(Policy):
                      "rare_classes": rare.tolist()},
         )
 
-    def label(self, name: str, logits: torch.Tensor) -> np.ndarray:
-        labels = hard_pseudo_labels(logits.softmax(0)[None], self.thresholds.to(logits.device),
-                                    strict=self.cfg.strict)[0]
+    def label(self, name: str, logits: torch.Tensor) -> np.ndarray | SoftLabels:
+        thresholds = self.thresholds.to(logits.device)
+        if self.cfg.lrent > 0:  # LRENT keeps its own pixels (its rule, not p / lambda >= 1) and soft weights
+            soft, labels = soft_pseudo_labels(logits.softmax(0)[None], thresholds, self.cfg.lrent)
+            return SoftLabels(hard=labels[0].to(torch.uint8).cpu().numpy(), soft=soft[0].cpu().numpy())
+        labels = hard_pseudo_labels(logits.softmax(0)[None], thresholds, strict=self.cfg.strict)[0]
         return labels.to(torch.uint8).cpu().numpy()
 
 
@@ -122,12 +138,18 @@ class CBST(Method):
         logits = torch.cat([self.model(batch[f"{s}_image"])[LOGITS] for s in ("source", "target")])
         logits = self.model.upsample(logits, tuple(labels.shape[-2:])).float()
         n_source = len(batch["source_label"])
+        target = labels
+        if "target_soft_label" in batch:  # LRENT's soft labels: the source's labels one-hot beside them
+            source = batch["source_label"]
+            valid = source != cfg.ignore_index
+            one_hot = torch.zeros_like(logits[:n_source]).scatter_(1, torch.where(valid, source, 0)[:, None], 1.0)
+            target = torch.cat([one_hot * valid[:, None], batch["target_soft_label"].to(logits.dtype)])
         weights = None
         if cfg.regularizer != "none":
             target_weight = cfg.weight if cfg.code_image_weights else 1.0
             weights = torch.tensor([0.0] * n_source + [target_weight] * (len(labels) - n_source),
                                    device=logits.device)
-        loss = self_training_loss(logits, labels, regularizer=cfg.regularizer, weight=cfg.weight,
+        loss = self_training_loss(logits, target, regularizer=cfg.regularizer, weight=cfg.weight,
                                   image_weights=weights, ignore_index=cfg.ignore_index)
         labelled = labels[n_source:] != cfg.ignore_index
         return StepOutput(loss=loss, terms={"st_loss": float(loss.detach()),
