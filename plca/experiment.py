@@ -31,7 +31,7 @@ from plca.evaluation.cycles import CycleConfig, cycle_diagnostics
 from plca.evaluation.inference import InferenceConfig, evaluate
 from plca.evaluation.metrics import summarize
 from plca.io import atomic_write_json, atomic_write_png, remove_leftovers
-from plca.labelling import PseudoLabelledReader, SubsetReader, make_pseudo_set, read_names
+from plca.labelling import PseudoLabelledReader, SubsetReader, make_pseudo_set, read_names, read_summary
 from plca.methods.registry import method_config
 from plca.models.deeplabv2 import DeepLabV2
 from plca.models.ensemble import Ensemble
@@ -277,7 +277,10 @@ def train_run(
     rcs = cls.rare_class_sampling(cfg)
     streams = _streams(params, spec, labelled, "target" in method.streams, pseudo_dir, rcs, class_stats)
     # the set's summary holds its policy, options and decisions (thresholds): a changed set never resumes a round
-    pseudo_digest = None if pseudo_dir is None else file_digest(pseudo_dir / "summary.json")
+    pseudo_digest = None
+    if pseudo_dir is not None:
+        pseudo_digest = file_digest(pseudo_dir / "summary.json")
+        method.set_pseudo_labels(read_summary(pseudo_dir))
     tcfg = TrainConfig(steps=steps, seed=spec.seed, optim=phase.optim, engine=params.engine, dist=dist)
     run_params = {
         "run": spec.name, "seed": spec.seed, "method": method_name, "labelled": labelled,

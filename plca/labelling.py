@@ -3,9 +3,12 @@ labels and what the labels are, and the set is written whole (label PNGs, the tw
 a summary): the output of a DVC stage that a later training stage, a round, learns from.
 
 A policy sees the predictions twice: `observe` every image (pass 1: scores, statistics), then `select` splits the
-images into labelled and unlabelled, then `label` each labelled image (pass 2). Two passes keep memory flat (no
-prediction is held), at the price of predicting the set twice. Policies register themselves from the method module
-that needs them (`register_policy`), so a method with rounds stays one file. Labels never come from the target's
+images into labelled and unlabelled, then `label` each labelled image (pass 2). A policy whose split needs the whole
+set's statistics first (TPLD's image confidence needs the class thresholds) also sets `reviews` and is shown every
+image once more between the two (`review`). The network outputs of pass 1 are kept for the later passes as far as
+`OUTPUT_CACHE_BYTES` allows (the rest are predicted again), so memory stays bounded whatever the set's size.
+Policies register themselves from the method module that needs them (`register_policy`), so a method with rounds
+stays one file. Labels never come from the target's
 ground truth: when the dataset has it, it only scores the pseudo-labels (`precision`), a diagnostic.
 
 Set layout (one folder per seed): `labels/<image name>.png` (train ids, 255 = unlabelled pixel) for every labelled
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -91,12 +95,18 @@ class Policy:
     """Base class of pseudo-label policies; subclasses set `name` and override the three calls."""
 
     name: ClassVar[str] = "policy"
+    #: Whether `review` sees every image between `observe` and `select` (a pass of its own).
+    reviews: ClassVar[bool] = False
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
 
     def observe(self, names: list[str], logits: torch.Tensor) -> None:
         """Pass 1: [N, C, H, W] float32 logits of the images `names` at their stored size."""
+        raise NotImplementedError
+
+    def review(self, names: list[str], logits: torch.Tensor) -> None:
+        """The pass after `observe` when `reviews` is set: the same images and logits, in the same order."""
         raise NotImplementedError
 
     def select(self) -> Selection:
@@ -187,6 +197,10 @@ def make_pseudo_set(model: torch.nn.Module, reader: Any, tcfg: TransformConfig, 
     outputs: list[torch.Tensor] = []  # the scoring pass's network outputs, which the labelling pass reuses
     for samples, logits in _predictions(model, reader, tcfg, cfg, device, f"{desc} (scoring)", progress, outputs):
         policy.observe([s.name for s in samples], logits)
+    if policy.reviews:
+        for samples, logits in _predictions(model, reader, tcfg, cfg, device, f"{desc} (reviewing)", progress,
+                                            outputs):
+            policy.review([s.name for s in samples], logits)
     sel = policy.select()
     if sorted([*sel.labelled, *sel.unlabelled]) != sorted(names):
         raise RuntimeError(f"policy '{cfg.policy}' did not split the images exactly once each")
@@ -240,6 +254,20 @@ def read_names(set_dir: Path, split: str) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such pseudo-label list; is {set_dir} a pseudo-label set (stage pseudo)?")
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_summary(set_dir: Path) -> dict[str, Any]:
+    """A set's `summary.json` (its policy, options and decisions)."""
+    path = Path(set_dir) / "summary.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such summary; is {set_dir} a pseudo-label set (stage pseudo)?")
+    try:
+        summary = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not a JSON summary: {exc}") from exc
+    if not isinstance(summary, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(summary).__name__}")
+    return summary
 
 
 class SubsetReader:

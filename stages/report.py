@@ -59,6 +59,7 @@ def main() -> None:
         variants=params.all_variants, seeds=params.seeds, dataset_label=params.data.label,
         show=show,
         pseudo=params.runs.pseudo, pseudo_configs=params.pseudo, rounds=params.runs.rounds,
+        round_steps={r: params.steps(r) for r in params.runs.rounds},
         pseudo_dir=Path("metrics") / PSEUDO_METRICS, target_train_image=target_train_images(params),
     )
     summary = build_reports(inputs, make_reader(params.data.target, "val"), params.evaluate.samples,

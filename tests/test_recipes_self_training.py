@@ -1,4 +1,4 @@
-"""The self-training family's recipes (profiles/self_training.yaml under cbst or crst, on a benchmark profile):
+"""The self-training family's recipes (profiles/self_training.yaml under cbst, crst or tpld, on a benchmark profile):
 merged, they carry the released CRST code's setup (its CBST is the same run without the model regulariser), and
 each runs end to end at tiny sizes on fixtures in the real layouts, on a target subset given as a list file in the
 released code's format, with the pipeline's own functions wired as the stages wire them: the source-only
@@ -32,10 +32,18 @@ RUNS: dict[str, dict[str, Any]] = {
     "crst": {"pseudo": {"cbst_p1": "pretrain", "crst_p2": "crst_r1", "crst_p3": "crst_r2"},
              "rounds": {"crst_r1": ("pretrain", "cbst_p1"), "crst_r2": ("crst_r1", "crst_p2"),
                         "crst": ("crst_r2", "crst_p3")}},
+    "tpld": {"pseudo": {"tpld_p1": "pretrain", "tpld_p2": "tpld_r1", "tpld_p3": "tpld_r2"},
+             "rounds": {"tpld_r1": ("pretrain", "tpld_p1"), "tpld_r2": ("tpld_r1", "tpld_p2"),
+                        "tpld": ("tpld_r2", "tpld_p3")}},
 }
+#: Each recipe's set policies and the options beyond the class-balanced ones (TPLD: voting, then easy/hard).
+POLICIES = {"cbst": ["class_balanced"] * 3, "crst": ["class_balanced"] * 3,
+            "tpld": ["class_balanced_vote", "class_balanced_vote", "easy_hard"]}
+EXTRA = {"class_balanced": {}, "class_balanced_vote": {"window": 3, "alpha": 0.7, "iterations": 3},
+         "easy_hard": {"q": 0.3, "gamma": 2.0}}
 PORTIONS = [0.2, 0.25, 0.3]  # the released code: 0.2, + 0.05 a round
 LR = 5e-5
-CASES = [("gta5", "cbst"), ("gta5", "crst"), ("synthia", "crst")]
+CASES = [("gta5", "cbst"), ("gta5", "crst"), ("synthia", "crst"), ("gta5", "tpld")]
 N_TARGET_TRAIN, LISTED = 6, 4  # the list file keeps 4 of the 6 target train images
 TINY_CROP, TINY_EVAL = [32, 48], [48, 24]
 
@@ -70,13 +78,16 @@ def test_recipe_carries_the_released_setup(bench: str, method: str) -> None:
     assert {p.variant(v).train.method for v in r.rounds} == {method}
     cfg = p.method_config(method)
     assert (cfg.regularizer, cfg.weight, cfg.code_image_weights) == (
-        ("kld", 0.1, True) if method == "crst" else ("none", 0.0, True))
+        ("none", 0.0, True) if method == "cbst" else ("kld", 0.1, True))
+    if method == "tpld":  # two rounds of phase 1, one of phase 2 on the easy (labelled) and hard images
+        assert [(p.method_config(v).phase, p.variant(v).train.labelled) for v in r.rounds] == [
+            (1, "source"), (1, "source"), (2, "pseudo")]
     # each round's set: class-balanced at 0.2, 0.25, 0.3 from every 4th pixel, predicted at 0.9 x 2048x1024 and
     # mirrored
-    for name, portion in zip(r.pseudo, PORTIONS, strict=True):
+    for name, portion, policy in zip(r.pseudo, PORTIONS, POLICIES[method], strict=True):
         s = p.pseudo[name]
         assert (s.policy, s.options, s.input_size, s.flip) == (
-            "class_balanced", {"portion": portion, "ds_rate": 4, "policy": "cb"}, (1843, 922), True), name
+            policy, {"portion": portion, "ds_rate": 4, "policy": "cb", **EXTRA[policy]}, (1843, 922), True), name
     # scale 0.5-1.5 and 512x1024 crops with flips on both domains; full-resolution evaluation
     src, tgt = p.transform("source"), p.transform("target")
     assert (src.short_edge, src.crop, src.flip) == ((526, 1578), (512, 1024), True)

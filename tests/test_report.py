@@ -822,3 +822,33 @@ def test_a_changed_row_names_its_change_and_shows_no_paper_or_published_figure()
     row = next(r for r in _md_rows(md.split("## 16")[0]) if r[0].startswith("ours: AdvEnt"))
     assert row[0] == "ours: AdvEnt (multi-level) (changed: options.w_adv_main=0.002) (n=3)" and row[-1] == T.NA
     assert "AdvEnt (multi-level): ADVENT" not in md  # its published source line goes with its figures
+
+
+def test_table2_notes_give_each_round_chain_its_rounds_steps_start_and_sets(tmp_path):
+    from plca.report.build import ReportInputs, round_notes
+
+    rounds = PARAMS.runs.rounds
+    inp = ReportInputs(metrics_dir=tmp_path, logs_dir=tmp_path, eval_dir=tmp_path, variants=PARAMS.all_variants,
+                       seeds=[0], dataset_label=LABEL, show=SHOW, rounds=rounds,
+                       round_steps={r: PARAMS.steps(r) for r in rounds})
+    notes = {n.split(":")[0]: n for n in round_notes(inp)}
+    # one line per table row trained in rounds (the last round of each chain), none for rounds 1 and 2
+    assert set(notes) == {SHOW.label(v) for v in ("intrada", "cbst", "crst", "tpld", "plca_crst")}
+    steps = PARAMS.adapt.steps // 3
+    assert notes[SHOW.label("cbst")] == (
+        f"{SHOW.label('cbst')}: 3 rounds of {steps}, {steps}, {steps} optimiser steps ({3 * steps} in all), the first "
+        "from the source-only model (pretrain), each next from the one before, learning from the pseudo-label sets "
+        "cbst_p1, cbst_p2, cbst_p3 in turn (reports/pseudo_labels.md).")
+    assert f"the first from {SHOW.label('plca')}," in notes[SHOW.label("plca_crst")]
+    assert "tpld_p1, tpld_p2, tpld_p3 in turn" in notes[SHOW.label("tpld")]
+    assert notes[SHOW.label("intrada")].startswith(
+        f"{SHOW.label('intrada')}: 1 round of {PARAMS.adapt.steps // 2} optimiser steps from the source-only model")
+    # a round whose steps are unknown shows "?" and no total
+    inp.round_steps = {r: n for r, n in inp.round_steps.items() if r != "cbst_r2"}
+    cbst = next(n for n in round_notes(inp) if n.startswith(SHOW.label("cbst") + ":"))
+    assert f"of {steps}, ?, {steps} optimiser steps, the first" in cbst
+    # the notes go under Table 2's intro, in markdown and LaTeX
+    results = T.results_frame(_records())
+    md = T.table2_markdown(results, dataset_label=LABEL, show=SHOW, notes=["rounds: a note"])
+    assert "- rounds: a note" in md.split("## 19 classes")[0]
+    assert "rounds: a note" in T.table2_latex(results, dataset_label=LABEL, show=SHOW, notes=["rounds: a note"])

@@ -85,6 +85,12 @@ class Method:
         pixel values (the mean teacher's colour jitter); most methods ignore it."""
         del transform
 
+    def set_pseudo_labels(self, summary: dict[str, Any]) -> None:
+        """Told the summary of a round's pseudo-label set (`plca.labelling`: its policy's options and decisions,
+        e.g. the class thresholds) before training, for a method whose loss needs them (TPLD's bootstrapping);
+        most methods ignore it."""
+        del summary
+
     def networks(self) -> dict[str, nn.Module]:
         """Every network the method holds (all are checkpointed and put in train mode by the engine)."""
         return {"model": self.model}

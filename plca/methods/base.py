@@ -74,7 +74,7 @@ def adversarial_terms(discriminator: nn.Module, x_source: Tensor, x_target: Tens
     return generator, disc
 
 
-def _adam_d() -> OptimConfig:
+def discriminator_optim() -> OptimConfig:
     """The released codes' discriminator optimiser: Adam, lr 1e-4, betas (0.9, 0.99), no weight decay, poly."""
     return OptimConfig(name="adam", lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0)
 
@@ -93,7 +93,7 @@ class OutputSpaceAdversarialConfig:
     #: The discriminators' base width (64).
     ndf: int = 64
     #: The discriminators' optimiser (each D has its own, same settings).
-    d_optim: OptimConfig = field(default_factory=_adam_d)
+    d_optim: OptimConfig = field(default_factory=discriminator_optim)
     #: Lovasz on the main source level (not in the released codes).
     lovasz: bool = False
     w_lov: float = 0.75

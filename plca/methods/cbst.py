@@ -82,11 +82,17 @@ class ClassBalanced(Policy):
         self._names += names
         self._scores += probs.amax(1).mean(dim=(1, 2)).tolist()  # mean confidence, recorded per image
 
+    def fit_thresholds(self) -> torch.Tensor:
+        """The class thresholds from every image observed (computed once)."""
+        if self.thresholds is None:
+            cfg = self.cfg
+            self.thresholds = thresholds_from_samples(torch.cat(self._cls), torch.cat(self._conf), len(self._counts),
+                                                      cfg.portion, policy=cfg.policy, cbst_mxnet=cfg.cbst_mxnet)
+        return self.thresholds
+
     def select(self) -> Selection:
         cfg = self.cfg
-        num_classes = len(self._counts)
-        self.thresholds = thresholds_from_samples(torch.cat(self._cls), torch.cat(self._conf), num_classes,
-                                                  cfg.portion, policy=cfg.policy, cbst_mxnet=cfg.cbst_mxnet)
+        self.fit_thresholds()
         rare, mine = mining_from_counts(self._counts, mine_port=cfg.mine_port, rare_cls_num=cfg.rare_cls_num)
         return Selection(
             labelled=list(self._names), unlabelled=[], scores=dict(zip(self._names, self._scores, strict=True)),

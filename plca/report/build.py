@@ -72,12 +72,42 @@ class ReportInputs:
     pseudo_configs: Mapping[str, PseudoSetConfig] = field(default_factory=dict)
     #: The rounds (params `runs.rounds`: variant -> wiring); the report lists those learning from each set.
     rounds: Mapping[str, RoundWiring] = field(default_factory=dict)
+    #: Optimiser steps of each round (params `steps` of the variants of `rounds`), for Table 2's notes.
+    round_steps: Mapping[str, int] = field(default_factory=dict)
     #: Where the pseudo stage keeps each set's summaries and sample pseudo-labels (metrics/pseudo); needed when
     #: `pseudo` names a set.
     pseudo_dir: Path | None = None
     #: A target train image ([H, W, 3] uint8 RGB) by name, for the pseudo-label figure; needed when `pseudo` names
     #: a set.
     target_train_image: Callable[[str], np.ndarray] | None = None
+
+
+def round_notes(inp: ReportInputs) -> list[str]:
+    """One line per Table 2 row trained in rounds (the last round of a chain of `runs.rounds`): its rounds, their
+    steps, the model the first starts from and the sets they learn from."""
+    show, rounds = inp.show, inp.rounds
+    starts = {w.init for w in rounds.values()}
+    notes = []
+    for v in show.order(inp.variants):
+        if v not in rounds or v in starts or not show.in_table(v, "table2"):
+            continue
+        chain = [v]
+        while rounds[chain[0]].init in rounds and rounds[chain[0]].init not in chain:
+            chain.insert(0, rounds[chain[0]].init)
+        steps = [inp.round_steps.get(r) for r in chain]
+        init = rounds[chain[0]].init
+        start = "the source-only model (pretrain)" if init not in inp.variants else show.label(init)
+        counts = ", ".join("?" if n is None else str(n) for n in steps)
+        total = "" if None in steps else f" ({sum(steps)} in all)"
+        sets = ", ".join(rounds[r].pseudo for r in chain)
+        if len(chain) == 1:
+            notes.append(f"{show.label(v)}: 1 round of {counts} optimiser steps from {start}, learning from the "
+                         f"pseudo-label set {sets} (reports/pseudo_labels.md).")
+            continue
+        notes.append(f"{show.label(v)}: {len(chain)} rounds of {counts} optimiser steps{total}, the first from "
+                     f"{start}, each next from the one before, learning from the pseudo-label sets {sets} in turn "
+                     "(reports/pseudo_labels.md).")
+    return notes
 
 
 def _load_json(path: Path) -> dict[str, Any]:
@@ -173,7 +203,8 @@ def build_reports(inp: ReportInputs, target_val: Any, sample_indices: Sequence[i
     results = results_frame(records)
     write_results_csv(results, out_dir / "results.csv")
     write_table1(results, out_dir / "table1.md", out_dir / "table1.tex", dataset_label=label, show=show)
-    write_table2(results, out_dir / "table2.md", out_dir / "table2.tex", dataset_label=label, show=show)
+    write_table2(results, out_dir / "table2.md", out_dir / "table2.tex", dataset_label=label, show=show,
+                 notes=round_notes(inp))
     write_cycle_table(records, out_dir / "cycles.md", dataset_label=label, show=show)
 
     figs = out_dir / "figures"

@@ -629,19 +629,22 @@ SOURCES_TITLE = "Sources of the `published ...` columns (published figures, not 
 
 
 def table2_markdown(
-    results: pd.DataFrame, *, dataset_label: str, show: Presentation, protocols: Sequence[int] = (19, 16, 13)
+    results: pd.DataFrame, *, dataset_label: str, show: Presentation, protocols: Sequence[int] = (19, 16, 13),
+    notes: Sequence[str] = (),
 ) -> str:
     """Per-class IoU in the layout of the paper's Tables 2 and 3, the variants of the table plus the paper's
     reference rows.
 
-    protocols: which class protocols apply to our runs; our rows appear only in the blocks listed.
+    protocols: which class protocols apply to our runs; our rows appear only in the blocks listed. notes: lines on
+    how rows were trained (the rounds of the self-training rows), after the intro.
     """
     tables, intro, sources = _table2(results, dataset_label, show, protocols)
-    return _markdown(tables, "Table 2: per-class IoU (%)", intro, (SOURCES_TITLE, sources))
+    return _markdown(tables, "Table 2: per-class IoU (%)", [*intro, *notes], (SOURCES_TITLE, sources))
 
 
 def table2_latex(
-    results: pd.DataFrame, *, dataset_label: str, show: Presentation, protocols: Sequence[int] = (19, 16, 13)
+    results: pd.DataFrame, *, dataset_label: str, show: Presentation, protocols: Sequence[int] = (19, 16, 13),
+    notes: Sequence[str] = (),
 ) -> str:
     """Tables 2/3 layout as LaTeX (booktabs), both blocks in one table."""
     tables, _, sources = _table2(results, dataset_label, show, protocols)
@@ -654,7 +657,7 @@ def table2_latex(
     )
     footer = ["Sources of the published columns (single figures on the real benchmarks, not our numbers, never from "
               "our runs):", *sources] if sources else []
-    return _latex(tables, caption, "tab:per-class", footer)
+    return _latex(tables, caption, "tab:per-class", [*notes, *footer])
 
 
 def write_table2(
@@ -665,8 +668,9 @@ def write_table2(
     dataset_label: str,
     show: Presentation,
     protocols: Sequence[int] = (19, 16, 13),
+    notes: Sequence[str] = (),
 ) -> tuple[Path, Path]:
     """Write table2.md and table2.tex atomically."""
-    md = table2_markdown(results, dataset_label=dataset_label, show=show, protocols=protocols)
-    tex = table2_latex(results, dataset_label=dataset_label, show=show, protocols=protocols)
+    md = table2_markdown(results, dataset_label=dataset_label, show=show, protocols=protocols, notes=notes)
+    tex = table2_latex(results, dataset_label=dataset_label, show=show, protocols=protocols, notes=notes)
     return atomic_write_text(md_path, md), atomic_write_text(tex_path, tex)
