@@ -36,6 +36,7 @@ from plca.evaluation.inference import InferenceConfig, predict_probs
 from plca.experiment import inference_config, load_model
 from plca.io import atomic_write_png
 from plca.models.deeplabv2 import DeepLabV2
+from plca.models.output import class_argmax
 from plca.params import load_params
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -107,7 +108,7 @@ def predict_folder(argv: Sequence[str] | None = None) -> int:
             return 2
         x, _ = eval_transform(Sample(image=image, label=None, name=path.stem), tcfg, size)
         probs = predict_probs(model, torch.from_numpy(x)[None].to(device), image.shape[:2], cfg)
-        train_ids = probs.argmax(1)[0].to(torch.uint8).cpu().numpy()
+        train_ids = class_argmax(probs)[0].to(torch.uint8).cpu().numpy()
         rel = path.relative_to(args.images).with_suffix(".png")
         atomic_write_png(TRAINID_TO_ID[train_ids], args.out / "labelIds" / rel)
         overlay = (image.astype(np.uint16) + colorize(train_ids)) // 2

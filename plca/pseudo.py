@@ -32,6 +32,7 @@ from torch import Tensor
 
 from plca.data.labels import IGNORE_INDEX
 from plca.losses.entropy import entropy_map
+from plca.models.output import class_argmax
 
 #: Cityscapes trainIds IntraDA's code counts as rare: wall, fence, pole, traffic light, traffic sign, terrain,
 #: rider, truck, bus, train, motorcycle (K = 11).
@@ -53,7 +54,7 @@ def image_entropy(logits: Tensor, rare_classes: Sequence[int] | None = None) -> 
     rare = torch.as_tensor(sorted(set(rare_classes)), dtype=torch.long, device=logits.device)
     if rare.numel() == 0:
         raise ValueError("image_entropy: rare_classes is empty; pass None for no rare-class factor")
-    pred = logits.argmax(dim=1).flatten(1)  # [N, HW]
+    pred = class_argmax(logits).flatten(1)  # [N, HW]
     present = (pred[:, :, None] == rare[None, None, :]).any(dim=1)  # [N, K]
     k = present.sum(dim=1).to(scores.dtype)
     num_rare = rare.numel()
@@ -144,7 +145,7 @@ def class_confidence_samples(probs: Tensor, *, ds_rate: int = 4) -> tuple[Tensor
     num_classes = probs.shape[1]
     kept_cls, kept_conf = [], []
     for image in probs:  # one image at a time: the per-class lists are per image, then pooled
-        pred = image.argmax(dim=0).flatten()
+        pred = class_argmax(image, 0).flatten()
         conf = image.amax(dim=0).flatten()
         # group the pixels by class, keeping row-major order inside each class (stable sort), then take every
         # ds_rate-th of each group from its first: conf[pred == c][::ds_rate] for every c at once
@@ -201,7 +202,7 @@ def hard_pseudo_labels(probs: Tensor, thresholds: Tensor | Sequence[float], *, i
     exactly at its threshold); `strict=True` is the paper's p > lambda (r > 1).
     """
     r = _ratios(probs, thresholds, "hard_pseudo_labels")
-    labels = r.argmax(dim=1)
+    labels = class_argmax(r)
     r_max = r.amax(dim=1)
     keep = r_max > 1 if strict else r_max >= 1
     return torch.where(keep, labels, torch.full_like(labels, ignore_index))
@@ -226,7 +227,7 @@ def soft_pseudo_labels(probs: Tensor, thresholds: Tensor | Sequence[float], alph
     reg_score = (-soft * torch.log(probs + LRENT_EPS) + alpha * soft * torch.log(soft + LRENT_EPS)).sum(dim=1)
     sel_score = (-soft * torch.log(lam + LRENT_EPS)[None, :, None, None]).sum(dim=1)
     keep = reg_score < sel_score
-    labels = torch.where(keep, soft.argmax(dim=1), torch.full_like(keep, ignore_index, dtype=torch.long))
+    labels = torch.where(keep, class_argmax(soft), torch.full_like(keep, ignore_index, dtype=torch.long))
     return soft * keep[:, None].to(soft.dtype), labels
 
 
@@ -241,7 +242,7 @@ def mining_classes(probs: Tensor, *, mine_port: float = 1e-3, rare_cls_num: int 
     """
     _check_probs(probs, "mining_classes")
     num_classes = probs.shape[1]
-    counts = torch.bincount(probs.argmax(dim=1).flatten(), minlength=num_classes).to(probs.dtype)
+    counts = torch.bincount(class_argmax(probs).flatten(), minlength=num_classes).to(probs.dtype)
     return mining_from_counts(counts, mine_port=mine_port, rare_cls_num=rare_cls_num)
 
 
@@ -254,18 +255,6 @@ def mining_from_counts(counts: Tensor, *, mine_port: float = 1e-3, rare_cls_num:
     order = torch.sort(share, stable=True).indices.to(torch.int64)
     num_mine = int((share < mine_port).sum())
     return order[:rare_cls_num], order[:num_mine]
-
-
-def _window_sum(x: Tensor, window: int) -> Tensor:
-    """Sum of `x` [N, C, H, W] over the window x window neighbourhood of each pixel (outside the image: 0)."""
-    pad = window // 2
-    padded = F.pad(x, (pad, pad, pad, pad))
-    height, width = x.shape[-2:]
-    total = torch.zeros_like(x)
-    for dy in range(window):
-        for dx in range(window):
-            total = total + padded[..., dy:dy + height, dx:dx + width]
-    return total
 
 
 def vote_densify(probs: Tensor, thresholds: Tensor | Sequence[float], labels: Tensor | None = None, *,
@@ -299,17 +288,30 @@ def vote_densify(probs: Tensor, thresholds: Tensor | Sequence[float], labels: Te
         if bad.numel():
             raise ValueError(f"vote_densify: labels {sorted(set(bad.tolist()))[:10]} outside [0, {num_classes}) "
                              f"and not ignore_index {ignore_index}")
-    top2 = torch.sort(r, dim=1, descending=True, stable=True).indices[:, :2]  # [N, 2, H, W], ties: lower class
+    # the two classes with the largest r, ties to the lower class (a stable descending sort's first two)
+    top1 = class_argmax(r)
+    top2 = torch.stack([top1, class_argmax(r.scatter(1, top1[:, None], -math.inf))], dim=1)  # [N, 2, H, W]
     r_top = r.gather(1, top2)
+    # Only the two candidates' pooled ratios matter: per window offset, each candidate's r at that neighbour
+    # ([offsets, N, 2, H, W]). Summed offset by offset in the same order as a window sum over every class, with
+    # zeros where a neighbour does not count, they give the same floats at a 1/C of the work.
+    pad = window // 2
+    r_pad = F.pad(r, (pad, pad, pad, pad))  # outside the image: never labelled
+    offsets = [(dy, dx) for dy in range(window) for dx in range(window)]
+    neighbour_r = torch.stack([r_pad[..., dy:dy + height, dx:dx + width].gather(1, top2) for dy, dx in offsets])
     for _ in range(iterations):
         unlabelled = labels == ignore_index
         if not bool(unlabelled.any()):
             break
-        onehot = torch.zeros_like(r).scatter_(1, labels.clamp(0, num_classes - 1)[:, None], 1.0)
-        onehot = onehot * (~unlabelled)[:, None].to(r.dtype)
-        count = _window_sum(onehot, window)
-        pooled = torch.where(count > 0, _window_sum(r * onehot, window) / count.clamp(min=1), torch.zeros_like(r))
-        votes = (1 - alpha) * r_top + alpha * pooled.gather(1, top2)
+        labels_pad = F.pad(labels, (pad, pad, pad, pad), value=ignore_index)
+        count = torch.zeros_like(r_top)
+        total = torch.zeros_like(r_top)
+        for k, (dy, dx) in enumerate(offsets):  # a neighbour counts when labelled with the candidate class
+            same = labels_pad[:, None, dy:dy + height, dx:dx + width] == top2
+            count = count + same.to(r.dtype)
+            total = total + torch.where(same, neighbour_r[k], torch.zeros_like(r_top))
+        pooled = torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(r_top))
+        votes = (1 - alpha) * r_top + alpha * pooled
         second = votes[:, 1] > votes[:, 0]
         best = torch.where(second, votes[:, 1], votes[:, 0])
         candidate = torch.where(second, top2[:, 1], top2[:, 0])
@@ -326,7 +328,7 @@ def image_confidence(probs: Tensor, thresholds: Tensor | Sequence[float]) -> Ten
     lam = _thresholds(probs, thresholds, "image_confidence")
     if probs.shape[2] * probs.shape[3] == 0:
         raise ValueError(f"image_confidence: empty images {tuple(probs.shape)}")
-    pred = probs.argmax(dim=1, keepdim=True)
+    pred = class_argmax(probs)[:, None]
     onehot = torch.zeros_like(probs).scatter_(1, pred, 1.0)
     n_c = onehot.sum(dim=(2, 3))
     n_star = (onehot * (probs >= lam[None, :, None, None]).to(probs.dtype)).sum(dim=(2, 3))
@@ -362,7 +364,7 @@ def full_pseudo_labels(probs: Tensor, thresholds: Tensor | Sequence[float], gamm
     """
     r = _ratios(probs, thresholds, "full_pseudo_labels")
     confident = r.amax(dim=1, keepdim=True) >= 1
-    onehot = torch.zeros_like(r).scatter_(1, r.argmax(dim=1, keepdim=True), 1.0)
+    onehot = torch.zeros_like(r).scatter_(1, class_argmax(r)[:, None], 1.0)
     return torch.where(confident, onehot, r.pow(gamma))
 
 

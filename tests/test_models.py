@@ -254,3 +254,14 @@ def test_build_model_loads_pretrained(tmp_path) -> None:
     assert torch.equal(model.backbone.layer4[1].conv2.weight, saved["layer4.1.conv2.weight"])
     with pytest.raises(FileNotFoundError):
         build_model(DeepLabV2Config(depth=18, width=0.25, pretrained=tmp_path / "absent.pth"))
+
+
+def test_class_argmax_is_argmax_with_ties_to_the_first_class() -> None:
+    from plca.models.output import class_argmax
+
+    x = torch.tensor([[[[0.2, 0.5]], [[0.7, 0.5]], [[0.7, 0.1]]]])  # [1, 3, 1, 2]: ties 1 = 2 and 0 = 1
+    assert class_argmax(x).tolist() == [[[1, 0]]]
+    assert class_argmax(x[0], 0).tolist() == [[1, 0]]
+    g = torch.Generator().manual_seed(0)
+    coarse = torch.randint(0, 3, (4, 19, 8, 16), generator=g).float()  # many ties
+    assert torch.equal(class_argmax(coarse), coarse.argmax(1))

@@ -278,6 +278,52 @@ def test_voting_on_a_3x3_grid_by_hand() -> None:
     assert vote_densify(probs, lam, alpha=0.0).tolist() == hard_pseudo_labels(probs, lam).tolist()
 
 
+def _reference_vote(probs: torch.Tensor, lam: list[float], iterations: int, alpha: float, window: int) -> torch.Tensor:
+    """The voting written out over every class: window sums of the one-hot labels and of r x one-hot, then the two
+    largest r by a stable descending sort (the spec's reading, literally)."""
+    r = probs / torch.tensor(lam, dtype=probs.dtype)[None, :, None, None]
+    labels = hard_pseudo_labels(probs, lam)
+    num_classes, (height, width), pad = r.shape[1], r.shape[2:], window // 2
+
+    def window_sum(x: torch.Tensor) -> torch.Tensor:
+        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+        total = torch.zeros_like(x)
+        for dy in range(window):
+            for dx in range(window):
+                total = total + padded[..., dy:dy + height, dx:dx + width]
+        return total
+
+    top2 = torch.sort(r, dim=1, descending=True, stable=True).indices[:, :2]
+    r_top = r.gather(1, top2)
+    for _ in range(iterations):
+        unlabelled = labels == IGN
+        onehot = torch.zeros_like(r).scatter_(1, labels.clamp(0, num_classes - 1)[:, None], 1.0)
+        onehot = onehot * (~unlabelled)[:, None].to(r.dtype)
+        count = window_sum(onehot)
+        pooled = torch.where(count > 0, window_sum(r * onehot) / count.clamp(min=1), torch.zeros_like(r))
+        votes = (1 - alpha) * r_top + alpha * pooled.gather(1, top2)
+        second = votes[:, 1] > votes[:, 0]
+        best = torch.where(second, votes[:, 1], votes[:, 0])
+        labels = torch.where(unlabelled & (best >= 1), torch.where(second, top2[:, 1], top2[:, 0]), labels)
+    return labels
+
+
+@pytest.mark.parametrize(("window", "alpha", "dtype"), [(3, 0.7, torch.float32), (5, 0.5, torch.float64)])
+def test_voting_equals_the_window_sums_over_every_class_exactly(window: int, alpha: float, dtype: torch.dtype) -> None:
+    """vote_densify pools only the two candidates' ratios; on random maps with ties (probabilities on a coarse
+    grid) it gives the labels of the literal form over every class, to the bit."""
+    g = torch.Generator().manual_seed(3)
+    probs = (torch.randint(0, 6, (3, 7, 9, 11), generator=g).to(dtype) + 1).div(10)
+    probs = probs / probs.sum(1, keepdim=True)
+    lam = [0.3, 0.25, 0.5, 0.2, 0.35, 0.3, 0.4]
+    for iterations in (1, 3):
+        expected = _reference_vote(probs, lam, iterations, alpha, window)
+        got = vote_densify(probs, lam, window=window, alpha=alpha, iterations=iterations)
+        assert torch.equal(got, expected)
+    hard = hard_pseudo_labels(probs, lam)
+    assert 0 < int(((hard == IGN) & (got != IGN)).sum()) < int((hard == IGN).sum())  # the vote decides some pixels
+
+
 def test_voting_ties_go_to_the_lower_class() -> None:
     # a row: labelled 0 (r 1.6, .2, .2) | r = (.8, .8, .4) | labelled 1 (r .2, 1.6, .2), lambda = .5:
     # candidates 0 then 1 (tie in r: lower class first); v0 = v1 = .24 + 1.12 -> the first, class 0

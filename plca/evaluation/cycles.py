@@ -21,7 +21,7 @@ from plca.data.transforms import TransformConfig
 from plca.evaluation.inference import read_labelled
 from plca.losses import associate, downsample_labels
 from plca.losses.constants import DEFAULT_ALPHA
-from plca.models.output import FEATURES, LOGITS
+from plca.models.output import FEATURES, LOGITS, class_argmax
 
 #: The two levels PLCA associates: (name in the outputs, similarity).
 LEVELS: tuple[tuple[str, str], ...] = (("features", "cosine"), ("predictions", "kl"))
@@ -128,7 +128,7 @@ def cycle_diagnostics(model: Any, source_reader: Any, target_reader: Any, tcfg: 
                              f"vs {tuple(ft.shape[-2:])}); set one input size (data.eval_size) for both")
         grid = tuple(fs.shape[-2:])
         ys_grid, yt_grid = downsample_labels(ys, grid), downsample_labels(yt, grid)
-        pred = lt.argmax(1)
+        pred = class_argmax(lt)
         labelled = yt_grid != cfg.ignore_index
         target_labelled += int(labelled.sum())
         target_right += int(((pred == yt_grid) & labelled).sum())

@@ -14,7 +14,7 @@ from plca.data.transforms import TransformConfig, eval_transform
 from plca.evaluation.metrics import ConfusionMatrix
 from plca.losses import spatial_aggregate
 from plca.losses.constants import DEFAULT_ALPHA
-from plca.models.output import FEATURES, LOGITS
+from plca.models.output import FEATURES, LOGITS, class_argmax
 
 
 @dataclass
@@ -93,7 +93,7 @@ def evaluate(
         for batch in _batches(reader, tcfg, cfg):
             images = torch.from_numpy(np.stack([b[1] for b in batch])).to(device)
             labels = torch.from_numpy(np.stack([b[2] for b in batch])).to(device)
-            pred = predict_probs(model, images, tuple(labels.shape[-2:]), cfg).argmax(1)
+            pred = class_argmax(predict_probs(model, images, tuple(labels.shape[-2:]), cfg))
             matrix.update(pred, labels)
             for (i, _, _, name), p in zip(batch, pred, strict=True):
                 if i in keep or on_prediction is not None:

@@ -22,7 +22,7 @@ from plca.engine.contract import Method, StepOutput
 from plca.labelling import Policy, Selection, SoftLabels, register_policy
 from plca.losses import self_training_loss
 from plca.methods.registry import register
-from plca.models.output import LOGITS
+from plca.models.output import LOGITS, class_argmax
 from plca.pseudo import (
     class_confidence_samples,
     hard_pseudo_labels,
@@ -77,7 +77,7 @@ class ClassBalanced(Policy):
         cls, conf = class_confidence_samples(probs, ds_rate=self.cfg.ds_rate)
         self._cls.append(cls.cpu())
         self._conf.append(conf.cpu())
-        counts = torch.bincount(probs.argmax(1).flatten(), minlength=probs.shape[1]).cpu().double()
+        counts = torch.bincount(class_argmax(probs).flatten(), minlength=probs.shape[1]).cpu().double()
         self._counts = counts if self._counts is None else self._counts + counts
         self._names += names
         self._scores += probs.amax(1).mean(dim=(1, 2)).tolist()  # mean confidence, recorded per image

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from plca.labelling import Policy, Selection, register_policy
+from plca.models.output import class_argmax
 from plca.pseudo import CITYSCAPES_RARE_CLASSES, EASY_RATIO, entropy_rank_split, image_entropy
 
 
@@ -64,4 +65,4 @@ class EntropyRank(Policy):
         )
 
     def label(self, name: str, logits: torch.Tensor) -> np.ndarray:
-        return logits.argmax(0).to(torch.uint8).cpu().numpy()
+        return class_argmax(logits, 0).to(torch.uint8).cpu().numpy()
