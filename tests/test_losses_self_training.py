@@ -194,3 +194,18 @@ def test_bad_arguments_are_named() -> None:
         self_training_loss(logits, torch.full((1, 2, 2), 3))
     with pytest.raises(ValueError, match="target"):
         self_training_loss(logits, torch.zeros(1, 2, 2))  # float labels [B, H, W]
+
+
+def test_one_hot_labels_is_zero_where_unlabelled_in_the_asked_dtype() -> None:
+    from plca.losses import one_hot_labels
+
+    labels = torch.tensor([[[2, 255], [0, 1]]])
+    got = one_hot_labels(labels, 3, dtype=torch.float64)
+    assert got.dtype == torch.float64 and got.shape == (1, 3, 2, 2)
+    expected = torch.zeros(1, 3, 2, 2, dtype=torch.float64)
+    expected[0, 2, 0, 0] = expected[0, 0, 1, 0] = expected[0, 1, 1, 1] = 1.0  # pixel (0, 1) unlabelled: all zero
+    assert torch.equal(got, expected)
+    assert torch.equal(one_hot_labels(torch.tensor([[[7, 0]]]), 3, ignore_index=7)[0, :, 0, 0], torch.zeros(3))
+    # as a soft target it gives the int labels' loss exactly
+    logits = torch.randn(1, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    assert float(self_training_loss(logits, got.float())) == float(self_training_loss(logits, labels))

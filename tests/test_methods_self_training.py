@@ -106,6 +106,12 @@ def test_source_and_target_crops_of_another_size_are_refused_with_the_setting_to
         m.training_step(batch)
 
 
+def _lrent_set(reader: FakeReader, out: Path, batch_size: int = 8) -> dict:
+    """A class-balanced set with LRENT's soft labels (portion 0.5, alpha 0.25) of the stub's predictions."""
+    cfg = PseudoSetConfig(policy="class_balanced", options={"portion": 0.5, "lrent": 0.25}, batch_size=batch_size)
+    return make_pseudo_set(Stub(k=4.0), reader, RAW, cfg, out, torch.device("cpu"), progress=False)
+
+
 def test_lrent_set_writes_soft_labels_that_a_round_reads_back(tmp_path: Path) -> None:
     """`lrent: 0.25` (CRST's lrent.sh): every labelled image gets soft/<name>.npz (float16 LRENT weights, zero where
     dropped) beside its PNG (their argmax, 255 where dropped), and the round's reader gives both back."""
@@ -114,9 +120,8 @@ def test_lrent_set_writes_soft_labels_that_a_round_reads_back(tmp_path: Path) ->
     rng = np.random.default_rng(1)
     pixels = [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(5)]
     reader = FakeReader(pixels)
-    cfg = PseudoSetConfig(policy="class_balanced", options={"portion": 0.5, "lrent": 0.25}, batch_size=2)
     out = tmp_path / "set"
-    summary = make_pseudo_set(Stub(k=4.0), reader, RAW, cfg, out, torch.device("cpu"), progress=False)
+    summary = _lrent_set(reader, out, batch_size=2)
     logits = torch.tensor(pixels, dtype=torch.float32)[:, :, None, None].expand(-1, -1, H, W) / 255 * 4.0
     soft, labels = soft_pseudo_labels(logits.softmax(1), torch.tensor(summary["thresholds"]), 0.25)
     assert sorted(p.name for p in (out / "soft").iterdir()) == sorted(f"{n}.npz" for n in reader.names)
@@ -144,8 +149,7 @@ def test_soft_label_files_missing_corrupt_or_of_another_size_are_named(tmp_path:
 
     reader = FakeReader([(10, 200, 30), (250, 5, 5)])
     out = tmp_path / "set"
-    make_pseudo_set(Stub(k=4.0), reader, RAW, PseudoSetConfig(policy="class_balanced",
-                    options={"portion": 0.5, "lrent": 0.25}), out, torch.device("cpu"), progress=False)
+    _lrent_set(reader, out)
     rounds = PseudoLabelledReader(reader, out)
     first, second = (out / "soft" / f"{n}.npz" for n in reader.names)
     first.write_bytes(b"not a zip")
@@ -197,8 +201,7 @@ def test_a_soft_set_reaches_the_method_as_target_soft_label(tmp_path: Path) -> N
 
     reader = FakeReader([(10, 200, 30), (250, 5, 5), (90, 90, 200)])
     out = tmp_path / "set"
-    make_pseudo_set(Stub(k=4.0), reader, RAW, PseudoSetConfig(policy="class_balanced",
-                    options={"portion": 0.5, "lrent": 0.25}), out, torch.device("cpu"), progress=False)
+    _lrent_set(reader, out)
     tcfg = TransformConfig(short_edge=(6, 8), crop=(4, 4), flip=True)
     ds = KeyedDataset(PseudoLabelledReader(reader, out), lambda s, rng: train_transform(s, tcfg, rng), 0, 1)
     items = [ds[(i, i)] for i in range(3)]

@@ -24,7 +24,7 @@ from plca.losses.mean_teacher import (
     pseudo_label_weight,
     weighted_pixel_ce,
 )
-from plca.losses.self_training import REGULARIZERS, self_training_loss
+from plca.losses.self_training import REGULARIZERS, one_hot_labels, self_training_loss
 
 __all__ = [
     "AssociationConfig",
@@ -45,6 +45,7 @@ __all__ = [
     "entropy_map",
     "feature_distance",
     "lovasz_softmax",
+    "one_hot_labels",
     "pixel_contrast_loss",
     "pseudo_label_weight",
     "self_information_map",

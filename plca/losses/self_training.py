@@ -28,6 +28,15 @@ Regularizer = Literal["none", "kld", "ent", "l2"]
 REGULARIZERS: tuple[str, ...] = ("none", "kld", "ent", "l2")
 
 
+def one_hot_labels(labels: Tensor, num_classes: int, *, ignore_index: int = IGNORE_INDEX,
+                   dtype: torch.dtype = torch.float32) -> Tensor:
+    """int labels [B, H, W] -> [B, C, H, W] one-hot in `dtype`, all zero where `ignore_index`: hard labels as soft
+    ones (a soft target of `self_training_loss` leaves all-zero pixels out, as int labels leave ignore_index)."""
+    valid = labels != ignore_index
+    out = torch.zeros((labels.shape[0], num_classes, *labels.shape[1:]), dtype=dtype, device=labels.device)
+    return out.scatter_(1, torch.where(valid, labels, 0)[:, None].to(torch.int64), valid[:, None].to(dtype))
+
+
 def _regulariser(log_q: Tensor, regularizer: str, kl_constant: bool) -> Tensor:
     """[B, C, H, W] log-softmax -> [B, H, W] per-pixel R of CRST's model regularisation (MRKLD, MRENT, MRL2)."""
     num_classes = log_q.shape[1]
@@ -79,7 +88,7 @@ def self_training_loss(logits: Tensor, target: Tensor, *, regularizer: Regulariz
         if bad.numel():
             raise ValueError(f"self_training_loss: labels {sorted(set(bad.tolist()))[:10]} outside "
                              f"[0, {num_classes}) and not ignore_index {ignore_index}")
-        t = torch.zeros_like(log_q).scatter_(1, torch.where(valid, target, 0)[:, None].to(torch.int64), 1.0)
+        t = one_hot_labels(target, num_classes, ignore_index=ignore_index, dtype=log_q.dtype)
     elif target.shape == logits.shape and target.is_floating_point():
         valid = target.sum(dim=1) != 0
         t = target.to(log_q.dtype)

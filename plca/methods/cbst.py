@@ -20,7 +20,7 @@ import torch
 from plca.data.labels import IGNORE_INDEX
 from plca.engine.contract import Method, StepOutput
 from plca.labelling import Policy, Selection, SoftLabels, register_policy
-from plca.losses import self_training_loss
+from plca.losses import one_hot_labels, self_training_loss
 from plca.methods.registry import register
 from plca.models.output import LOGITS, class_argmax
 from plca.pseudo import (
@@ -146,10 +146,9 @@ class CBST(Method):
         n_source = len(batch["source_label"])
         target = labels
         if "target_soft_label" in batch:  # LRENT's soft labels: the source's labels one-hot beside them
-            source = batch["source_label"]
-            valid = source != cfg.ignore_index
-            one_hot = torch.zeros_like(logits[:n_source]).scatter_(1, torch.where(valid, source, 0)[:, None], 1.0)
-            target = torch.cat([one_hot * valid[:, None], batch["target_soft_label"].to(logits.dtype)])
+            one_hot = one_hot_labels(batch["source_label"], logits.shape[1], ignore_index=cfg.ignore_index,
+                                     dtype=logits.dtype)
+            target = torch.cat([one_hot, batch["target_soft_label"].to(logits.dtype)])
         weights = None
         if cfg.regularizer != "none":
             target_weight = cfg.weight if cfg.code_image_weights else 1.0
