@@ -216,19 +216,24 @@ def _streams(params: Params, spec: RunSpec, labelled: str, wants_target: bool,
     return {name: dataset(name, reader, domain) for name, (reader, domain) in readers.items()}
 
 
+def train_ids_digest(cfg: DomainConfig) -> str | None:
+    """The digest of a domain's list file (`train_ids`), None when it has none: what a run's fingerprint records so
+    that an edited list never resumes a run made from the old one."""
+    return None if cfg.train_ids is None else file_digest(Path(cfg.train_ids))
+
+
 def training_data(params: Params) -> dict[str, Any]:
     """What a training reads of params `data` (its domains and augmentations; not the report's label, nor how the
     data were prepared, which reach it through the prepared files): its fingerprint and MLflow params."""
     d = params.data
 
     def domain(cfg: DomainConfig) -> dict[str, Any]:
-        # train_ids only when set (the fingerprints of runs on whole splits stay as they were), with the list's
-        # digest: an edited list never resumes a run trained on the old one
+        # train_ids only when set (the fingerprints of runs on whole splits stay as they were), with its digest
         out = to_dict(cfg)
         if cfg.train_ids is None:
             del out["train_ids"]
         else:
-            out["train_ids_digest"] = file_digest(Path(cfg.train_ids))
+            out["train_ids_digest"] = train_ids_digest(cfg)
         return out
 
     return {"source": domain(d.source), "target": domain(d.target), "train_transform": to_dict(d.train_transform),
@@ -473,7 +478,7 @@ def pseudo_label_run(
     if not cfg.flip:  # keys only when they apply: the fingerprints of existing sets stay as they were
         del run_params["flip"]
     if params.data.target.train_ids is not None:
-        run_params["train_ids"] = file_digest(Path(params.data.target.train_ids))
+        run_params["train_ids"] = train_ids_digest(params.data.target)
     with Tracker(tracking, f"pseudo-{name}-s{seed}", flatten(run_params), tags,
                  match={"fingerprint": fingerprint(run_params)}) as tracker:
         tracker.log_metrics({f"pseudo/{k}": float(v) for k, v in summary.items()
