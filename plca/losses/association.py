@@ -287,6 +287,8 @@ def _associate(
     block_rows: int | None,
     cache: bool,
 ) -> AssociationResult:
+    # the zero loss of a batch without positives attaches to the inputs, whatever the aggregation gave
+    zero = source.flatten()[:0].sum() + target.flatten()[:0].sum()
     if aggregate_target:
         target = spatial_aggregate(target, similarity, alpha, block_rows=block_rows, cache_similarities=cache)
 
@@ -303,6 +305,7 @@ def _associate(
         # the source features outlive the loss, the aggregated target does not
         a_st, b_st = unit_rows(s_rows, keep_input=True), unit_rows(t_rows)
         a_ts, b_ts = b_st, a_st
+        del target, t_rows  # the aggregated target: only its unit rows are needed from here (an L x C less)
     else:
         a_st, b_st = s_rows, torch.log(t_rows + KL_EPS)
         a_ts, b_ts = t_rows, torch.log(s_rows + KL_EPS)
@@ -372,7 +375,7 @@ def _associate(
         loss = -(d_st + d_ts).sum() / num_positive
     else:
         # a zero attached to the graph: backward works and every gradient is 0, even for non-finite inputs
-        loss = source.flatten()[:0].sum() + target.flatten()[:0].sum()
+        loss = zero
     return AssociationResult(
         loss=loss,
         num_positive=num_positive,
