@@ -8,8 +8,8 @@ set's statistics first (TPLD's image confidence needs the class thresholds) also
 image once more between the two (`review`). The network outputs of pass 1 are kept for the later passes as far as
 `OUTPUT_CACHE_BYTES` allows (the rest are predicted again), so memory stays bounded whatever the set's size.
 Policies register themselves from the method module that needs them (`register_policy`), so a method with rounds
-stays one file. Labels never come from the target's
-ground truth: when the dataset has it, it only scores the pseudo-labels (`precision`), a diagnostic.
+stays one file. Labels never come from the target's ground truth: when the dataset has it, it only scores the
+pseudo-labels (`precision`), a diagnostic.
 
 Set layout (one folder per seed): `labels/<image name>.png` (train ids, 255 = unlabelled pixel) for every labelled
 image, `labelled.txt` and `unlabelled.txt` (image names, one a line), `images.csv` (name, score, split),
