@@ -13,12 +13,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from plca.config import flatten, to_dict
 from plca.data.datasets import CityscapesReader, GTA5Reader, SynthiaReader
-from plca.data.labels import TRAINID_TO_ID
+from plca.data.labels import TRAINID_TO_ID, colorize
 from plca.data.rcs import RareClassSampler, RCSConfig, RCSDataset, class_pixel_counts, class_totals
 from plca.data.transforms import train_transform
 from plca.engine import checkpoint as ckpt
@@ -31,13 +33,22 @@ from plca.evaluation.cycles import CycleConfig, cycle_diagnostics
 from plca.evaluation.inference import InferenceConfig, evaluate
 from plca.evaluation.metrics import summarize
 from plca.io import atomic_write_json, atomic_write_png, remove_leftovers
-from plca.labelling import PseudoLabelledReader, SubsetReader, make_pseudo_set, read_names, read_summary
+from plca.labelling import (
+    PseudoLabelledReader,
+    SubsetReader,
+    make_pseudo_set,
+    read_names,
+    read_spatial_prior,
+    read_summary,
+    write_spatial_prior,
+)
 from plca.methods.registry import method_config
 from plca.models.deeplabv2 import DeepLabV2
 from plca.models.ensemble import Ensemble
 from plca.models.networks import ARCHS, arch_of, from_saved, saved_config
-from plca.models.output import SegmentationModel
+from plca.models.output import SegmentationModel, class_argmax
 from plca.params import DomainConfig, Params, PhaseConfig
+from plca.pseudo import location_class_counts, spatial_prior
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +179,35 @@ def class_stats_run(params: Params, out_path: Path, progress: bool = True) -> di
                        "totals": {str(c): totals[c] for c in sorted(totals)},
                        "counts": [{str(c): n for c, n in sorted(image.items())} for image in counts]}, out_path)
     return {"images": len(counts), "classes": len(totals)}
+
+
+def spatial_prior_run(params: Params, out_path: Path, progress: bool = True) -> dict[str, Any]:
+    """CBST-SP's spatial prior from the source train labels (params `spatial_prior`): each label resized
+    (nearest) to the prior's size, the pixels of each class counted at each location, smoothed and normalised
+    over classes (`plca.pseudo.spatial_prior`). Written atomically to `out_path` ([C, h, w] float32 .npy) with a
+    preview beside it (`.png`: the most frequent class at each location, in the label colours)."""
+    cfg = params.spatial_prior
+    num_classes = params.model.num_classes
+    reader = make_reader(params.data.source, "train", with_labels=True)
+    width, height = cfg.size
+    counts = torch.zeros(num_classes, height, width, dtype=torch.int64)
+    labelled = 0
+    for i in tqdm(range(len(reader)), desc="spatial prior", disable=not progress, dynamic_ncols=True):
+        sample = reader.read(i)
+        if sample.label is None:
+            raise ValueError(f"spatial prior: source item {i} ({sample.name}) has no label")
+        label = cv2.resize(sample.label, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
+        try:
+            counts += location_class_counts(torch.from_numpy(label)[None], num_classes)
+        except ValueError as exc:
+            raise ValueError(f"spatial prior: source item {i} ({sample.name}): {exc}") from exc
+        labelled += 1
+    prior = spatial_prior(counts.double(), sigma=cfg.sigma)
+    write_spatial_prior(prior, out_path)
+    preview = colorize(class_argmax(prior[None])[0].numpy().astype(np.uint8))
+    atomic_write_png(np.ascontiguousarray(preview[..., ::-1]), out_path.with_suffix(".png"))  # RGB -> cv2's BGR
+    return {"images": labelled, "size": list(cfg.size), "sigma": cfg.sigma,
+            "locations_without_labels": int((counts.sum(0) == 0).sum())}
 
 
 def _streams(params: Params, spec: RunSpec, labelled: str, wants_target: bool,
@@ -463,20 +503,30 @@ def pseudo_label_run(
     tracking: TrackingConfig,
     tags: dict[str, str],
     progress: bool = True,
+    prior_path: Path | None = None,
 ) -> dict[str, Any]:
     """Write pseudo-label set `name` (params `pseudo.<name>`) of one seed: the target train images predicted by
-    `model_path`, labelled as the set's policy decides (`plca.labelling`), to `out_dir`, atomically."""
+    `model_path`, labelled as the set's policy decides (`plca.labelling`), to `out_dir`, atomically. A set with
+    `spatial_prior` reads the prior from `prior_path` (`spatial_prior_run`'s output)."""
     cfg = params.pseudo[name]
+    prior = None
+    if cfg.spatial_prior:
+        if prior_path is None:
+            raise ValueError(f"pseudo.{name}: spatial_prior is set, but no spatial prior file was given")
+        prior = read_spatial_prior(prior_path, params.model.num_classes)
     device = resolve_device(params.engine.device)
     if params.engine.threads:
         torch.set_num_threads(params.engine.threads)
     model = load_model(model_path, device)
     reader = make_reader(params.data.target, "train", with_labels=cfg.precision)
     summary = make_pseudo_set(model, reader, params.data.train_transform, cfg, out_dir, device, progress=progress,
-                              desc=f"pseudo-labels {name} s{seed}")
+                              desc=f"pseudo-labels {name} s{seed}", prior=prior)
     run_params = {"pseudo": name, "seed": seed, "model": file_digest(model_path), **to_dict(cfg)}
-    if not cfg.flip:  # keys only when they apply: the fingerprints of existing sets stay as they were
-        del run_params["flip"]
+    for key in ("flip", "spatial_prior"):  # keys only when they apply: the fingerprints of existing sets stay
+        if not run_params[key]:            # as they were
+            del run_params[key]
+    if prior_path is not None and cfg.spatial_prior:
+        run_params["prior"] = file_digest(prior_path)
     if params.data.target.train_ids is not None:
         run_params["train_ids"] = train_ids_digest(params.data.target)
     with Tracker(tracking, f"pseudo-{name}-s{seed}", flatten(run_params), tags,

@@ -39,6 +39,7 @@ from plca.data.labels import IGNORE_INDEX
 from plca.data.transforms import TransformConfig, eval_transform
 from plca.io import atomic_dir, atomic_write, atomic_write_json, atomic_write_png, atomic_write_text, remove_leftovers
 from plca.models.output import LOGITS
+from plca.pseudo import apply_spatial_prior
 from plca.registry import Registry
 
 LABELS_DIR = "labels"
@@ -65,10 +66,61 @@ class PseudoSetConfig:
     #: Score the pseudo-labels against the target train labels when the dataset has them (a diagnostic in the
     #: set's summary; labels never train).
     precision: bool = True
+    #: CBST-SP: the policy sees each pixel's class probabilities times the source's spatial prior (the
+    #: `spatial_prior` stage's output, `plca.pseudo.apply_spatial_prior`); for policies that take one
+    #: (`Policy.takes_prior`: the class-balanced family).
+    spatial_prior: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class SpatialPriorConfig:
+    """The source's spatial prior, CBST-SP's q_n(c) (params `spatial_prior`, the `spatial_prior` stage): the class
+    frequencies of the source train labels at each location, smoothed (`plca.pseudo.spatial_prior`)."""
+
+    #: (w, h): the source labels are resized to it (nearest) before counting; the prior's size, resized
+    #: bilinearly to each target image's stored size where a set applies it.
+    size: tuple[int, int] = (128, 64)
+    #: The smoothing Gaussian's window as a share of the prior's width: the paper's 70 x 70 kernel at Cityscapes'
+    #: 2048 (70 / 2048). Its sigma is a sixth of the window (the paper does not give one: ours); 0 = no smoothing.
+    window: float = 0.0342
+
+    def __post_init__(self) -> None:
+        self.size = tuple(self.size)  # type: ignore[assignment]
+        if len(self.size) != 2 or min(self.size) < 1:
+            raise ValueError(f"size must be (w, h) >= 1, got {self.size}")
+        if not 0 <= self.window < 1:
+            raise ValueError(f"window must be a share of the width in [0, 1), got {self.window}")
+
+    @property
+    def sigma(self) -> float:
+        """The Gaussian's sigma in pixels of the prior."""
+        return self.window * self.size[0] / 6
+
+
+def write_spatial_prior(prior: torch.Tensor, path: Path) -> None:
+    """Write a [C, h, w] prior as float32 .npy, atomically."""
+    array = prior.to(torch.float32).cpu().numpy()
+    atomic_write(path, lambda f: np.save(f, array))
+
+
+def read_spatial_prior(path: Path, num_classes: int) -> torch.Tensor:
+    """A prior written by `write_spatial_prior`, checked: [num_classes, h, w], finite, >= 0."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no spatial prior; the spatial_prior stage writes it (dvc repro "
+                                "spatial_prior)")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"{path}: not a spatial prior (.npy): {exc}") from exc
+    if array.ndim != 3 or array.shape[0] != num_classes:
+        raise ValueError(f"{path}: a spatial prior is [C = {num_classes}, h, w], got {list(array.shape)}")
+    if not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all() or (array < 0).any():
+        raise ValueError(f"{path}: a spatial prior holds finite values >= 0 (dtype {array.dtype})")
+    return torch.from_numpy(array.astype(np.float32))
 
 
 @dataclass
@@ -97,9 +149,23 @@ class Policy:
     name: ClassVar[str] = "policy"
     #: Whether `review` sees every image between `observe` and `select` (a pass of its own).
     reviews: ClassVar[bool] = False
+    #: Whether its labels come from `probabilities`, so that a set may give it a spatial prior.
+    takes_prior: ClassVar[bool] = False
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
+        #: [C, h, w] spatial prior of a set with `spatial_prior` (CBST-SP), else None.
+        self.prior: torch.Tensor | None = None
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """The class probabilities of [N, C, H, W] (or one image's [C, H, W]) logits: their softmax, times the
+        spatial prior when the set has one (not renormalised, as the released CBST)."""
+        single = logits.dim() == 3
+        probs = logits.softmax(0 if single else 1)
+        if self.prior is None:
+            return probs
+        probs = apply_spatial_prior(probs[None] if single else probs, self.prior)
+        return probs[0] if single else probs
 
     def observe(self, names: list[str], logits: torch.Tensor) -> None:
         """Pass 1: [N, C, H, W] float32 logits of the images `names` at their stored size."""
@@ -186,11 +252,19 @@ def _predictions(model: torch.nn.Module, reader: Any, tcfg: TransformConfig, cfg
 
 
 def make_pseudo_set(model: torch.nn.Module, reader: Any, tcfg: TransformConfig, cfg: PseudoSetConfig,
-                    out_dir: Path, device: torch.device, progress: bool = True, desc: str = "pseudo-labels"
-                    ) -> dict[str, Any]:
+                    out_dir: Path, device: torch.device, progress: bool = True, desc: str = "pseudo-labels",
+                    prior: torch.Tensor | None = None) -> dict[str, Any]:
     """Predict every image of `reader` (the target train split) with `model`, let the policy of `cfg` choose and
-    label, and write the set to `out_dir` atomically (see the module docstring). Returns its summary."""
+    label, and write the set to `out_dir` atomically (see the module docstring). Returns its summary. `prior`:
+    the [C, h, w] spatial prior a set with `spatial_prior` applies."""
     policy = build_policy(cfg.policy, cfg.options, f"pseudo set {out_dir}: options")
+    if cfg.spatial_prior:
+        if not policy.takes_prior:
+            raise ValueError(f"pseudo set {out_dir}: spatial_prior is set, but policy '{cfg.policy}' takes no "
+                             "spatial prior (its labels do not come from class probabilities)")
+        if prior is None:
+            raise ValueError(f"pseudo set {out_dir}: spatial_prior is set, but no spatial prior was given")
+        policy.prior = prior.to(device)
     names = list(reader.names)
     if len(set(names)) != len(names):
         raise ValueError(f"{reader.root}: image names repeat; a pseudo-label set keys its labels by name")
@@ -239,7 +313,8 @@ def make_pseudo_set(model: torch.nn.Module, reader: Any, tcfg: TransformConfig, 
         atomic_write_text(tmp / "images.csv", buf.getvalue())
         summary = {
             "policy": cfg.policy, "options": dict(cfg.options), "images": len(names),
-            "labelled": len(sel.labelled), "unlabelled": len(sel.unlabelled), **sel.summary,
+            "labelled": len(sel.labelled), "unlabelled": len(sel.unlabelled),
+            **({"spatial_prior": True} if cfg.spatial_prior else {}), **sel.summary,
             # share of the labelled images' ground-truth pixels that got a label, and how many of those are right
             "coverage": labelled_px / valid_px if valid_px else None,
             "precision": correct / labelled_px if labelled_px else None,

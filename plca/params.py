@@ -24,7 +24,7 @@ from plca.data.transforms import TransformConfig
 from plca.engine.optim import OptimConfig
 from plca.engine.tracking import TrackingConfig
 from plca.engine.trainer import EngineConfig
-from plca.labelling import POLICIES, PseudoSetConfig
+from plca.labelling import POLICIES, PseudoSetConfig, SpatialPriorConfig
 from plca.losses.constants import DEFAULT_ALPHA
 from plca.methods import METHODS
 from plca.models.deeplabv2 import DeepLabV2Config
@@ -302,6 +302,8 @@ class Params:
     tracking: TrackingConfig
     #: Pseudo-label sets a round can learn from (which run labels each: `runs.pseudo`).
     pseudo: dict[str, PseudoSetConfig] = field(default_factory=dict)
+    #: The source's spatial prior that sets with `spatial_prior` apply (CBST-SP; the `spatial_prior` stage).
+    spatial_prior: SpatialPriorConfig = field(default_factory=SpatialPriorConfig)
     #: Segmentation networks besides `model`, each with its own source-only pretraining (`runs.networks`: which
     #: variants train on them).
     networks: dict[str, NetworkConfig] = field(default_factory=dict, metadata=_SELECTION)
@@ -610,6 +612,9 @@ def _check(p: Params) -> None:
             if isinstance(exc, ConfigError):
                 raise
             raise ConfigError(f"params.pseudo.{name}.options: {exc}") from None
+        if ps.spatial_prior and not POLICIES[ps.policy][0].takes_prior:
+            raise ConfigError(f"params.pseudo.{name}.spatial_prior: policy '{ps.policy}' takes no spatial prior; "
+                              f"those that do: {sorted(k for k, (c, _) in POLICIES.items() if c.takes_prior)}")
     _check_runs(p)
     _check_show(p)
     tt, st = p.data.target_transform, p.data.train_transform

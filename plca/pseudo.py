@@ -257,6 +257,71 @@ def mining_from_counts(counts: Tensor, *, mine_port: float = 1e-3, rare_cls_num:
     return order[:rare_cls_num], order[:num_mine]
 
 
+def location_class_counts(labels: Tensor, num_classes: int, *, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """[N, H, W] integer labels -> [C, H, W] int64: how many of the N labels show class c at each location
+    (`ignore_index` counted nowhere). Summed over batches, the counts CBST's spatial prior is made from."""
+    if labels.dim() != 3 or labels.is_floating_point():
+        raise ValueError(f"location_class_counts expects integer labels [N, H, W], got {labels.dtype} "
+                         f"{tuple(labels.shape)}")
+    n, height, width = labels.shape
+    flat = labels.reshape(n, -1).to(torch.int64)
+    valid = flat != ignore_index
+    bad = valid & ((flat < 0) | (flat >= num_classes))
+    if bool(bad.any()):
+        raise ValueError(f"location_class_counts: label values {sorted(set(flat[bad].tolist()))[:10]} outside "
+                         f"[0, {num_classes}) and not {ignore_index}")
+    position = torch.arange(height * width, device=labels.device).expand(n, -1)
+    index = (flat * (height * width) + position)[valid]
+    counts = torch.bincount(index, minlength=num_classes * height * width)
+    return counts.reshape(num_classes, height, width)
+
+
+def spatial_prior(counts: Tensor, *, sigma: float) -> Tensor:
+    """CBST-SP's spatial prior q_n(c) (CBST, Zou et al. ECCV 2018, Eq. 8): [C, H, W] float counts of source pixels
+    of each class at each location (`location_class_counts`) -> [C, H, W] in their dtype.
+
+    The counts are smoothed by a Gaussian of `sigma` pixels (separable, truncated at 3 sigma, border values
+    repeated; sigma = 0: no smoothing) and normalised over classes at each location, so sum_c q_n(c) = 1 (1/C
+    where no source pixel was ever labelled). The paper counts class frequencies per location and smooths them
+    with a 70 x 70 Gaussian kernel; the released code loads a distributed prior (prior_array.mat) without its
+    recipe, so the sigma, the border handling and the normalisation are our reading.
+    """
+    if counts.dim() != 3 or not counts.is_floating_point():
+        raise ValueError(f"spatial_prior expects float counts [C, H, W], got {counts.dtype} {tuple(counts.shape)}")
+    if sigma < 0 or not math.isfinite(sigma):
+        raise ValueError(f"spatial_prior: sigma must be a finite number >= 0, got {sigma}")
+    if bool((counts < 0).any()):
+        raise ValueError("spatial_prior: counts must be >= 0")
+    smooth = counts
+    radius = math.ceil(3 * sigma)
+    if sigma > 0 and radius > 0:
+        x = torch.arange(-radius, radius + 1, dtype=counts.dtype, device=counts.device)
+        kernel = torch.exp(-(x**2) / (2 * sigma**2))
+        kernel = kernel / kernel.sum()
+        c = counts.shape[0]
+        smooth = F.pad(counts[None], (radius, radius, 0, 0), mode="replicate")
+        smooth = F.conv2d(smooth, kernel.expand(c, 1, 1, -1), groups=c)
+        smooth = F.pad(smooth, (0, 0, radius, radius), mode="replicate")
+        smooth = F.conv2d(smooth, kernel.expand(c, 1, -1)[..., None], groups=c)[0]
+    total = smooth.sum(dim=0, keepdim=True)
+    uniform = torch.full_like(smooth, 1.0 / smooth.shape[0])
+    return torch.where(total > 0, smooth / total.clamp(min=torch.finfo(smooth.dtype).tiny), uniform)
+
+
+def apply_spatial_prior(probs: Tensor, prior: Tensor) -> Tensor:
+    """[N, C, H, W] probs times a [C, h, w] spatial prior (`spatial_prior`) resized bilinearly to H x W: CBST-SP's
+    p_n(c) q_n(c) (CBST Eq. 8), not renormalised, which the released code thresholds and labels as it would the
+    probabilities. Computed in the probs' dtype."""
+    _check_probs(probs, "apply_spatial_prior")
+    if prior.dim() != 3 or prior.shape[0] != probs.shape[1]:
+        raise ValueError(f"apply_spatial_prior: the prior must be [C = {probs.shape[1]}, h, w], got "
+                         f"{tuple(prior.shape)}")
+    q = prior.to(device=probs.device, dtype=probs.dtype)[None]
+    if tuple(q.shape[-2:]) != tuple(probs.shape[-2:]):
+        q = F.interpolate(q, size=tuple(probs.shape[-2:]), mode="bilinear", align_corners=False)
+    return probs * q
+
+
 def vote_densify(probs: Tensor, thresholds: Tensor | Sequence[float], labels: Tensor | None = None, *,
                  window: int = 3, alpha: float = 0.7, iterations: int = 3, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """[N, C, H, W] probs, [C] thresholds, [N, H, W] labels (None: `hard_pseudo_labels`) -> densified labels.

@@ -41,6 +41,8 @@ def repo_root(cwd: Path | None = None) -> Path:
 
 #: Pixels of each class in every source train label (stage class_stats): rare class sampling reads it.
 CLASS_STATS = Path("stats") / "source_classes.json"
+#: The source's spatial prior (stage spatial_prior): pseudo-label sets with `spatial_prior` (CBST-SP) apply it.
+SPATIAL_PRIOR = Path("priors") / "spatial.npy"
 
 
 def model_path(run: str, seed: int) -> Path:

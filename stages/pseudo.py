@@ -37,6 +37,7 @@ def main() -> None:
             tracking=tracking,
             tags=_common.tags(params, "pseudo", args.set, seed),
             progress=not args.no_progress,
+            prior_path=_common.SPATIAL_PRIOR,
         )
         out = Path("metrics") / PSEUDO_METRICS / args.set
         atomic_write_json(summary, out / f"s{seed}.json")

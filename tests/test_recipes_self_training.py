@@ -18,7 +18,15 @@ from test_profiles import PROFILES, REPO, SOURCE, TINY_MODEL, write_params
 from test_recipes import stacked, wired, write_fixtures
 
 from plca.data.datasets import CityscapesReader
-from plca.experiment import PRETRAIN, RunSpec, evaluate_run, load_model, pseudo_label_run
+from plca.experiment import (
+    PRETRAIN,
+    RunSpec,
+    evaluate_run,
+    load_model,
+    make_reader,
+    pseudo_label_run,
+    spatial_prior_run,
+)
 from plca.labelling import read_names
 from plca.params import Params
 from plca.profiles import Merged
@@ -32,18 +40,23 @@ RUNS: dict[str, dict[str, Any]] = {
     "crst": {"pseudo": {"cbst_p1": "pretrain", "crst_p2": "crst_r1", "crst_p3": "crst_r2"},
              "rounds": {"crst_r1": ("pretrain", "cbst_p1"), "crst_r2": ("crst_r1", "crst_p2"),
                         "crst": ("crst_r2", "crst_p3")}},
+    "cbst_sp": {"pseudo": {"cbst_sp_p1": "pretrain", "cbst_sp_p2": "cbst_sp_r1", "cbst_sp_p3": "cbst_sp_r2"},
+                "rounds": {"cbst_sp_r1": ("pretrain", "cbst_sp_p1"), "cbst_sp_r2": ("cbst_sp_r1", "cbst_sp_p2"),
+                           "cbst_sp": ("cbst_sp_r2", "cbst_sp_p3")}},
     "tpld": {"pseudo": {"tpld_p1": "pretrain", "tpld_p2": "tpld_r1", "tpld_p3": "tpld_r2"},
              "rounds": {"tpld_r1": ("pretrain", "tpld_p1"), "tpld_r2": ("tpld_r1", "tpld_p2"),
                         "tpld": ("tpld_r2", "tpld_p3")}},
 }
 #: Each recipe's set policies and the options beyond the class-balanced ones (TPLD: voting, then easy/hard).
-POLICIES = {"cbst": ["class_balanced"] * 3, "crst": ["class_balanced"] * 3,
+POLICIES = {"cbst": ["class_balanced"] * 3, "cbst_sp": ["class_balanced"] * 3, "crst": ["class_balanced"] * 3,
             "tpld": ["class_balanced_vote", "class_balanced_vote", "easy_hard"]}
 EXTRA = {"class_balanced": {}, "class_balanced_vote": {"window": 3, "alpha": 0.7, "iterations": 3},
          "easy_hard": {"q": 0.3, "gamma": 2.0}}
 PORTIONS = [0.2, 0.25, 0.3]  # the released code: 0.2, + 0.05 a round
 LR = 5e-5
-CASES = [("gta5", "cbst"), ("gta5", "crst"), ("synthia", "crst"), ("gta5", "tpld")]
+#: The method each recipe's rounds train (CBST-SP: CBST's, on other pseudo-labels).
+METHOD = {"cbst_sp": "cbst"}
+CASES = [("gta5", "cbst"), ("gta5", "cbst_sp"), ("gta5", "crst"), ("synthia", "crst"), ("gta5", "tpld")]
 N_TARGET_TRAIN, LISTED = 6, 4  # the list file keeps 4 of the 6 target train images
 TINY_CROP, TINY_EVAL = [32, 48], [48, 24]
 
@@ -75,10 +88,13 @@ def test_recipe_carries_the_released_setup(bench: str, method: str) -> None:
     assert {k: (w.init, w.pseudo) for k, w in r.rounds.items()} == RUNS[method]["rounds"]
     assert r.pseudo == RUNS[method]["pseudo"]
     assert (r.train_source, r.adapt, r.evaluate, r.oracle) == ([], [], [method, "oracle"], "oracle")
-    assert {p.variant(v).train.method for v in r.rounds} == {method}
+    assert {p.variant(v).train.method for v in r.rounds} == {METHOD.get(method, method)}
     cfg = p.method_config(method)
     assert (cfg.regularizer, cfg.weight, cfg.code_image_weights) == (
-        ("none", 0.0, True) if method == "cbst" else ("kld", 0.1, True))
+        ("none", 0.0, True) if method in ("cbst", "cbst_sp") else ("kld", 0.1, True))
+    # CBST-SP's sets apply the source's spatial prior, counted at 512x256 (70 / 2048 of the width: sigma 2.92)
+    assert [p.pseudo[s].spatial_prior for s in r.pseudo] == [method == "cbst_sp"] * 3
+    assert p.spatial_prior.size == (512, 256) and p.spatial_prior.sigma == pytest.approx(0.0342 * 512 / 6)
     if method == "tpld":  # two rounds of phase 1, one of phase 2 on the easy (labelled) and hard images
         assert [(p.method_config(v).phase, p.variant(v).train.labelled) for v in r.rounds] == [
             (1, "source"), (1, "source"), (2, "pseudo")]
@@ -142,12 +158,20 @@ def test_recipe_self_trains_on_the_listed_images_and_evaluates_end_to_end(
     model_path, train = wired(p, tmp_path)
 
     assert train(PRETRAIN)["steps"] == 2
+    prior = tmp_path / "priors" / "spatial.npy"
+    if any(p.pseudo[s].spatial_prior for s in r.pseudo):  # the spatial_prior stage: the source labels counted
+        info = spatial_prior_run(p, prior, progress=False)
+        assert info["images"] == len(make_reader(p.data.source, "train")) > 0
+        q = np.load(prior)
+        assert q.shape == (p.model.num_classes, 256, 512)
+        np.testing.assert_allclose(q.sum(0), 1.0, atol=1e-5)
     made: set[str] = set()
     for name, wiring in r.rounds.items():  # each round after the set its start model labels
         if wiring.pseudo not in made:
             out = tmp_path / "pseudo" / wiring.pseudo / "s0"
             summary = pseudo_label_run(p, wiring.pseudo, 0, model_path=model_path(r.pseudo[wiring.pseudo]),
-                                       out_dir=out, **common)
+                                       out_dir=out, prior_path=prior, **common)
+            assert summary.get("spatial_prior", False) == p.pseudo[wiring.pseudo].spatial_prior
             # only the listed images are predicted, labelled or not
             assert summary["images"] == LISTED
             labelled, unlabelled = read_names(out, "labelled"), read_names(out, "unlabelled")

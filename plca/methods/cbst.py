@@ -6,7 +6,9 @@ image as the released code), and a target pixel is labelled argmax_c p_c / lambd
 the source labels and the pseudo-labelled target images together, from the previous round's model.
 
 The rounds are DVC stages wired in params (the `cbst_*` variants, `pseudo.cbst_p*`): round r's portion is the
-released code's 0.2 + 0.05 (r - 1).
+released code's 0.2 + 0.05 (r - 1). CBST-SP is the same rounds on sets with `spatial_prior` (`cbst_sp_*`,
+`pseudo.cbst_sp_p*`): the policy's probabilities are then multiplied by the source's spatial prior
+(`Policy.probabilities`).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class ClassBalanced(Policy):
     """Every image labelled where its prediction clears its class threshold; the thresholds from the whole set."""
 
     name: ClassVar[str] = "class_balanced"
+    takes_prior: ClassVar[bool] = True
     cfg: ClassBalancedConfig
 
     def __init__(self, cfg: ClassBalancedConfig) -> None:
@@ -73,7 +76,7 @@ class ClassBalanced(Policy):
         self.thresholds: torch.Tensor | None = None
 
     def observe(self, names: list[str], logits: torch.Tensor) -> None:
-        probs = logits.softmax(1)
+        probs = self.probabilities(logits)
         cls, conf = class_confidence_samples(probs, ds_rate=self.cfg.ds_rate)
         self._cls.append(cls.cpu())
         self._conf.append(conf.cpu())
@@ -103,9 +106,9 @@ class ClassBalanced(Policy):
     def label(self, name: str, logits: torch.Tensor) -> np.ndarray | SoftLabels:
         thresholds = self.thresholds.to(logits.device)
         if self.cfg.lrent > 0:  # LRENT keeps its own pixels (its rule, not p / lambda >= 1) and soft weights
-            soft, labels = soft_pseudo_labels(logits.softmax(0)[None], thresholds, self.cfg.lrent)
+            soft, labels = soft_pseudo_labels(self.probabilities(logits)[None], thresholds, self.cfg.lrent)
             return SoftLabels(hard=labels[0].to(torch.uint8).cpu().numpy(), soft=soft[0].cpu().numpy())
-        labels = hard_pseudo_labels(logits.softmax(0)[None], thresholds, strict=self.cfg.strict)[0]
+        labels = hard_pseudo_labels(self.probabilities(logits)[None], thresholds, strict=self.cfg.strict)[0]
         return labels.to(torch.uint8).cpu().numpy()
 
 

@@ -71,7 +71,7 @@ class ClassBalancedVote(ClassBalanced):
 
     def label(self, name: str, logits: Tensor) -> np.ndarray:
         cfg = self.cfg
-        probs = logits.softmax(0)[None]
+        probs = self.probabilities(logits)[None]
         thresholds = self.thresholds.to(logits.device)
         labels = hard_pseudo_labels(probs, thresholds, strict=cfg.strict)
         dense = vote_densify(probs, thresholds, labels, window=cfg.window, alpha=cfg.alpha, iterations=cfg.iterations)
@@ -108,7 +108,7 @@ class EasyHard(ClassBalanced):
 
     def review(self, names: list[str], logits: Tensor) -> None:
         thresholds = self.fit_thresholds().to(logits.device)
-        self._confidence += image_confidence(logits.softmax(1), thresholds).tolist()
+        self._confidence += image_confidence(self.probabilities(logits), thresholds).tolist()
 
     def select(self) -> Selection:
         base = super().select()  # the same thresholds (from the same samples) and the mining classes
@@ -124,7 +124,7 @@ class EasyHard(ClassBalanced):
         )
 
     def label(self, name: str, logits: Tensor) -> SoftLabels:
-        probs = logits.softmax(0)[None]
+        probs = self.probabilities(logits)[None]
         thresholds = self.thresholds.to(logits.device)
         hard = hard_pseudo_labels(probs, thresholds, strict=self.cfg.strict)[0]
         full = full_pseudo_labels(probs, thresholds, self.cfg.gamma)[0]
