@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -127,10 +127,17 @@ class TrainSpec:
     #: This training is one of `steps_split` equal parts of its phase's steps (`adapt.steps`): a method trained in
     #: two stages (IntraDA) or three rounds gives each 1/2 or 1/3, so every row gets the same optimiser steps.
     steps_split: int = 1
+    #: Its segmenter's learning rates (`optim.lr`, the heads' multiple kept) times this factor: a schedule across
+    #: rounds, e.g. the CBST code's lr / sqrt(2) a round (profiles/cbst_mxnet.yaml).
+    lr_scale: float = 1.0
     #: Test-time aggregation of features then probabilities (Sec. 3.5); on for PLCA models.
     test_time_aggregation: bool = False
     #: Method options; the method's shared options (`methods.<method>`) supply the rest.
     options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.lr_scale > 0:
+            raise ValueError(f"lr_scale must be > 0, got {self.lr_scale}")
 
 
 @dataclass
@@ -358,12 +365,16 @@ class Params:
 
     def phase(self, name: str) -> PhaseConfig:
         """The phase (length and segmenter optimiser) a variant trains in: `oracle` for the oracle, `adapt`'s
-        length with its network's optimiser for a variant on a network of `networks`, else `adapt`."""
+        length with its network's optimiser for a variant on a network of `networks`, else `adapt`; its learning
+        rate times the variant's `lr_scale`."""
         if name == self.runs.oracle:
-            return self.oracle
-        if name in self.runs.networks:
-            return PhaseConfig(steps=self.adapt.steps, optim=self.networks[self.runs.networks[name]].optim)
-        return self.adapt
+            phase = self.oracle
+        elif name in self.runs.networks:
+            phase = PhaseConfig(steps=self.adapt.steps, optim=self.networks[self.runs.networks[name]].optim)
+        else:
+            phase = self.adapt
+        scale = self.variant(name).train.lr_scale if name in self.variants else 1.0
+        return phase if scale == 1.0 else replace(phase, optim=replace(phase.optim, lr=phase.optim.lr * scale))
 
     def network_of(self, run: str) -> str | None:
         """The network of `networks` a run trains (`pretrain_<network>` or a variant of runs.networks); None for

@@ -6,7 +6,9 @@ pretraining, then per round its pseudo-label set (from the previous model) and i
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import torch
 from test_profiles import PROFILES, REPO, SOURCE, TINY_MODEL, write_params
 from test_recipes import stacked, wired, write_fixtures
 
+from plca.config import ConfigError
 from plca.data.datasets import CityscapesReader
 from plca.experiment import (
     PRETRAIN,
@@ -28,7 +31,7 @@ from plca.experiment import (
     spatial_prior_run,
 )
 from plca.labelling import read_names
-from plca.params import Params
+from plca.params import Params, validate_params
 from plca.profiles import Merged
 
 PROFILE_DIR = REPO / "profiles"
@@ -56,7 +59,12 @@ PORTIONS = [0.2, 0.25, 0.3]  # the released code: 0.2, + 0.05 a round
 LR = 5e-5
 #: The method each recipe's rounds train (CBST-SP: CBST's, on other pseudo-labels).
 METHOD = {"cbst_sp": "cbst"}
-CASES = [("gta5", "cbst"), ("gta5", "cbst_sp"), ("gta5", "crst"), ("synthia", "crst"), ("gta5", "tpld")]
+CASES = [("gta5", "cbst"), ("gta5", "cbst_sp"), ("gta5", "cbst_mxnet"), ("gta5", "crst"), ("synthia", "crst"),
+         ("gta5", "tpld")]
+#: CBST on its own release's schedule (profiles/cbst_mxnet.yaml): five rounds, each's set and learning rate.
+CBST_MXNET_ROUNDS = {"cbst_r1": ("pretrain", "cbst_p1"), "cbst_r2": ("cbst_r1", "cbst_p2"),
+                     "cbst_r3": ("cbst_r2", "cbst_p3"), "cbst_r4": ("cbst_r3", "cbst_p4"),
+                     "cbst": ("cbst_r4", "cbst_p5")}
 N_TARGET_TRAIN, LISTED = 6, 4  # the list file keeps 4 of the 6 target train images
 TINY_CROP, TINY_EVAL = [32, 48], [48, 24]
 
@@ -116,6 +124,36 @@ def test_recipe_carries_the_released_setup(bench: str, method: str) -> None:
     assert (p.data.source.format, p.data.target.format) == (SOURCE[bench], "cityscapes")
 
 
+@pytest.mark.parametrize("bench", sorted(PROFILES))
+def test_the_cbst_release_recipe_carries_its_own_schedule(bench: str) -> None:
+    p = recipe(bench, "cbst_mxnet").params
+    r = p.runs
+    assert {k: (w.init, w.pseudo) for k, w in r.rounds.items()} == CBST_MXNET_ROUNDS
+    assert r.pseudo == {s: init for init, s in CBST_MXNET_ROUNDS.values()}  # each set labelled by its round's start
+    assert (r.train_source, r.adapt, r.evaluate) == ([], [], ["cbst", "oracle"])
+    # 5 rounds of 2 x 2,975 steps; 1e-4, divided by sqrt(2) a round, constant within one
+    assert p.adapt.steps == 29750 and [p.steps(v) for v in r.rounds] == [5950] * 5
+    lrs = [p.phase(v).optim.lr for v in r.rounds]
+    np.testing.assert_allclose(lrs, [1e-4 / math.sqrt(2) ** k for k in range(5)], rtol=1e-12)
+    assert {(p.phase(v).optim.poly_power, p.phase(v).optim.head_lr_mult) for v in r.rounds} == {(0.0, 10.0)}
+    assert {p.variant(v).train.method for v in r.rounds} == {"cbst"}
+    assert p.method_config("cbst").regularizer == "none"
+    # portions 0.15 + 0.05 a round, the placeholder zero of the MXNet code's lists, 1850x925 predictions mirrored
+    for s, portion in zip(r.pseudo, [0.15, 0.2, 0.25, 0.3, 0.35], strict=True):
+        ps = p.pseudo[s]
+        assert (ps.policy, ps.options, ps.input_size, ps.flip, ps.spatial_prior) == (
+            "class_balanced", {"portion": portion, "ds_rate": 4, "policy": "cb", "cbst_mxnet": True}, (1850, 925),
+            True, False), s
+    # scale 0.7-1.3 of GTA5's 1052 and Cityscapes' 1024 short edges, 500x500 crops
+    src, tgt = p.transform("source"), p.transform("target")
+    assert (src.short_edge, src.crop, tgt.short_edge, tgt.crop) == ((736, 1368), (500, 500), (717, 1331), (500, 500))
+    assert (p.oracle.steps, p.oracle.optim.lr) == (29750, 1e-4)
+    raw = copy.deepcopy(recipe(bench, "cbst_mxnet").raw)
+    raw["variants"]["cbst"]["train"]["lr_scale"] = 0.0
+    with pytest.raises(ConfigError, match=r"variants.cbst.train.*lr_scale must be > 0, got 0.0"):
+        validate_params(raw, "test")
+
+
 @pytest.fixture(scope="module")
 def fixtures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
     return write_fixtures(tmp_path_factory)  # the adversarial recipes' data: 6 target train images
@@ -140,7 +178,7 @@ def tiny_recipe(bench: str, method: str, root: Path, weights: Path, tmp: Path) -
     raw["model"].update(TINY_MODEL, pretrained=str(weights))
     raw["engine"].update(num_workers=0, log_every=1, checkpoint_every=1, device="cpu", threads=1)
     raw["pretrain"]["steps"] = 2
-    raw["adapt"]["steps"], raw["oracle"]["steps"] = 6, 2  # 2 steps a round
+    raw["adapt"]["steps"], raw["oracle"]["steps"] = 2 * len(raw["runs"]["rounds"]), 2  # 2 steps a round
     for s in raw["pseudo"].values():
         if s.get("input_size") is not None:
             s["input_size"] = TINY_EVAL
@@ -189,11 +227,14 @@ def test_recipe_self_trains_on_the_listed_images_and_evaluates_end_to_end(
             torch.testing.assert_close(state[key], start[key], rtol=0, atol=0, msg=f"{name}: {key}")
         log = pd.read_csv(tmp_path / "logs" / name / "s0.csv")
         assert list(log["step"]) == [1, 2]
-        np.testing.assert_allclose(log["lr"], [LR, LR], rtol=1e-12)  # constant (POWER 0)
+        lr = p.phase(name).optim.lr  # constant within a round (POWER 0); CBST's release: / sqrt(2) a round
+        np.testing.assert_allclose(log["lr"], [lr, lr], rtol=1e-12)
+        assert lr == pytest.approx(LR if method != "cbst_mxnet" else 1e-4 / 2 ** (list(r.rounds).index(name) / 2))
         assert np.isfinite(log["st_loss"]).all()
     assert made == set(r.pseudo)
-    m = evaluate_run(p, RunSpec(method, 0), model_path=model_path(method), out_dir=tmp_path / "eval" / method / "s0",
-                     metrics_path=tmp_path / "metrics" / method / "s0.json", **common)
-    assert json.loads((tmp_path / "metrics" / method / "s0.json").read_text()) == m
-    assert m["variant"] == method and 0 <= m["miou"] <= 100
+    row = r.evaluate[0]  # the recipe's row (CBST's release: cbst)
+    m = evaluate_run(p, RunSpec(row, 0), model_path=model_path(row), out_dir=tmp_path / "eval" / row / "s0",
+                     metrics_path=tmp_path / "metrics" / row / "s0.json", **common)
+    assert json.loads((tmp_path / "metrics" / row / "s0.json").read_text()) == m
+    assert m["variant"] == row and 0 <= m["miou"] <= 100
     assert m["miou"] == (m["miou19"] if bench == "gta5" else m["miou16"])
