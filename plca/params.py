@@ -130,6 +130,10 @@ class TrainSpec:
     #: Its segmenter's learning rates (`optim.lr`, the heads' multiple kept) times this factor: a schedule across
     #: rounds, e.g. the CBST code's lr / sqrt(2) a round (profiles/cbst_mxnet.yaml).
     lr_scale: float = 1.0
+    #: Its own phase (steps, split by `steps_split`, and optimiser) instead of its group's (`adapt`, `oracle`, its
+    #: network's): rounds that follow another method's recipe, e.g. CRST's rounds after PLCA's training
+    #: (profiles/plca_crst.yaml).
+    phase: PhaseConfig | None = None
     #: Test-time aggregation of features then probabilities (Sec. 3.5); on for PLCA models.
     test_time_aggregation: bool = False
     #: Method options; the method's shared options (`methods.<method>`) supply the rest.
@@ -365,9 +369,12 @@ class Params:
 
     def phase(self, name: str) -> PhaseConfig:
         """The phase (length and segmenter optimiser) a variant trains in: `oracle` for the oracle, `adapt`'s
-        length with its network's optimiser for a variant on a network of `networks`, else `adapt`; its learning
-        rate times the variant's `lr_scale`."""
-        if name == self.runs.oracle:
+        length with its network's optimiser for a variant on a network of `networks`, else `adapt`, unless the
+        variant has a `phase` of its own; its learning rate times the variant's `lr_scale`."""
+        own = self.variants[name].train.phase if name in self.variants else None
+        if own is not None:
+            phase = own
+        elif name == self.runs.oracle:
             phase = self.oracle
         elif name in self.runs.networks:
             phase = PhaseConfig(steps=self.adapt.steps, optim=self.networks[self.runs.networks[name]].optim)

@@ -238,3 +238,68 @@ def test_recipe_self_trains_on_the_listed_images_and_evaluates_end_to_end(
     assert json.loads((tmp_path / "metrics" / row / "s0.json").read_text()) == m
     assert m["variant"] == row and 0 <= m["miou"] <= 100
     assert m["miou"] == (m["miou19"] if bench == "gta5" else m["miou16"])
+
+
+#: PLCA + CRST on a benchmark (profiles/plca_crst.yaml): the wiring of its sets and rounds.
+PLCA_CRST_ROUNDS = {"plca_crst_r1": ("plca", "plca_crst_p1"), "plca_crst_r2": ("plca_crst_r1", "plca_crst_p2"),
+                    "plca_crst": ("plca_crst_r2", "plca_crst_p3")}
+
+
+@pytest.mark.parametrize("bench", sorted(PROFILES))
+def test_the_plca_crst_recipe_trains_plca_then_crst_rounds_with_their_own_phase(bench: str) -> None:
+    p = stacked(bench, "plca_crst").params
+    r = p.runs
+    assert {k: (w.init, w.pseudo) for k, w in r.rounds.items()} == PLCA_CRST_ROUNDS
+    assert r.pseudo == {s: init for init, s in PLCA_CRST_ROUNDS.values()}
+    assert (r.adapt, r.evaluate) == (["plca"], ["plca", "plca_crst", "oracle"])
+    # PLCA keeps the benchmark's recipe; the rounds CRST's optimiser, 2 epochs of 2,975 images at 8 a step each
+    bench_adapt = stacked(bench).params.adapt
+    assert p.phase("plca") == bench_adapt and p.steps("plca") == bench_adapt.steps
+    for v in r.rounds:
+        o = p.phase(v).optim
+        assert p.steps(v) == 744 and p.variant(v).train.method == "crst"
+        assert (o.name, o.lr, o.momentum, o.weight_decay, o.poly_power, o.head_lr_mult) == (
+            "sgd", LR, 0.9, 5e-4, 0.0, 10.0), v
+    cfg = p.method_config("plca_crst")
+    assert (cfg.regularizer, cfg.weight, cfg.code_image_weights) == ("kld", 0.1, True)
+    for s, portion in zip(r.pseudo, PORTIONS, strict=True):
+        ps = p.pseudo[s]
+        assert (ps.policy, ps.options["portion"], ps.input_size, ps.flip) == (
+            "class_balanced", portion, (1843, 922), True), s
+    # one augmentation for the whole run: PLCA's
+    assert p.data.train_transform == stacked(bench).params.data.train_transform
+
+
+def test_plca_crst_runs_end_to_end_at_tiny_size(tmp_path: Path, fixtures: dict[str, tuple[Path, Path]]) -> None:
+    root, weights = fixtures["gta5"]
+    raw = copy.deepcopy(stacked("gta5", "plca_crst").raw)
+    d = raw["data"]
+    d["root"], d["eval_size"] = str(root), TINY_EVAL
+    d["source"]["root"], d["target"]["root"] = str(root / SOURCE["gta5"]), str(root / "cityscapes")
+    d["train_transform"].update(short_edge=[32, 40], crop=TINY_CROP)
+    raw["model"].update(TINY_MODEL, pretrained=str(weights))
+    raw["engine"].update(num_workers=0, log_every=1, checkpoint_every=1, device="cpu", threads=1, batch_size=1)
+    raw["pretrain"]["steps"], raw["adapt"]["steps"] = 2, 2
+    for v in PLCA_CRST_ROUNDS:
+        raw["variants"][v]["train"]["phase"]["steps"] = 6  # 2 steps a round
+    for s in raw["pseudo"].values():
+        if s.get("input_size") is not None:
+            s["input_size"] = TINY_EVAL
+    raw["evaluate"]["batch_size"] = 2
+    raw["tracking"]["enabled"] = False
+    p = write_params(raw, tmp_path / "params.yaml")
+    common = dict(tracking=p.tracking, tags={"profile": p.profile}, progress=False)
+    model_path, train = wired(p, tmp_path)
+    assert train(PRETRAIN)["steps"] == 2
+    assert train("plca")["steps"] == 2
+    for name, (init, pseudo) in PLCA_CRST_ROUNDS.items():
+        out = tmp_path / "pseudo" / pseudo / "s0"
+        summary = pseudo_label_run(p, pseudo, 0, model_path=model_path(init), out_dir=out, **common)
+        assert summary["labelled"] == summary["images"] > 0
+        assert train(name)["steps"] == 2
+        log = pd.read_csv(tmp_path / "logs" / name / "s0.csv")
+        np.testing.assert_allclose(log["lr"], [LR, LR], rtol=1e-12)  # CRST's constant lr, not PLCA's poly
+    m = evaluate_run(p, RunSpec("plca_crst", 0), model_path=model_path("plca_crst"),
+                     out_dir=tmp_path / "eval" / "plca_crst" / "s0",
+                     metrics_path=tmp_path / "metrics" / "plca_crst" / "s0.json", **common)
+    assert m["variant"] == "plca_crst" and 0 <= m["miou"] <= 100
