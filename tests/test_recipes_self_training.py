@@ -46,21 +46,36 @@ RUNS: dict[str, dict[str, Any]] = {
     "cbst_sp": {"pseudo": {"cbst_sp_p1": "pretrain", "cbst_sp_p2": "cbst_sp_r1", "cbst_sp_p3": "cbst_sp_r2"},
                 "rounds": {"cbst_sp_r1": ("pretrain", "cbst_sp_p1"), "cbst_sp_r2": ("cbst_sp_r1", "cbst_sp_p2"),
                            "cbst_sp": ("cbst_sp_r2", "cbst_sp_p3")}},
+    "crst_lrent": {"pseudo": {"crst_lrent_p1": "pretrain", "crst_lrent_p2": "crst_lrent_r1",
+                              "crst_lrent_p3": "crst_lrent_r2"},
+                   "rounds": {"crst_lrent_r1": ("pretrain", "crst_lrent_p1"),
+                              "crst_lrent_r2": ("crst_lrent_r1", "crst_lrent_p2"),
+                              "crst_lrent": ("crst_lrent_r2", "crst_lrent_p3")}},
+    "crst_mrkld_lrent": {"pseudo": {"crst_lrent_p1": "pretrain", "crst_mrkld_lrent_p2": "crst_mrkld_lrent_r1",
+                                    "crst_mrkld_lrent_p3": "crst_mrkld_lrent_r2"},
+                         "rounds": {"crst_mrkld_lrent_r1": ("pretrain", "crst_lrent_p1"),
+                                    "crst_mrkld_lrent_r2": ("crst_mrkld_lrent_r1", "crst_mrkld_lrent_p2"),
+                                    "crst_mrkld_lrent": ("crst_mrkld_lrent_r2", "crst_mrkld_lrent_p3")}},
     "tpld": {"pseudo": {"tpld_p1": "pretrain", "tpld_p2": "tpld_r1", "tpld_p3": "tpld_r2"},
              "rounds": {"tpld_r1": ("pretrain", "tpld_p1"), "tpld_r2": ("tpld_r1", "tpld_p2"),
                         "tpld": ("tpld_r2", "tpld_p3")}},
 }
 #: Each recipe's set policies and the options beyond the class-balanced ones (TPLD: voting, then easy/hard).
 POLICIES = {"cbst": ["class_balanced"] * 3, "cbst_sp": ["class_balanced"] * 3, "crst": ["class_balanced"] * 3,
+            "crst_lrent": ["class_balanced"] * 3, "crst_mrkld_lrent": ["class_balanced"] * 3,
             "tpld": ["class_balanced_vote", "class_balanced_vote", "easy_hard"]}
 EXTRA = {"class_balanced": {}, "class_balanced_vote": {"window": 3, "alpha": 0.7, "iterations": 3},
          "easy_hard": {"q": 0.3, "gamma": 2.0}}
 PORTIONS = [0.2, 0.25, 0.3]  # the released code: 0.2, + 0.05 a round
 LR = 5e-5
 #: The method each recipe's rounds train (CBST-SP: CBST's, on other pseudo-labels).
-METHOD = {"cbst_sp": "cbst"}
+METHOD = {"cbst_sp": "cbst", "crst_lrent": "crst", "crst_mrkld_lrent": "crst"}
+#: The recipes' model regulariser (regularizer, weight, code image weights): CRST's MRKLD unless named here.
+REGULARISER = {"cbst": ("none", 0.0, True), "cbst_sp": ("none", 0.0, True), "crst_lrent": ("none", 0.0, True)}
+#: Options of a recipe's sets beyond the policy's (LRENT's soft labels: alpha = lr_weight_ent 0.25).
+SET_OPTIONS = {"crst_lrent": {"lrent": 0.25}, "crst_mrkld_lrent": {"lrent": 0.25}}
 CASES = [("gta5", "cbst"), ("gta5", "cbst_sp"), ("gta5", "cbst_mxnet"), ("gta5", "crst"), ("synthia", "crst"),
-         ("gta5", "tpld")]
+         ("gta5", "crst_lrent"), ("gta5", "crst_mrkld_lrent"), ("gta5", "tpld")]
 #: CBST on its own release's schedule (profiles/cbst_mxnet.yaml): five rounds, each's set and learning rate.
 CBST_MXNET_ROUNDS = {"cbst_r1": ("pretrain", "cbst_p1"), "cbst_r2": ("cbst_r1", "cbst_p2"),
                      "cbst_r3": ("cbst_r2", "cbst_p3"), "cbst_r4": ("cbst_r3", "cbst_p4"),
@@ -98,8 +113,7 @@ def test_recipe_carries_the_released_setup(bench: str, method: str) -> None:
     assert (r.train_source, r.adapt, r.evaluate, r.oracle) == ([], [], [method, "oracle"], "oracle")
     assert {p.variant(v).train.method for v in r.rounds} == {METHOD.get(method, method)}
     cfg = p.method_config(method)
-    assert (cfg.regularizer, cfg.weight, cfg.code_image_weights) == (
-        ("none", 0.0, True) if method in ("cbst", "cbst_sp") else ("kld", 0.1, True))
+    assert (cfg.regularizer, cfg.weight, cfg.code_image_weights) == REGULARISER.get(method, ("kld", 0.1, True))
     # CBST-SP's sets apply the source's spatial prior, counted at 512x256 (70 / 2048 of the width: sigma 2.92)
     assert [p.pseudo[s].spatial_prior for s in r.pseudo] == [method == "cbst_sp"] * 3
     assert p.spatial_prior.size == (512, 256) and p.spatial_prior.sigma == pytest.approx(0.0342 * 512 / 6)
@@ -111,7 +125,8 @@ def test_recipe_carries_the_released_setup(bench: str, method: str) -> None:
     for name, portion, policy in zip(r.pseudo, PORTIONS, POLICIES[method], strict=True):
         s = p.pseudo[name]
         assert (s.policy, s.options, s.input_size, s.flip) == (
-            policy, {"portion": portion, "ds_rate": 4, "policy": "cb", **EXTRA[policy]}, (1843, 922), True), name
+            policy, {"portion": portion, "ds_rate": 4, "policy": "cb", **EXTRA[policy], **SET_OPTIONS.get(method, {})},
+            (1843, 922), True), name
     # scale 0.5-1.5 and 512x1024 crops with flips on both domains; full-resolution evaluation
     src, tgt = p.transform("source"), p.transform("target")
     assert (src.short_edge, src.crop, src.flip) == ((526, 1578), (512, 1024), True)
@@ -215,6 +230,8 @@ def test_recipe_self_trains_on_the_listed_images_and_evaluates_end_to_end(
             labelled, unlabelled = read_names(out, "labelled"), read_names(out, "unlabelled")
             assert sorted(labelled + unlabelled) == listed
             assert sorted(f.stem for f in (out / "labels").glob("*.png")) == sorted(labelled)
+            if p.pseudo[wiring.pseudo].options.get("lrent"):  # LRENT's soft labels beside the PNGs
+                assert sorted(f.stem for f in (out / "soft").glob("*.npz")) == sorted(labelled)
             assert summary["options"]["portion"] == p.pseudo[wiring.pseudo].options["portion"]
             made.add(wiring.pseudo)
         start = load_model(model_path(wiring.init)).state_dict()
