@@ -156,6 +156,7 @@ class Policy:
         self.cfg = cfg
         #: [C, h, w] spatial prior of a set with `spatial_prior` (CBST-SP), else None.
         self.prior: torch.Tensor | None = None
+        self._resized: tuple[tuple[Any, ...], torch.Tensor] | None = None  # the prior at the last size asked
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """The class probabilities of [N, C, H, W] (or one image's [C, H, W]) logits: their softmax, times the
@@ -164,7 +165,11 @@ class Policy:
         probs = logits.softmax(0 if single else 1)
         if self.prior is None:
             return probs
-        probs = apply_spatial_prior(probs[None] if single else probs, self.prior)
+        # resized once per image size (a set's images share one), not once per call
+        key = (tuple(probs.shape[-2:]), probs.dtype, probs.device)
+        if self._resized is None or self._resized[0] != key:
+            self._resized = (key, apply_spatial_prior(probs.new_ones(1, *probs.shape[-3:]), self.prior)[0])
+        probs = apply_spatial_prior(probs[None] if single else probs, self._resized[1])
         return probs[0] if single else probs
 
     def observe(self, names: list[str], logits: torch.Tensor) -> None:

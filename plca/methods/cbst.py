@@ -52,10 +52,14 @@ class ClassBalancedConfig:
     #: CRST's label regularisation LRENT: > 0 gives soft labels with this alpha (the code's lr_weight_ent, 0.25 in
     #: lrent.sh; `plca.pseudo.soft_pseudo_labels`), which the round learns from; 0 = hard labels (CBST, CRST-MR).
     lrent: float = 0.0
+    #: Set by a policy whose labels are its own, not LRENT's: why `lrent` does not apply to it.
+    lrent_refused: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
         if self.lrent < 0:
             raise ValueError(f"lrent must be >= 0 (0 = hard labels; CRST's LRENT: 0.25), got {self.lrent}")
+        if self.lrent and self.lrent_refused:
+            raise ValueError(self.lrent_refused)
 
 
 @register_policy(ClassBalancedConfig)

@@ -55,11 +55,8 @@ class VoteConfig(ClassBalancedConfig):
     alpha: float = 0.7
     #: Voting passes, each reading the labels of the previous one (3).
     iterations: int = 3
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.lrent:
-            raise ValueError("class_balanced_vote: lrent (soft labels) does not apply; voting densifies hard labels")
+    lrent_refused: ClassVar[str | None] = (
+        "class_balanced_vote: lrent (soft labels) does not apply; voting densifies hard labels")
 
 
 @register_policy(VoteConfig)
@@ -84,11 +81,10 @@ class EasyHardConfig(ClassBalancedConfig):
     q: float = 0.3
     #: The exponent of the full labels' non-confident pixels, r_c^gamma (ours: 2).
     gamma: float = 2.0
+    lrent_refused: ClassVar[str | None] = "easy_hard: lrent does not apply; the easy images get TPLD's full labels"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.lrent:
-            raise ValueError("easy_hard: lrent does not apply; the easy images get TPLD's full labels")
         if not 0.0 < self.q < 1.0:
             raise ValueError(f"easy_hard: q must be a share in (0, 1), got {self.q}")
 
