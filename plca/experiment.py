@@ -525,7 +525,7 @@ def pseudo_label_run(
     for key in ("flip", "spatial_prior"):  # keys only when they apply: the fingerprints of existing sets stay
         if not run_params[key]:            # as they were
             del run_params[key]
-    if prior_path is not None and cfg.spatial_prior:
+    if cfg.spatial_prior:  # the prior it applied (read above, so prior_path is set)
         run_params["prior"] = file_digest(prior_path)
     if params.data.target.train_ids is not None:
         run_params["train_ids"] = train_ids_digest(params.data.target)

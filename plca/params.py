@@ -371,16 +371,16 @@ class Params:
         """The phase (length and segmenter optimiser) a variant trains in: `oracle` for the oracle, `adapt`'s
         length with its network's optimiser for a variant on a network of `networks`, else `adapt`, unless the
         variant has a `phase` of its own; its learning rate times the variant's `lr_scale`."""
-        own = self.variants[name].train.phase if name in self.variants else None
-        if own is not None:
-            phase = own
+        train = self.variants[name].train if name in self.variants else None
+        if train is not None and train.phase is not None:
+            phase = train.phase
         elif name == self.runs.oracle:
             phase = self.oracle
         elif name in self.runs.networks:
             phase = PhaseConfig(steps=self.adapt.steps, optim=self.networks[self.runs.networks[name]].optim)
         else:
             phase = self.adapt
-        scale = self.variant(name).train.lr_scale if name in self.variants else 1.0
+        scale = 1.0 if train is None else train.lr_scale
         return phase if scale == 1.0 else replace(phase, optim=replace(phase.optim, lr=phase.optim.lr * scale))
 
     def network_of(self, run: str) -> str | None:
