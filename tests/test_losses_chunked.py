@@ -40,10 +40,11 @@ def test_aggregate_gradcheck(block_rows: int | None) -> None:
 
 @pytest.mark.parametrize("block_rows", [1, 3, None])
 @pytest.mark.parametrize("cache", [False, True])
-def test_cosine_aggregate_gradcheck(block_rows: int | None, cache: bool) -> None:
+@pytest.mark.parametrize("alpha", [0.4, 1.0])  # backward reads agg back from y, or y is agg
+def test_cosine_aggregate_gradcheck(block_rows: int | None, cache: bool, alpha: float) -> None:
     v = rand(2, 7, 3, seed=4)
     inv = rand(2, 7, seed=6).abs() + 0.5
-    fn = lambda v: cosine_aggregate(v, inv, alpha=0.4, block_rows=block_rows, cache=cache)  # noqa: E731
+    fn = lambda v: cosine_aggregate(v, inv, alpha=alpha, block_rows=block_rows, cache=cache)  # noqa: E731
     assert gradcheck(fn, (v.requires_grad_(),), fast_mode=True)
 
 
@@ -186,3 +187,53 @@ def test_batched_picks_equal_per_pair_picks() -> None:
     grads_general = torch.autograd.grad(sum(v.sum() for v in picked_log_softmax([leaf_a, leaf_b], picks_ab + picks_ba)),
                                         (leaf_a, leaf_b))
     torch.testing.assert_close(grads, grads_general)
+
+
+@pytest.mark.parametrize("block_rows", [1, 2, None])
+@pytest.mark.parametrize("cached", [False, True])
+def test_transposed_picks_normalise_equals_picks_on_unit_rows(block_rows: int | None, cached: bool) -> None:
+    # the cosine cycle's picks normalise inside: the same values and gradients as picks on F.normalize'd rows
+    a, b = rand(2, 6, 3, seed=27), rand(2, 5, 3, seed=28)
+    a[1, 2] = 0.0  # a zero row: the norm floor, as in F.normalize
+    inv = torch.tensor([0.5, 2.0], dtype=F64)
+    picks_ab = [Pick(0, 1, torch.tensor([4, 2]), torch.tensor([1, 3]), inv, pair=n) for n in range(2)]
+    picks_ba = [Pick(1, 0, torch.tensor([2, 3]), torch.tensor([5, 0]), inv, pair=n) for n in range(2)]
+    weights = (rand(4, seed=29), rand(4, seed=30))
+
+    def run(normalise: bool) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        leaf_a, leaf_b = a.clone().requires_grad_(), b.clone().requires_grad_()
+        x, y = (leaf_a, leaf_b) if normalise else (unit_rows(leaf_a), unit_rows(leaf_b))
+        units = torch.nn.functional.normalize(a, dim=-1), torch.nn.functional.normalize(b, dim=-1)
+        stored = [units[0][n] @ units[1][n].T for n in range(2)] if cached else None
+        values = transposed_picks(x, y, picks_ab, picks_ba, similarities=stored, block_rows=block_rows,
+                                  normalise=normalise)
+        loss = sum((v * w).sum() for v, w in zip(values, weights, strict=True))
+        return values, torch.autograd.grad(loss, (leaf_a, leaf_b))
+
+    values, grads = run(True)
+    expected_values, expected_grads = run(False)
+    torch.testing.assert_close(values, expected_values, rtol=0, atol=0)  # the same floats: unit rows made alike
+    torch.testing.assert_close(grads, expected_grads)
+    assert grads[0][1, 2].abs().sum() > 0  # the floored row's gradient is g / eps, not lost
+    # gradcheck away from the floor, rows kept off it
+    x, y = a[:1].clone().requires_grad_(), b[:1].clone().requires_grad_()
+    one_ab, one_ba = [replace(picks_ab[0], pair=None)], [replace(picks_ba[0], pair=None)]
+    assert gradcheck(lambda x, y: transposed_picks(x[0], y[0], one_ab, one_ba, block_rows=block_rows, normalise=True),
+                     (x, y), fast_mode=True)
+
+
+def test_transposed_picks_normalise_saves_no_unit_rows() -> None:
+    # what backward keeps: the inputs themselves, their norms and the kept similarities, no copy of a or b
+    a, b = rand(1, 64, 8, seed=31).requires_grad_(), rand(1, 48, 8, seed=32).requires_grad_()
+    inv = torch.ones(3, dtype=F64)
+    pick_ab = Pick(0, 1, torch.tensor([1, 5, 9]), torch.tensor([0, 2, 4]), inv, pair=0)
+    pick_ba = Pick(1, 0, torch.tensor([0, 2, 4]), torch.tensor([1, 5, 9]), inv, pair=0)
+    stored = [(torch.nn.functional.normalize(a[0], dim=-1) @ torch.nn.functional.normalize(b[0], dim=-1).T).detach()]
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        values = transposed_picks(a, b, [pick_ab], [pick_ba], similarities=stored, normalise=True)
+    assert sorted(tuple(t.shape) for t in saved) == [(1, 48, 1), (1, 48, 8), (1, 64, 1), (1, 64, 8), (64, 48)]
+    large = {t.data_ptr() for t in saved if t.shape[-1] > 1}
+    assert large == {a.data_ptr(), b.data_ptr(), stored[0].data_ptr()}
+    sum(v.sum() for v in values).backward()
+    assert a.grad is not None and b.grad is not None

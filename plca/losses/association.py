@@ -263,7 +263,7 @@ def _associate_dense(
     if num_positive:
         loss = per_pixel[positive].sum() / num_positive
     else:
-        loss = source.flatten()[:0].sum() + target.flatten()[:0].sum()
+        loss = source[:0].sum() + target[:0].sum()
     minus_one = torch.full_like(j_star, -1)
     return AssociationResult(
         loss=loss,
@@ -288,7 +288,7 @@ def _associate(
     cache: bool,
 ) -> AssociationResult:
     # the zero loss of a batch without positives attaches to the inputs, whatever the aggregation gave
-    zero = source.flatten()[:0].sum() + target.flatten()[:0].sum()
+    zero = source[:0].sum() + target[:0].sum()
     if aggregate_target:
         target = spatial_aggregate(target, similarity, alpha, block_rows=block_rows, cache_similarities=cache)
 
@@ -302,10 +302,10 @@ def _associate(
     s_rows, t_rows = source.flatten(2).transpose(1, 2), target.flatten(2).transpose(1, 2)
     # D_st = a_st @ b_st.T (+ a per-row constant for kl); D_ts = a_ts @ b_ts.T likewise.
     if similarity == "cosine":
-        # the source features outlive the loss, the aggregated target does not
-        a_st, b_st = unit_rows(s_rows, keep_input=True), unit_rows(t_rows)
+        # unit rows for the cycle's statistics only: the loss normalises block by block from the rows themselves
+        with torch.no_grad():
+            a_st, b_st = unit_rows(s_rows), unit_rows(t_rows)
         a_ts, b_ts = b_st, a_st
-        del target, t_rows  # the aggregated target: only its unit rows are needed from here (an L x C less)
     else:
         a_st, b_st = s_rows, torch.log(t_rows + KL_EPS)
         a_ts, b_ts = t_rows, torch.log(s_rows + KL_EPS)
@@ -357,7 +357,8 @@ def _associate(
     if num_positive and contrastive:
         # log softmax(CN(d)) at the pick = log softmax(inv * d): the mean of CN cancels, the scale is detached
         if similarity == "cosine":  # D_ts = D_st.T: one joint backward
-            log_p_st, log_p_ts = transposed_picks(a_st, b_st, picks_st, picks_ts,
+            del a_st, b_st, a_ts, b_ts  # two L x C less before the loss's backward
+            log_p_st, log_p_ts = transposed_picks(s_rows, t_rows, picks_st, picks_ts, normalise=True,
                                                   similarities=kept if cache else None, block_rows=block_rows)
         else:
             values = picked_log_softmax([a_st, b_st, a_ts, b_ts], picks_st + picks_ts, block_rows=block_rows)
@@ -365,6 +366,9 @@ def _associate(
         per_pixel = -(log_p_st + log_p_ts[torch.cat(pos_term)]).clamp(min=LOG_CLAMP)
         loss = per_pixel.sum() / num_positive
     elif num_positive:
+        if similarity == "cosine":  # the raw similarities differentiated: unit rows with their gradient this time
+            a_st, b_st = unit_rows(s_rows, keep_input=True), unit_rows(t_rows)
+            a_ts, b_ts = b_st, a_st
         pair, i, j = torch.cat(pos_pair), torch.cat(pos_i), torch.cat(pos_j)
         back = return_index.reshape(num_pairs, -1)[pair, i]
         d_st = (a_st[pair, i] * b_st[pair, j]).sum(dim=1)  # D_st[i, j*]

@@ -47,9 +47,11 @@ def _exp_floor(dtype: torch.dtype) -> float:
     return math.log(torch.finfo(dtype).tiny) + 1.0
 
 
-def _inverse_std_(d: Tensor) -> Tensor:
-    """Centre each row of d in place and return 1 / (unbiased std + CN_EPS) per row (two-pass variance)."""
-    d.sub_(d.mean(dim=1, keepdim=True))
+def _inverse_std_(d: Tensor, src: Tensor | None = None) -> Tensor:
+    """Centre each row of d in place (or of src into d) and return 1 / (unbiased std + CN_EPS) per row (two-pass
+    variance)."""
+    src = d if src is None else src
+    torch.sub(src, src.mean(dim=1, keepdim=True), out=d)
     var = torch.linalg.vector_norm(d, dim=1).square_().div_(d.shape[1] - 1)
     return var.sqrt_().add_(CN_EPS).reciprocal_()
 
@@ -130,13 +132,18 @@ class RowStatistics:
 
 
 def _block_statistics_(
-    d: Tensor, normalise: bool, inv: Tensor | None
+    d: Tensor, normalise: bool, inv: Tensor | None, src: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(argmax, row_max, inv, log_sum) of the rows of a block of similarities; d is overwritten."""
-    mean = d.mean(dim=1) if normalise else None
+    """(argmax, row_max, inv, log_sum) of the rows of a block of similarities; d is overwritten.
+
+    src: read the similarities from src (left intact) and use d as scratch, instead of a copy into d.
+    """
+    mean = (d if src is None else src).mean(dim=1) if normalise else None
     if mean is not None:
-        inv = _inverse_std_(d)
-    elif inv is None:
+        inv = _inverse_std_(d, src)
+    elif src is not None:
+        d.copy_(src)
+    if inv is None:
         inv = d.new_ones(d.shape[0])
     peak, arg, total = _exp_rows_(d, inv)
     return arg, (peak if mean is None else peak + mean), inv, total.log_()
@@ -166,12 +173,12 @@ def row_statistics(
     buffer = a.new_empty(min(step, num_rows), num_cols)
     for blk in _blocks(num_rows, step):
         a_blk = a[blk] if rows is None else a[rows[blk]]
-        d = torch.mm(a_blk, b.T, out=buffer[: blk.stop - blk.start])
-        if keep is not None:
-            keep[blk] = d
+        scratch = buffer[: blk.stop - blk.start]
+        # with `keep`, the product lands there and the statistics read it (no copy)
+        d = torch.mm(a_blk, b.T, out=scratch if keep is None else keep[blk])
         given = None if normalise or inv_scale is None else inv_scale[blk]
         stats.argmax[blk], stats.row_max[blk], stats.inv_scale[blk], stats.log_sum[blk] = _block_statistics_(
-            d, normalise, given)
+            scratch, normalise, given, None if keep is None else d)
     return stats
 
 
@@ -190,14 +197,14 @@ def column_statistics(d: Tensor, cols: Tensor, *, normalise: bool, block_rows: i
 
 def _aggregate_forward(
     q: Tensor, k: Tensor, v: Tensor, inv: Tensor | None, alpha: float, step: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Forward of the aggregation for a batch [N, L, .], block by block.
 
-    Returns (y, agg, inv, row_max, log_sum) with agg = softmax-weighted sums and y = (1 - alpha) v + alpha agg.
-    y and agg are [N, L, Cv] views of [N, Cv, L] buffers, so that they reshape to images without a copy.
+    Returns (y, inv, row_max, log_sum) with y = (1 - alpha) v + alpha agg, agg the softmax-weighted sums (made in
+    y's buffer). y has v's layout: [N, L, Cv] rows of images [N, Cv, h, w] reshape back without a copy.
     """
     n_img, num_rows, _ = q.shape
-    agg = v.new_empty(n_img, v.shape[2], num_rows).transpose(1, 2)
+    agg = torch.empty_like(v)  # v's layout: the lerp below runs in place over matching strides
     inv_all = q.new_empty(n_img, num_rows) if inv is None else inv.detach()
     row_max, log_sum = q.new_empty(n_img, num_rows), q.new_empty(n_img, num_rows)
     buffer = q.new_empty(min(step, num_rows), k.shape[1])
@@ -211,8 +218,8 @@ def _aggregate_forward(
             row_max[n, rows] = peak if mean is None else peak + mean
             log_sum[n, rows] = total.log()
             agg[n, rows] = torch.mm(d, v[n]).div_(total[:, None])
-    y = agg if alpha == 1.0 else torch.lerp(v, agg, alpha)
-    return y, agg, inv_all, row_max, log_sum
+    y = agg if alpha == 1.0 else torch.lerp(v, agg, alpha, out=agg)  # in place: agg is not needed any more
+    return y, inv_all, row_max, log_sum
 
 
 class _Aggregate(torch.autograd.Function):
@@ -224,7 +231,7 @@ class _Aggregate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, inv, alpha, block_rows):  # type: ignore[override]
         step = rows_per_block(k.shape[1], block_rows)
-        y, agg, inv_all, row_max, log_sum = _aggregate_forward(q, k, v, inv, alpha, step)
+        y, inv_all, row_max, log_sum = _aggregate_forward(q, k, v, inv, alpha, step)
         ctx.save_for_backward(q, k, v, inv_all, row_max, log_sum)
         ctx.step, ctx.alpha = step, alpha
         return y
@@ -296,15 +303,15 @@ def _merge_moments_(count: Tensor, mean: Tensor, m2: Tensor, peak: Tensor, d: Te
 
 def _symmetric_forward(
     x: Tensor, v: Tensor, inv: Tensor | None, alpha: float, side: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[dict[tuple[int, int], Tensor]]]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, list[dict[tuple[int, int], Tensor]]]:
     """`_aggregate_forward` for q = k = x that computes only the blocks x_a x_b^T with a <= b and keeps them.
 
     A first sweep computes and stores the blocks and gathers each row's moments and maximum; a second one
-    exponentiates them for rows a and rows b. Returns (y, agg, inv, row_max, log_sum, blocks per image).
+    exponentiates them for rows a and rows b. Returns (y, inv, row_max, log_sum, blocks per image).
     """
     n_img, num_rows, _ = x.shape
     blocks = list(_blocks(num_rows, side))
-    agg = v.new_zeros(n_img, v.shape[2], num_rows).transpose(1, 2)
+    agg = torch.zeros_like(v)
     inv_all = x.new_empty(n_img, num_rows) if inv is None else inv.detach()
     row_max, log_sum = x.new_empty(n_img, num_rows), x.new_empty(n_img, num_rows)
     floor = _exp_floor(x.dtype)
@@ -333,8 +340,8 @@ def _symmetric_forward(
         agg[n].div_(sums[:, None])
         row_max[n], log_sum[n] = peak, sums.log_()
         kept.append(stored)
-    y = agg if alpha == 1.0 else torch.lerp(v, agg, alpha)
-    return y, agg, inv_all, row_max, log_sum, kept
+    y = agg if alpha == 1.0 else torch.lerp(v, agg, alpha, out=agg)  # in place: agg is not needed any more
+    return y, inv_all, row_max, log_sum, kept
 
 
 def _unit_(v: Tensor) -> tuple[Tensor, Tensor]:
@@ -362,34 +369,40 @@ class _CosineAggregate(torch.autograd.Function):
         x, norm = _unit_(v)
         ctx.stored = None
         if cache:
-            y, agg, inv_all, row_max, log_sum, ctx.stored = _symmetric_forward(x, v, inv, alpha, ctx.side)
+            y, inv_all, row_max, log_sum, ctx.stored = _symmetric_forward(x, v, inv, alpha, ctx.side)
         else:
-            y, agg, inv_all, row_max, log_sum = _aggregate_forward(x, x, v, inv, alpha, step)
-        ctx.save_for_backward(v, norm, inv_all, row_max, log_sum, agg)
+            y, inv_all, row_max, log_sum = _aggregate_forward(x, x, v, inv, alpha, step)
+        # y rather than agg: the cycle keeps y for its own backward, and agg = (y - (1 - alpha) v) / alpha
+        ctx.save_for_backward(v, norm, inv_all, row_max, log_sum, y)
         ctx.alpha = alpha
         return y
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        v, norm, inv, row_max, log_sum, agg = ctx.saved_tensors
+        v, norm, inv, row_max, log_sum, y = ctx.saved_tensors
         alpha, side = ctx.alpha, ctx.side
         grad_v = grad_y * (1.0 - alpha)
         logits_buf, w_ba_buf, grad_buf = (v.new_empty(side, side) for _ in range(3))
+        # one buffer per block-sized temporary, reused over the pairs (fresh ones would fault in new pages each time)
+        x_a_buf, x_b_buf, grad_x_buf, scratch = (v.new_empty(side, v.shape[2]) for _ in range(4))
         blocks = list(_blocks(v.shape[1], side))
         for n in range(v.shape[0]):
             # unit vectors block by block (cheap to recompute), and each block's gradient taken through x = v / |v|
             # into grad_v at once (the map is linear per row): neither x nor its gradient is held whole
-            def unit(rows: slice, n: int = n) -> Tensor:
-                return v[n, rows] / norm[n, rows]
+            def unit(rows: slice, buf: Tensor, n: int = n) -> Tensor:
+                return torch.div(v[n, rows], norm[n, rows], out=buf[: rows.stop - rows.start])
+
+            def through_unit(out: Tensor, grad_x: Tensor, x: Tensor, rows: slice, n: int = n) -> None:
+                _add_through_unit_(out, grad_x, x, norm[n, rows], alpha, scratch[: x.shape[0]])
 
             g_agg = grad_y[n]
             # the softmax backward needs sum_k w_rk dw_rk over whole rows: it equals g_agg_r . agg_r
-            centre = (g_agg * agg[n]).sum(dim=1)
+            centre = _aggregate_dot(g_agg, y[n], v[n], alpha)
             for ia, a in enumerate(blocks):
-                x_a = unit(a)
+                x_a = unit(a, x_a_buf)
                 for ib in range(ia, len(blocks)):
                     b = blocks[ib]
-                    x_b = x_a if ib == ia else unit(b)
+                    x_b = x_a if ib == ia else unit(b, x_b_buf)
                     na, nb = a.stop - a.start, b.stop - b.start
                     if ctx.stored is None:
                         logits = torch.mm(x_a, x_b.T, out=logits_buf[:na, :nb])
@@ -405,22 +418,35 @@ class _CosineAggregate(torch.autograd.Function):
                         grad_v[n, a].addmm_(w_ba.T, g_agg[b], alpha=alpha)
                     both = _logit_grad(w_ab, g_agg[a], v[n, b], centre[a], inv[n, a], grad_buf[:na, :nb])
                     if w_ba is None:
-                        _add_through_unit_(grad_v[n, a], torch.mm(both + both.T, x_a), x_a, norm[n, a], alpha)
+                        through_unit(grad_v[n, a], torch.mm(both + both.T, x_a, out=grad_x_buf[:na]), x_a, a)
                         continue
                     # w_ab is used up: its buffer takes the other direction's gradient
                     both.add_(_logit_grad(w_ba, g_agg[b], v[n, a], centre[b], inv[n, b], logits_buf[:nb, :na]).T)
-                    _add_through_unit_(grad_v[n, a], torch.mm(both, x_b), x_a, norm[n, a], alpha)
-                    _add_through_unit_(grad_v[n, b], torch.mm(both.T, x_a), x_b, norm[n, b], alpha)
+                    through_unit(grad_v[n, a], torch.mm(both, x_b, out=grad_x_buf[:na]), x_a, a)
+                    through_unit(grad_v[n, b], torch.mm(both.T, x_a, out=grad_x_buf[:nb]), x_b, b)
         return grad_v, None, None, None, None
 
 
-def _add_through_unit_(out: Tensor, grad_x: Tensor, x: Tensor, norm: Tensor, scale: float) -> None:
+def _aggregate_dot(g: Tensor, y: Tensor, v: Tensor, alpha: float) -> Tensor:
+    """g_r . agg_r per row, with agg = (y - (1 - alpha) v) / alpha made block by block (no L x C copy)."""
+    if alpha == 1.0:
+        return (g * y).sum(dim=1)
+    out = g.new_empty(g.shape[0])
+    for rows in _blocks(g.shape[0], rows_per_block(g.shape[1])):
+        agg = torch.sub(y[rows], v[rows], alpha=1.0 - alpha).div_(alpha)
+        out[rows] = (g[rows] * agg).sum(dim=1)
+    return out
+
+
+def _add_through_unit_(out: Tensor, grad_x: Tensor, x: Tensor, norm: Tensor, scale: float, scratch: Tensor) -> None:
     """out += scale * d(x)/d(v)^T grad_x for x = v / |v|: (g - x (x . g)) / |v|, constant where |v| was floored.
 
-    grad_x is overwritten.
+    scratch: a tensor of x's shape to work in.
     """
-    along = (x * grad_x).sum(dim=1, keepdim=True).mul_(norm > NORM_EPS)
-    out.add_(grad_x.sub_(x * along).div_(norm), alpha=scale)
+    along = torch.mul(x, grad_x, out=scratch).sum(dim=1, keepdim=True).mul_(norm > NORM_EPS)
+    # out += scale / |v| * grad_x - scale / |v| * (x . grad_x) x: two passes over the block, no temporary
+    factor = norm.reciprocal().mul_(scale)
+    out.addcmul_(grad_x, factor).addcmul_(x, along.mul_(factor), value=-1.0)
 
 
 def cosine_aggregate(
@@ -545,38 +571,74 @@ class _TransposedPicks(torch.autograd.Function):
     other rows of a, so that each needed entry of d is computed once: 3 (p + q - p q) products of L x L x C
     where separate picks take 3 (p + q), with p, q the shares of rows in P and J; 2 (p + q - p q) when the
     forward pass kept d (`similarities`).
+
+    With `normalise`, d is taken between the unit rows a / |a| and b / |b|, made block by block from the saved
+    inputs and their norms: neither unit tensor is held, and the gradients reach a and b through the
+    normalisation in place (two L x C less than unit rows made beforehand, and two more at their backward).
     """
 
     @staticmethod
-    def forward(ctx, a, b, picks_ab, picks_ba, similarities, block_rows):  # type: ignore[override]
-        picks_ab = [_fill_statistics(p, _mat(a, p.pair), _mat(b, p.pair), block_rows) for p in picks_ab]
-        picks_ba = [_fill_statistics(p, _mat(b, p.pair), _mat(a, p.pair), block_rows) for p in picks_ba]
+    def forward(ctx, a, b, picks_ab, picks_ba, similarities, block_rows, normalise):  # type: ignore[override]
+        norm_a = norm_b = None
+        if normalise:
+            norm_a = torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp_(min=NORM_EPS)
+            norm_b = torch.linalg.vector_norm(b, dim=-1, keepdim=True).clamp_(min=NORM_EPS)
+        if any(p.row_max is None for p in (*picks_ab, *picks_ba)):  # direct use: statistics from whole unit rows
+            unit_a, unit_b = (a, b) if norm_a is None else (a / norm_a, b / norm_b)
+            picks_ab = [_fill_statistics(p, _mat(unit_a, p.pair), _mat(unit_b, p.pair), block_rows) for p in picks_ab]
+            picks_ba = [_fill_statistics(p, _mat(unit_b, p.pair), _mat(unit_a, p.pair), block_rows) for p in picks_ba]
+            del unit_a, unit_b
         values: tuple[list[Tensor], list[Tensor]] = ([], [])
-        for out, picks, (x, y) in ((values[0], picks_ab, (a, b)), (values[1], picks_ba, (b, a))):
+        for out, picks, (x, y, nx, ny) in ((values[0], picks_ab, (a, b, norm_a, norm_b)),
+                                           (values[1], picks_ba, (b, a, norm_b, norm_a))):
             for p in picks:
                 x_n, y_n = _mat(x, p.pair), _mat(y, p.pair)
+                nx_n, ny_n = (None, None) if nx is None else (_mat(nx, p.pair), _mat(ny, p.pair))
                 picked = x_n.new_empty(p.rows.shape[0])
                 for blk in _blocks(p.rows.shape[0], rows_per_block(y_n.shape[0], block_rows)):
-                    picked[blk] = (x_n[p.rows[blk]] * y_n[p.cols[blk]]).sum(dim=1)
+                    picked[blk] = (_unit_of(x_n, nx_n, p.rows[blk]) * _unit_of(y_n, ny_n, p.cols[blk])).sum(dim=1)
                 out.append((picked - p.row_max).mul_(p.inv_scale).sub_(p.log_sum))
-        ctx.save_for_backward(a, b)
-        ctx.picks, ctx.block_rows, ctx.similarities = (picks_ab, picks_ba), block_rows, similarities
+        # the kept similarities go with the saved tensors: freed after backward unless the graph is retained
+        kept = [] if similarities is None else list(similarities)
+        ctx.save_for_backward(a, b, *(() if norm_a is None else (norm_a, norm_b)), *kept)
+        ctx.picks, ctx.block_rows, ctx.normalise, ctx.cached = (picks_ab, picks_ba), block_rows, normalise, bool(kept)
         return torch.cat(values[0]), torch.cat(values[1])
 
     @staticmethod
     def backward(ctx, grad_ab: Tensor, grad_ba: Tensor):
-        a, b = ctx.saved_tensors
+        a, b, *rest = ctx.saved_tensors
+        norm_a, norm_b = (rest.pop(0), rest.pop(0)) if ctx.normalise else (None, None)
+        stored_all = rest if ctx.cached else None
         grad_a, grad_b = torch.zeros_like(a), torch.zeros_like(b)
         start_ab = start_ba = 0
         for k, (p_ab, p_ba) in enumerate(zip(*ctx.picks, strict=True)):
             n_ab, n_ba = p_ab.rows.shape[0], p_ba.rows.shape[0]
-            stored = None if ctx.similarities is None else ctx.similarities[k]
+            norms = None if norm_a is None else (_mat(norm_a, p_ab.pair), _mat(norm_b, p_ab.pair))
             _transposed_backward(
                 _mat(a, p_ab.pair), _mat(b, p_ab.pair), _mat(grad_a, p_ab.pair), _mat(grad_b, p_ab.pair), p_ab, p_ba,
-                grad_ab[start_ab : start_ab + n_ab], grad_ba[start_ba : start_ba + n_ba], stored, ctx.block_rows)
+                grad_ab[start_ab : start_ab + n_ab], grad_ba[start_ba : start_ba + n_ba],
+                None if stored_all is None else stored_all[k], ctx.block_rows, norms)
             start_ab, start_ba = start_ab + n_ab, start_ba + n_ba
+        if norm_a is not None:  # gradients wrt the unit rows -> wrt the inputs
+            _through_unit_rows_(grad_a, a, norm_a)
+            _through_unit_rows_(grad_b, b, norm_b)
         need_a, need_b = ctx.needs_input_grad[:2]
-        return (grad_a if need_a else None), (grad_b if need_b else None), None, None, None, None
+        return (grad_a if need_a else None), (grad_b if need_b else None), None, None, None, None, None
+
+
+def _unit_of(x: Tensor, norm: Tensor | None, rows: Tensor | slice) -> Tensor:
+    """Rows of x, or of its unit rows x / norm when norms are given (the same floats as dividing whole x)."""
+    return x[rows] if norm is None else x[rows] / norm[rows]
+
+
+def _through_unit_rows_(grad: Tensor, x: Tensor, norm: Tensor) -> None:
+    """grad (wrt x / norm, per row) <- the gradient wrt x, in place, block by block: as `_UnitRows.backward`."""
+    for g, x_m, n in zip(grad.view(-1, *grad.shape[-2:]), x.view(-1, *x.shape[-2:]), norm.view(-1, *norm.shape[-2:]),
+                         strict=True):
+        for rows in _blocks(x_m.shape[0], rows_per_block(x_m.shape[1])):
+            unit, g_rows = x_m[rows] / n[rows], g[rows]
+            along = (unit * g_rows).sum(dim=-1, keepdim=True).mul_(n[rows] > NORM_EPS)
+            g_rows.addcmul_(unit, along, value=-1.0).div_(n[rows])
 
 
 def _transposed_backward(
@@ -590,36 +652,45 @@ def _transposed_backward(
     grad_ba: Tensor,
     stored: Tensor | None,
     block_rows: int | None,
+    norms: tuple[Tensor, Tensor] | None = None,
 ) -> None:
-    """One pair's share of `_TransposedPicks.backward`, accumulated into grad_a and grad_b."""
+    """One pair's share of `_TransposedPicks.backward`, accumulated into grad_a and grad_b.
+
+    norms: (|a|, |b|) per row when d is between unit rows; the gradients are then wrt the unit rows.
+    """
+    norm_a, norm_b = (None, None) if norms is None else norms
     coef_ab, coef_ba = grad_ab * p_ab.inv_scale, grad_ba * p_ba.inv_scale
     j_rows = p_ba.rows
     step = rows_per_block(b.shape[0], block_rows)
     buffer = a.new_empty(min(step, max(p_ab.rows.shape[0], 1)), b.shape[0])
+    # unit rows of b whole only where d is recomputed; with d kept, its gradient's columns are scaled instead
+    b_full = b if norm_b is None or stored is not None else b / norm_b
+    col_scale = None if norm_b is None or stored is None else norm_b.reciprocal().squeeze(1)
     # rows P of a: whole rows of d, their own picks plus the transposed picks' share in columns J
     for blk in _blocks(p_ab.rows.shape[0], step):
         size, rows = blk.stop - blk.start, p_ab.rows[blk]
-        a_blk = a[rows]
+        a_blk = _unit_of(a, norm_a, rows)
         if stored is None:
-            d = torch.mm(a_blk, b.T, out=buffer[:size])
+            d = torch.mm(a_blk, b_full.T, out=buffer[:size])
         else:
             d = torch.index_select(stored, 0, rows, out=buffer[:size])
         col_grad = _column_grad(d[:, j_rows], rows, p_ba, coef_ba)
         g = _probs_(d, p_ab.row_max[blk], p_ab.inv_scale[blk], p_ab.log_sum[blk]).mul_(-coef_ab[blk, None])
         g[torch.arange(size, device=g.device), p_ab.cols[blk]] += coef_ab[blk]
         g.index_add_(1, j_rows, col_grad)
-        grad_a.index_add_(0, rows, g @ b)
         grad_b.addmm_(g.T, a_blk)
+        grad_a.index_add_(0, rows, (g if col_scale is None else g.mul_(col_scale)) @ b_full)
+    del b_full
     # the other rows of a meet only the columns J
     others = torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
     others[p_ab.rows] = False
     others = others.nonzero().squeeze(1)
-    b_j = b[j_rows]
+    b_j = _unit_of(b, norm_b, j_rows)
     grad_b_j = torch.zeros_like(b_j)
     for blk in _blocks(others.shape[0], rows_per_block(j_rows.shape[0], block_rows)):
         rows = others[blk]
-        a_blk = a[rows]
-        d_j = a_blk @ b_j.T if stored is None else stored[rows][:, j_rows]
+        a_blk = _unit_of(a, norm_a, rows)
+        d_j = a_blk @ b_j.T if stored is None else stored[rows[:, None], j_rows]
         g = _column_grad(d_j, rows, p_ba, coef_ba)
         grad_a[rows] = g @ b_j
         grad_b_j.addmm_(g.T, a_blk)
@@ -634,12 +705,15 @@ def transposed_picks(
     *,
     similarities: Sequence[Tensor] | None = None,
     block_rows: int | None = None,
+    normalise: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """`picked_log_softmax([a, b], picks_ab + picks_ba)`, concatenated per kind, for picks_ab on a @ b.T and
     picks_ba on b @ a.T, one of each per image pair (a, b [L, C] with pair None, or [N, L, C]).
 
     Same values and gradients, with a cheaper backward (see `_TransposedPicks`). similarities: per pair, a @ b.T
     as computed by the caller (e.g. `row_statistics(..., keep=)`), read in backward instead of recomputed.
+    normalise: the similarities are between the unit rows of a and b (cosine), made inside (see
+    `_TransposedPicks`); `similarities` and the picks' statistics are then those of the unit rows.
     """
     if len(picks_ab) != len(picks_ba) or any(p.pair != q.pair for p, q in zip(picks_ab, picks_ba, strict=True)):
         raise ValueError("transposed_picks: one pick of each kind per pair, in the same order")
@@ -654,4 +728,4 @@ def transposed_picks(
             expected = (_mat(a, p.pair).shape[0], _mat(b, p.pair).shape[0])
             if d.shape != expected:
                 raise ValueError(f"transposed_picks: similarities must be {list(expected)}, got {tuple(d.shape)}")
-    return _TransposedPicks.apply(a, b, list(picks_ab), list(picks_ba), similarities, block_rows)
+    return _TransposedPicks.apply(a, b, list(picks_ab), list(picks_ba), similarities, block_rows, normalise)
