@@ -108,6 +108,8 @@ class AssociationCase:
     implementation: str
     #: "time": `repeats` timed runs, loss and gradients saved; "memory": one run under the peak-memory probe.
     mode: str = "time"
+    #: NCHW-contiguous inputs, as a network's features; else as drawn (features channels-last, predictions NCHW).
+    contiguous: bool = False
 
     @property
     def similarity(self) -> str:
@@ -139,6 +141,8 @@ def make_inputs(case: AssociationCase) -> tuple[torch.Tensor, torch.Tensor, torc
             return (PREDICTION_MARGIN * onehot + torch.randn(onehot.shape, generator=g)).softmax(1)
 
     source, target = draw(ys), draw(yt)
+    if case.contiguous:  # a pixel's channels strided, as in a network's [N, C, h, w] output
+        source, target = source.contiguous(), target.contiguous()
     return source.to(case.device), target.to(case.device), ys.to(case.device)
 
 
@@ -260,7 +264,7 @@ def run_association(args: argparse.Namespace) -> str:
                 for round_index in range(args.repeats):
                     for impl in implementations:
                         case = AssociationCase(kind, side, channels, args.classes, args.seed, args.device, 1,
-                                               args.threads, impl)
+                                               args.threads, impl, contiguous=args.contiguous)
                         record = _spawn(case, Path(tmp) / str(round_index))
                         measured[impl]["seconds"] += record.pop("seconds")
                         measured[impl].update(record)
@@ -311,8 +315,11 @@ def run_association(args: argparse.Namespace) -> str:
         f"memory, in one more process per implementation: {memory_note}; both include the input gradients.",
         f"- Inputs (seed {args.seed}): labels on a {LAYOUT_CELLS}x{LAYOUT_CELLS} grid of random classes "
         f"({IGNORED_CELLS} cells unlabelled); features = class embedding + {FEATURE_NOISE} N(0,1), ReLU; "
-        f"predictions = softmax({PREDICTION_MARGIN} onehot + N(0,1)). Positives: share of labelled source pixels with "
-        "a label-consistent cycle / distinct target pixels they land on, per pixel.",
+        f"predictions = softmax({PREDICTION_MARGIN} onehot + N(0,1)); "
+        + ("NCHW-contiguous, as a network's outputs (a pixel's channels strided)" if args.contiguous else
+           "features channels-last (a pixel's channels contiguous), predictions NCHW-contiguous, as drawn")
+        + ". Positives: share of labelled source pixels with a label-consistent cycle / distinct target pixels they "
+        "land on, per pixel.",
         "- Difference: max abs difference of the loss and of the input gradients, block-wise vs dense (float32).",
         "",
         "| input | grid (L) | time block-wise | time dense | time ratio | peak block-wise | peak dense | "
@@ -336,6 +343,8 @@ def add_association_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature-channels", type=int, default=2048)
     p.add_argument("--classes", type=int, default=19)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--contiguous", action="store_true",
+                   help="NCHW-contiguous inputs, as a network's features (default: features channels-last)")
     p.add_argument("--output", type=Path, default=REPORT)
     p.add_argument("--no-write", action="store_true", help="print only")
 

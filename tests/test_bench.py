@@ -39,6 +39,12 @@ def test_inputs_are_deterministic_and_shaped() -> None:
     assert torch.equal(bench.make_inputs(case)[0], src)
     probs = bench.make_inputs(bench.AssociationCase("predictions", 12, 5, 5, 3, "cpu", 1, 1, "dense"))[0]
     torch.testing.assert_close(probs.sum(1), torch.ones(1, 12, 12))
+    # features are drawn channels-last; --contiguous gives the same values laid out as a network's NCHW output
+    assert src.is_contiguous(memory_format=torch.channels_last) and not src.is_contiguous()
+    nchw = bench.make_inputs(bench.AssociationCase("features", 12, 8, 5, 3, "cpu", 1, 1, "recompute",
+                                                   contiguous=True))
+    assert nchw[0].is_contiguous() and nchw[1].is_contiguous()
+    assert torch.equal(nchw[0], src) and torch.equal(nchw[1], tgt) and torch.equal(nchw[2], lab)
 
 
 @pytest.mark.parametrize("mode", ["time", "memory"])
@@ -63,8 +69,13 @@ def test_association_command_writes_its_section(tmp_path: Path, capsys: pytest.C
     assert "## Pipeline\n\nkept" in text and text.count("## Association loss") == 1
     rows = [line for line in text.splitlines() if line.startswith("| predictions")]
     assert len(rows) == 1 and "6x6 = 36" in rows[0]
-    assert "Targets (issue 3)" in text
+    assert "Targets (issue 3)" in text and "as drawn" in text
     assert "| predictions" in capsys.readouterr().out
+    bench.main(["association", "--sizes", "6", "--kinds", "features", "--feature-channels", "8", "--classes", "4",
+                "--repeats", "1", "--threads", "1", "--contiguous", "--no-write"])
+    out = capsys.readouterr().out
+    assert "NCHW-contiguous, as a network's outputs" in out and "--contiguous" in out
+    assert len([line for line in out.splitlines() if line.startswith("| features")]) == 2  # cached, recompute
 
 
 def test_cli_refuses_unknown_subcommand() -> None:
