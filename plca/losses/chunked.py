@@ -79,7 +79,7 @@ class _UnitRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, keep_input: bool) -> Tensor:
-        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_(min=NORM_EPS)
+        norm = _row_norms(x)
         # same memory layout as x (pixel rows are usually a transposed view of an image): no transposing copies
         unit = torch.div(x, norm, out=torch.empty_like(x))
         ctx.save_for_backward(x if keep_input else unit, norm)
@@ -89,20 +89,31 @@ class _UnitRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         kept, norm = ctx.saved_tensors
-        out = torch.empty_like(kept)
-        width = kept.shape[-1]
-        # per matrix of rows (views keep each layout), in blocks of rows
-        for o, x, n, g in zip(out.view(-1, *out.shape[-2:]) if out.dim() > 2 else [out],
-                              kept.view(-1, *kept.shape[-2:]) if kept.dim() > 2 else [kept],
-                              norm.view(-1, *norm.shape[-2:]) if norm.dim() > 2 else [norm],
-                              grad.reshape(-1, *grad.shape[-2:]) if grad.dim() > 2 else [grad], strict=True):
-            for rows in _blocks(x.shape[0], rows_per_block(width)):
-                unit = x[rows] / n[rows] if ctx.keep_input else x[rows]
-                g_rows = g[rows]
-                # d(x/|x|) = (g - u (u . g)) / |x|; where the norm was floored the divisor is a constant: g / eps
-                along = (unit * g_rows).sum(dim=-1, keepdim=True).mul_(n[rows] > NORM_EPS)
-                o[rows] = torch.addcmul(g_rows, unit, along, value=-1.0).div_(n[rows])
-        return out, None
+        # same memory layout as what was kept: no transposing copies
+        return _through_unit_rows(grad, kept, norm, kept_is_unit=not ctx.keep_input, out=torch.empty_like(kept)), None
+
+
+def _row_norms(x: Tensor) -> Tensor:
+    """max(||x_r||, NORM_EPS) per row r (last dim), [..., 1]: the divisor of x's unit rows."""
+    return torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_(min=NORM_EPS)
+
+
+def _through_unit_rows(grad: Tensor, kept: Tensor, norm: Tensor, *, kept_is_unit: bool = False,
+                       out: Tensor | None = None) -> Tensor:
+    """The gradient wrt x of `grad`, a gradient wrt x / |x| (per row), in blocks of rows so that recomputing unit
+    vectors from x never takes a full copy. kept: x, or its unit rows (`kept_is_unit`); out: where to write
+    (default: grad itself, in place)."""
+    out = grad if out is None else out
+    # per matrix of rows (views keep each layout), in blocks of rows
+    for o, x, n, g in zip(*(t.view(-1, *t.shape[-2:]) for t in (out, kept, norm)), grad.reshape(-1, *grad.shape[-2:]),
+                          strict=True):
+        for rows in _blocks(x.shape[0], rows_per_block(x.shape[1])):
+            unit = x[rows] if kept_is_unit else x[rows] / n[rows]
+            g_rows = g[rows]
+            # d(x/|x|) = (g - u (u . g)) / |x|; where the norm was floored the divisor is a constant: g / eps
+            along = (unit * g_rows).sum(dim=-1, keepdim=True).mul_(n[rows] > NORM_EPS)
+            o[rows] = torch.addcmul(g_rows, unit, along, value=-1.0).div_(n[rows])
+    return out
 
 
 def unit_rows(x: Tensor, *, keep_input: bool = False) -> Tensor:
@@ -346,7 +357,7 @@ def _symmetric_forward(
 
 def _unit_(v: Tensor) -> tuple[Tensor, Tensor]:
     """(v / max(||v||, NORM_EPS) along the last dim, the floored norms [..., 1]), in v's memory layout."""
-    norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_(min=NORM_EPS)
+    norm = _row_norms(v)
     return torch.div(v, norm, out=torch.empty_like(v)), norm
 
 
@@ -581,8 +592,7 @@ class _TransposedPicks(torch.autograd.Function):
     def forward(ctx, a, b, picks_ab, picks_ba, similarities, block_rows, normalise):  # type: ignore[override]
         norm_a = norm_b = None
         if normalise:
-            norm_a = torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp_(min=NORM_EPS)
-            norm_b = torch.linalg.vector_norm(b, dim=-1, keepdim=True).clamp_(min=NORM_EPS)
+            norm_a, norm_b = _row_norms(a), _row_norms(b)
         if any(p.row_max is None for p in (*picks_ab, *picks_ba)):  # direct use: statistics from whole unit rows
             unit_a, unit_b = (a, b) if norm_a is None else (a / norm_a, b / norm_b)
             picks_ab = [_fill_statistics(p, _mat(unit_a, p.pair), _mat(unit_b, p.pair), block_rows) for p in picks_ab]
@@ -620,8 +630,8 @@ class _TransposedPicks(torch.autograd.Function):
                 None if stored_all is None else stored_all[k], ctx.block_rows, norms)
             start_ab, start_ba = start_ab + n_ab, start_ba + n_ba
         if norm_a is not None:  # gradients wrt the unit rows -> wrt the inputs
-            _through_unit_rows_(grad_a, a, norm_a)
-            _through_unit_rows_(grad_b, b, norm_b)
+            _through_unit_rows(grad_a, a, norm_a)
+            _through_unit_rows(grad_b, b, norm_b)
         need_a, need_b = ctx.needs_input_grad[:2]
         return (grad_a if need_a else None), (grad_b if need_b else None), None, None, None, None, None
 
@@ -629,16 +639,6 @@ class _TransposedPicks(torch.autograd.Function):
 def _unit_of(x: Tensor, norm: Tensor | None, rows: Tensor | slice) -> Tensor:
     """Rows of x, or of its unit rows x / norm when norms are given (the same floats as dividing whole x)."""
     return x[rows] if norm is None else x[rows] / norm[rows]
-
-
-def _through_unit_rows_(grad: Tensor, x: Tensor, norm: Tensor) -> None:
-    """grad (wrt x / norm, per row) <- the gradient wrt x, in place, block by block: as `_UnitRows.backward`."""
-    for g, x_m, n in zip(grad.view(-1, *grad.shape[-2:]), x.view(-1, *x.shape[-2:]), norm.view(-1, *norm.shape[-2:]),
-                         strict=True):
-        for rows in _blocks(x_m.shape[0], rows_per_block(x_m.shape[1])):
-            unit, g_rows = x_m[rows] / n[rows], g[rows]
-            along = (unit * g_rows).sum(dim=-1, keepdim=True).mul_(n[rows] > NORM_EPS)
-            g_rows.addcmul_(unit, along, value=-1.0).div_(n[rows])
 
 
 def _transposed_backward(
