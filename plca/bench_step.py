@@ -3,11 +3,12 @@
 The step is the pipeline's own (plca.methods.plca through plca.engine.trainer.Trainer.run_step: the same
 autocast, gradient scaling and optimiser) on synthetic images and blocky labels, so it needs no data, DVC or
 MLflow: torch and the package (whose class table comes from cityscapesscripts' `helpers.labels`, a file with no
-dependencies). For each precision (fp32; TF32 on CUDA; bf16) it reports the time of a step, the peak GPU memory
-(CUDA), and the share of the step that each part takes when run alone at the same shapes and precision: the
-network (forward and backward of both streams), the two associations (Eq. 4 and 10, forward and backward on the
-network's outputs), Lovasz-softmax and the optimiser step. What is left (CE, label smoothing, upsampling, the
-loop) is "other"; the parts overlap nothing, so they can exceed the step a little on a noisy machine.
+dependencies). For each precision (fp32; TF32 on CUDA; bf16; bf16 with TF32 for the float32 parts, on CUDA) it
+reports the time of a step, the peak GPU memory (CUDA), and the share of the step that each part takes when run
+alone at the same shapes and precision: the network (forward and backward of both streams), the two associations
+(Eq. 4 and 10, forward and backward on the network's outputs), Lovasz-softmax and the optimiser step. What is left
+(CE, label smoothing, upsampling, the loop) is "other"; the parts overlap nothing, so they can exceed the step a
+little on a noisy machine.
 """
 
 from __future__ import annotations
@@ -50,7 +51,10 @@ PRESETS: dict[str, StepPreset] = {
         model=dict(depth=18, width=0.25, norm="group", groups=8, aspp_rates=(1, 2, 3, 4)), crop=(64, 128),
         batch_size=4, grad_accum=1, where="profiles/default.yaml: the embedded pair's toy network and crops"),
 }
-PRECISIONS = ("fp32", "tf32", "bf16")
+#: bf16 autocasts the network and keeps the associations in float32 (TF32 off); bf16+tf32 lets those float32
+#: matrix products use TF32 too, as `engine.precision: bf16` with `engine.tf32: true` does.
+PRECISIONS = ("fp32", "tf32", "bf16", "bf16+tf32")
+_TF32 = ("tf32", "bf16+tf32")
 
 
 def _sync(device: torch.device) -> None:
@@ -114,7 +118,7 @@ def measure(preset: StepPreset, precision: str, device: torch.device, steps: int
     model = build_model(DeepLabV2Config(num_classes=19, **preset.model))
     method = build_method(PLCA.name, model, {"impl": impl})
     engine = EngineConfig(batch_size=preset.batch_size, grad_accum=preset.grad_accum, device=str(device),
-                          precision="bf16" if precision == "bf16" else "fp32", tf32=precision == "tf32")
+                          precision="bf16" if precision.startswith("bf16") else "fp32", tf32=precision in _TF32)
     trainer = Trainer(TrainConfig(steps=warmup + steps, seed=seed, optim=OptimConfig(lr=2.5e-4), engine=engine))
     trainer._setup(method, [])  # the loop's own setup: device, optimisers, scaler
     batch = synthetic_batch(preset, 19, device, seed)
@@ -204,8 +208,8 @@ def run_step_bench(args: argparse.Namespace) -> str:
     rows, skipped, profiled = [], [], []
     for impl in args.impls:
         for precision in args.precisions:
-            if precision == "tf32" and device.type != "cuda":
-                skipped.append("tf32 (CUDA only)")
+            if precision in _TF32 and device.type != "cuda":
+                skipped.append(f"{precision} (CUDA only)")
                 continue
             r = measure(preset, precision, device, args.steps, args.warmup, args.seed, impl,
                         profile=args.profile if not profiled else 0)

@@ -85,8 +85,8 @@ def test_cli_refuses_unknown_subcommand() -> None:
 
 def test_step_bench_runs_the_pipelines_step_at_tiny_shapes(tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
-    """`python -m plca.bench step` on the CPU at a tiny crop: a row per precision it can run (TF32 is CUDA's),
-    shares of the parts in [0, 100] %, its own section written beside the others."""
+    """`python -m plca.bench step` on the CPU at a tiny crop: a row per precision it can run (TF32, alone or beside
+    bf16, is CUDA's), shares of the parts in [0, 100] %, its own section written beside the others."""
     out = tmp_path / "benchmarks.md"
     out.write_text("# Benchmarks\n\n## Association loss\n\nkept\n")
     bench.main(["step", "--preset", "toy", "--device", "cpu", "--steps", "1", "--warmup", "0", "--crop", "32", "48",
@@ -96,7 +96,7 @@ def test_step_bench_runs_the_pipelines_step_at_tiny_shapes(tmp_path: Path,
     section = text[text.index("## Training step"):]
     rows = [line for line in section.splitlines() if line.startswith(("| fp32", "| bf16", "| tf32"))]
     assert [r.split("|")[1].strip() for r in rows] == ["fp32", "bf16"]
-    assert "Not run: tf32 (CUDA only)" in section and "32x48, 2 + 2 images" in section
+    assert "Not run: bf16+tf32 (CUDA only), tf32 (CUDA only)" in section and "32x48, 2 + 2 images" in section
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[1].endswith("ms") and cells[2].endswith("ms") and cells[3] == "n/a (CPU)"
