@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from plca.losses import adaptive_lsr, cross_entropy, lovasz_softmax
-from plca.losses.lovasz import sort_descending
+from plca.losses.lovasz import lovasz_gradient, sort_descending
 
 F64 = torch.float64
 
@@ -77,6 +77,54 @@ def test_lovasz_batched_classes_equal_one_sort_per_class() -> None:
     plain.backward()
     assert batched.item() == pytest.approx(plain.item(), rel=1e-12)
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_lovasz_gradient_by_hand(overwrite: bool) -> None:
+    """Truth (1, 0, 1, 1, 0): J(k) = 1 - |truth \\ first k| / |truth | first k| = 1/3, 1/2, 3/4, 1, 1, so the
+    gradient is (1/3, 1/6, 1/4, 1/4, 0); the input kept unless `overwrite`."""
+    truth = torch.tensor([[1.0, 0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0, 0.0]], dtype=F64)
+    given = truth.clone()
+    got = lovasz_gradient(given, overwrite=overwrite)
+    want = torch.tensor([[1 / 3, 1 / 6, 1 / 4, 1 / 4, 0.0], [1 / 2, 1 / 2, 0.0, 0.0, 0.0]], dtype=F64)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-15)
+    assert torch.equal(given, truth) != overwrite
+
+
+def _lovasz_through_autograd(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The batched formula (class-major rows, one stable sort) through autograd's own ops."""
+    lab = labels.reshape(-1)
+    keep = (lab != 255).nonzero().squeeze(1)
+    lab = lab[keep]
+    classes = torch.unique(lab)
+    rows = probs.transpose(0, 1).reshape(probs.shape[1], -1).index_select(0, classes).index_select(1, keep)
+    truth = (classes[:, None] == lab[None]).to(rows.dtype)
+    errors = (truth - rows).abs()
+    order = torch.sort(errors.detach(), dim=1, descending=True, stable=True).indices
+    t = torch.gather(truth, 1, order)
+    total, hits = t.sum(1, keepdim=True), t.cumsum(1)
+    jaccard = 1.0 - (total - hits) / (total + (torch.arange(1, t.shape[1] + 1, dtype=t.dtype) - hits))
+    grad = torch.cat([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], 1)
+    return (errors.gather(1, order) * grad).sum(1).mean()
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_lovasz_backward_is_autograds_bit_for_bit(case: int) -> None:
+    """lovasz_softmax's own backward gives autograd's floats exactly, so trainings are unchanged by it (float32,
+    as trained; ties, ignored pixels, an absent class, probabilities of exactly 0 and 1)."""
+    g = torch.Generator().manual_seed(case)
+    logits = torch.randn(3, 7, 9, 11, generator=g) * (1.0 if case % 2 else 25.0)  # x25: saturated softmax
+    labels = torch.randint(0, 6, (3, 9, 11), generator=g)  # class 6 absent
+    labels[torch.rand(3, 9, 11, generator=g) < 0.2] = 255
+    if case >= 4:  # the probabilities themselves, exact zeros and ones among them: abs' sign is 0 there
+        logits = logits.softmax(1).round()
+    a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    pa, pb = (a, b) if case >= 4 else (a.softmax(1), b.softmax(1))
+    got, want = lovasz_softmax(pa, labels), _lovasz_through_autograd(pb, labels)
+    got.backward()
+    want.backward()
+    assert torch.equal(got, want) and torch.equal(a.grad, b.grad)
+    assert a.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("p", [5, 1000, 40000])
