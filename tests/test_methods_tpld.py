@@ -191,7 +191,8 @@ def test_phase_one_bootstraps_toward_the_prediction_and_needs_the_thresholds() -
     n_s, n_t = int((batch["source_label"] != 255).sum()), int((batch["target_label"] != 255).sum())
     expected = (n_s * self_training_loss(up[0], batch["source_label"])
                 + n_t * self_training_loss(up[1], batch["target_label"], bootstrap=0.5, thresholds=THRESHOLDS))
-    assert float(tpld.training_step(batch).loss.detach()) == pytest.approx(float(expected / (n_s + n_t)), rel=1e-5)
+    want = float(expected.detach()) / (n_s + n_t)
+    assert float(tpld.training_step(batch).loss.detach()) == pytest.approx(want, rel=1e-5)
     fresh = build_method("tpld", build_model(TINY), {})
     with pytest.raises(ValueError, match="bootstrapping needs the class thresholds"):
         fresh.training_step(batch)
@@ -225,7 +226,7 @@ def test_phase_two_learns_the_easy_images_and_aligns_the_hard_ones_through_the_d
     logits = method.model.upsample(method.model(batch["source_image"])[LOGITS], (64, 64))
     easy = self_training_loss(logits, batch["source_soft_label"], regularizer="kld", weight=cfg.weight,
                               image_weights=[cfg.weight] * 2, bootstrap=cfg.bootstrap, thresholds=THRESHOLDS)
-    assert float(out.terms["st_loss"]) == pytest.approx(float(easy), rel=1e-5)
+    assert float(out.terms["st_loss"]) == pytest.approx(float(easy.detach()), rel=1e-5)
     easy.backward()
     for got, p in zip(model_grads, method.model.parameters(), strict=True):
         torch.testing.assert_close(got, p.grad, rtol=1e-4, atol=1e-7)
