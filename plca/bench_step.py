@@ -51,10 +51,10 @@ PRESETS: dict[str, StepPreset] = {
         model=dict(depth=18, width=0.25, norm="group", groups=8, aspp_rates=(1, 2, 3, 4)), crop=(64, 128),
         batch_size=4, grad_accum=1, where="profiles/default.yaml: the embedded pair's toy network and crops"),
 }
-#: bf16 autocasts the network and keeps the associations in float32 (TF32 off); bf16+tf32 lets those float32
-#: matrix products use TF32 too, as `engine.precision: bf16` with `engine.tf32: true` does.
-PRECISIONS = ("fp32", "tf32", "bf16", "bf16+tf32")
-_TF32 = ("tf32", "bf16+tf32")
+#: Each measured precision as the engine's (`engine.precision`, `engine.tf32`). bf16 autocasts the network and keeps
+#: the associations in float32 (TF32 off); bf16+tf32 lets those float32 matrix products use TF32 too.
+PRECISIONS: dict[str, tuple[str, bool]] = {
+    "fp32": ("fp32", False), "tf32": ("fp32", True), "bf16": ("bf16", False), "bf16+tf32": ("bf16", True)}
 
 
 def _sync(device: torch.device) -> None:
@@ -118,7 +118,7 @@ def measure(preset: StepPreset, precision: str, device: torch.device, steps: int
     model = build_model(DeepLabV2Config(num_classes=19, **preset.model))
     method = build_method(PLCA.name, model, {"impl": impl})
     engine = EngineConfig(batch_size=preset.batch_size, grad_accum=preset.grad_accum, device=str(device),
-                          precision="bf16" if precision.startswith("bf16") else "fp32", tf32=precision in _TF32)
+                          precision=PRECISIONS[precision][0], tf32=PRECISIONS[precision][1])
     trainer = Trainer(TrainConfig(steps=warmup + steps, seed=seed, optim=OptimConfig(lr=2.5e-4), engine=engine))
     trainer._setup(method, [])  # the loop's own setup: device, optimisers, scaler
     batch = synthetic_batch(preset, 19, device, seed)
@@ -208,7 +208,7 @@ def run_step_bench(args: argparse.Namespace) -> str:
     rows, skipped, profiled = [], [], []
     for impl in args.impls:
         for precision in args.precisions:
-            if precision in _TF32 and device.type != "cuda":
+            if PRECISIONS[precision][1] and device.type != "cuda":
                 skipped.append(f"{precision} (CUDA only)")
                 continue
             r = measure(preset, precision, device, args.steps, args.warmup, args.seed, impl,
